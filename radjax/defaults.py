@@ -1,0 +1,130 @@
+"""The schema of a radjax experiment config, with defaults that run on a laptop CPU.
+
+Config files in ``configs/`` start from :func:`pretrain_config` and change what
+they need; every field here is overridable from the command line with
+``--config.a.b=value`` and no other field can be added by an override.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def synth_cxr_config() -> ml_collections.ConfigDict:
+  """Knobs of the SynthCXR structural causal model (see radjax/data/synth_cxr.py)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.image_size = 64
+  c.n_pretrain = 4000
+  c.n_train = 2000
+  c.n_validation = 500
+  c.n_test = 1000
+  # How much of the prognostic signal the report conveys: 0 = none, 1 = most.
+  c.text_label_association = 0.0
+  # Probability that the report states a near-determinant of the outcome ("overly predictive text").
+  c.text_leak = 0.0
+  # Per-finding rate at which the radiologist misses a present finding or mentions an absent one.
+  c.report_error_rate = 0.05
+  # Prevalence overrides, finding name -> probability; empty keeps the built-in values.
+  c.prevalence = ml_collections.ConfigDict()
+  return c
+
+
+def data_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.dataset = "synth_cxr"
+  # None reads SynthCXR directly from its random-access source; a path reads ArrayRecord built by `radjax data build`.
+  c.data_dir = ml_collections.FieldReference(None, field_type=str)
+  c.image_size = 64
+  c.channels = 1
+  c.max_text_len = 64
+  # Local Hugging Face tokenizer directory; None trains a WordPiece tokenizer on the dataset's reports.
+  c.tokenizer = ml_collections.FieldReference(None, field_type=str)
+  c.vocab_size = 2048
+  # Which labels the task uses: "diagnostic", "prognostic", or a comma-separated list of label names.
+  c.labels = "diagnostic"
+  # CheXpert uncertain label (-1): "ignore" (masked out), "ones", "zeros".
+  c.uncertain_policy = "ignore"
+  c.augment = True
+  c.num_workers = 0
+  c.synth = synth_cxr_config()
+  return c
+
+
+def model_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.image = ml_collections.ConfigDict(dict(
+      name="vit", variant="ti", patch_size=8, pool="cls", posemb="learned"))
+  c.text = ml_collections.ConfigDict(dict(
+      name="bert", hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512,
+      # Local Hugging Face BERT directory to initialise from (CXR-BERT, BioClinicalBERT, ...).
+      hf_path=ml_collections.FieldReference(None, field_type=str)))
+  c.embed_dim = 128
+  c.dtype = "float32"
+  return c
+
+
+def optim_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.lr = 1e-3
+  c.warmup_steps = 20
+  c.weight_decay = 0.05
+  c.b1 = 0.9
+  c.b2 = 0.999
+  c.clip_norm = 1.0
+  c.grad_accum_steps = 1
+  c.ema_decay = 0.0
+  return c
+
+
+def train_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.batch_size = 64
+  c.steps = 300
+  c.log_every = 10
+  c.eval_every = 0
+  c.eval_batches = 4
+  c.checkpoint_every = 100
+  c.keep_checkpoints = 2
+  c.best_metric = ""
+  c.progress = True
+  return c
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+
+def distributed_config() -> ml_collections.ConfigDict:
+  """jax.distributed settings; all None/-1 means single process or auto-detect (TPU, SLURM)."""
+  c = ml_collections.ConfigDict()
+  c.coordinator_address = ml_collections.FieldReference(None, field_type=str)
+  c.num_processes = -1
+  c.process_id = -1
+  return c
+
+
+def method_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = "clip"
+  c.init_temperature = 0.07
+  c.siglip_bias = -10.0
+  c.mask_ratio = 0.75  # image patches masked (MAE / MRM)
+  c.text_mask_ratio = 0.15  # report tokens masked (MRM)
+  c.ssl_weight = 1.0  # weight of the SSL term in clip_ssl
+  c.decoder_dim = 128
+  c.decoder_layers = 2
+  return c
+
+
+def pretrain_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.method = method_config()
+  config.data = data_config()
+  config.model = model_config()
+  config.optim = optim_config()
+  config.train = train_config()
+  config.mesh = mesh_config()
+  config.distributed = distributed_config()
+  return config
