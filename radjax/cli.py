@@ -1,0 +1,165 @@
+"""The ``radjax`` command.
+
+Every subcommand that takes ``--config FILE.py[:ARG]`` also takes any number of
+``--config.key=value`` overrides; an unknown key fails before any work starts.
+Heavy modules are imported inside each subcommand so ``radjax --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from radjax.config import ConfigError, load_config, parse_overrides
+
+
+def _config_from(args, extra: list[str]):
+  return load_config(args.config, parse_overrides(extra))
+
+
+def cmd_train(args, extra):
+  config = _config_from(args, extra)
+  from radjax.train import loop
+  metrics = loop.train(config, args.workdir)
+  print(json.dumps({k: float(v) for k, v in metrics.items()}, sort_keys=True))
+
+
+def cmd_study(args, extra):
+  config = _config_from(args, extra)
+  from radjax.eval import study
+  study.run_study(config, args.workdir, workers=args.workers)
+
+
+def cmd_advise(args, extra):
+  config = _config_from(args, extra)
+  from radjax.eval import advise
+  advise.main(config, task=args.task)
+
+
+def cmd_data_build(args, extra):
+  from radjax.data import build
+  builder_kwargs = {}
+  if args.config:
+    builder_kwargs["data_config"] = _config_from(args, extra).data
+  elif extra:
+    raise ConfigError(f"overrides {extra} need --config")
+  build.build_dataset(args.dataset, args.data_dir, manual_dir=args.manual_dir,
+                      strict=args.strict, builder_kwargs=builder_kwargs)
+
+
+def _data_config(args, extra):
+  from radjax import defaults
+  if args.config:
+    data_cfg = _config_from(args, extra).data
+  else:
+    if extra:
+      raise ConfigError(f"overrides {extra} need --config")
+    data_cfg = defaults.data_config()
+  data_cfg.unlock()
+  data_cfg.dataset = args.dataset
+  if args.data_dir:
+    data_cfg.data_dir = args.data_dir
+  data_cfg.lock()
+  return data_cfg
+
+
+def cmd_data_show(args, extra):
+  from radjax.data import show
+  path = show.show(_data_config(args, extra), args.out, n=args.n, split=args.split, seed=args.seed)
+  print(f"wrote {path}")
+
+
+def cmd_bench(args, extra):
+  from radjax import bench
+  bench.main(args, extra)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="radjax",
+      description="Train medical image classifiers that use radiology reports at training time only.",
+      epilog="Any --config.KEY=VALUE argument overrides a field of the --config file.")
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  def with_config(p, required=True):
+    p.add_argument("--config", required=required, help="configs/FILE.py[:ARG]")
+    return p
+
+  p = with_config(sub.add_parser("train", help="pre-train or fine-tune one model from a config"))
+  p.add_argument("--workdir", required=True, help="checkpoints, metrics and the config go here")
+  p.set_defaults(func=cmd_train)
+
+  p = with_config(sub.add_parser("study", help="run the study grid (the main job)"))
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--workers", type=int, default=1, help="cells run in this many parallel processes")
+  p.set_defaults(func=cmd_study)
+
+  p = with_config(sub.add_parser("advise", help="should this task use reports, and how?"))
+  p.add_argument("--task", default=None, help="label name; default: every label of the config's task")
+  p.set_defaults(func=cmd_advise)
+
+  data = sub.add_parser("data", help="build or look at datasets").add_subparsers(dest="data_command", required=True)
+  p = with_config(data.add_parser("build", help="materialise a dataset as ArrayRecord (TFDS)"), required=False)
+  p.add_argument("--dataset", required=True)
+  p.add_argument("--data_dir", required=True)
+  p.add_argument("--manual_dir", default=None, help="your local copy of a credentialed dataset")
+  p.add_argument("--strict", action="store_true", help="fail on the first unreadable or malformed input")
+  p.set_defaults(func=cmd_data_build)
+  p = with_config(data.add_parser("show", help="render a grid of images with impressions and labels"), required=False)
+  p.add_argument("--dataset", default="synth_cxr")
+  p.add_argument("--data_dir", default=None)
+  p.add_argument("--out", required=True)
+  p.add_argument("--n", type=int, default=16)
+  p.add_argument("--split", default="train")
+  p.add_argument("--seed", type=int, default=0)
+  p.set_defaults(func=cmd_data_show)
+
+  bench = sub.add_parser("bench", help="throughput, MFU and memory").add_subparsers(dest="bench_command", required=True)
+  p = with_config(bench.add_parser("step", help="time the train step of a method"))
+  p.add_argument("--method", default=None, help="override config.method.name")
+  p.add_argument("--batch", type=int, default=None)
+  p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--json", action="store_true")
+  p.set_defaults(func=cmd_bench)
+  p = with_config(bench.add_parser("data", help="loader examples/s per worker count"), required=False)
+  p.add_argument("--dataset", default="synth_cxr")
+  p.add_argument("--data_dir", default=None)
+  p.add_argument("--image_size", type=int, default=224)
+  p.add_argument("--batch", type=int, default=64)
+  p.add_argument("--workers", default="0,1,2")
+  p.add_argument("--steps", type=int, default=20)
+  p.add_argument("--json", action="store_true")
+  p.set_defaults(func=cmd_bench)
+  p = with_config(bench.add_parser("compare", help="radjax vs a PyTorch peer on the same step"))
+  p.add_argument("--peer", default="open_clip")
+  p.add_argument("--method", default=None)
+  p.add_argument("--batch", type=int, default=None)
+  p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+  p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--json", action="store_true")
+  p.set_defaults(func=cmd_bench)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = build_parser()
+  args, extra = parser.parse_known_args(argv)
+  unknown = [a for a in extra if not a.startswith("--config.")]
+  if unknown:
+    parser.error(f"unrecognised arguments: {' '.join(unknown)}")
+  try:
+    args.func(args, extra)
+  except ConfigError as e:
+    print(f"radjax: config error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

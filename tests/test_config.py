@@ -1,0 +1,62 @@
+"""Config loading, overrides and the CLI's handling of typos."""
+
+import subprocess
+import sys
+
+import pytest
+
+from radjax.config import ConfigError, load_config, parse_overrides
+
+CONFIG = "configs/clip_synth.py"
+
+
+def test_overrides_are_typed_and_nested():
+  config = load_config(CONFIG, ["--config.train.batch_size=8", "--config.optim.lr=1",
+                                "--config.data.augment=false", "--config.method.name", "siglip"])
+  assert config.train.batch_size == 8
+  assert config.optim.lr == 1.0 and isinstance(config.optim.lr, float)
+  assert config.data.augment is False
+  assert config.method.name == "siglip"
+
+
+def test_config_arg_selects_variant():
+  config = load_config(CONFIG + ":vitb16")
+  assert config.model.image.variant == "b" and config.data.image_size == 224
+
+
+def test_loaded_config_is_locked():
+  config = load_config(CONFIG)
+  with pytest.raises(AttributeError):
+    config.train.batch_szie = 3
+
+
+@pytest.mark.parametrize("key,suggestion", [("batch_szie", "batch_size"), ("train.stpes", "train.steps"),
+                                            ("optim.lrr", "optim.lr")])
+def test_unknown_key_names_key_and_suggests(key, suggestion):
+  with pytest.raises(ConfigError) as err:
+    load_config(CONFIG, [f"--config.{key}=8"])
+  assert key in str(err.value) and suggestion in str(err.value)
+
+
+def test_wrong_type_names_key():
+  with pytest.raises(ConfigError, match="train.batch_size"):
+    load_config(CONFIG, ["--config.train.batch_size=many"])
+
+
+def test_parse_overrides_rejects_other_flags():
+  with pytest.raises(ConfigError, match="--workdir"):
+    parse_overrides(["--workdir", "x"])
+
+
+def test_missing_config_file():
+  with pytest.raises(ConfigError, match="no_such.py"):
+    load_config("configs/no_such.py")
+
+
+def test_cli_typo_fails_before_work(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "radjax.cli", "train", "--config", CONFIG, "--workdir", str(tmp_path),
+       "--config.batch_szie=8"], capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2
+  assert "batch_szie" in result.stderr and "batch_size" in result.stderr
+  assert not any(tmp_path.iterdir()), "nothing may be written before the config is valid"
