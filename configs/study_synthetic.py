@@ -1,0 +1,50 @@
+"""The study on SynthCXR: pre-training x fine-tuning x task x n_train x seed (the main job).
+
+radjax study --config configs/study_synthetic.py --workdir runs/study          # ~30 min, 2 CPU cores
+radjax study --config configs/study_synthetic.py:quick --workdir runs/quick    # ~3 min, a first look
+"""
+
+import ml_collections
+
+from radjax import defaults
+
+
+def study_config() -> ml_collections.ConfigDict:
+  s = ml_collections.ConfigDict()
+  s.pretrain = ("none", "ssl", "clip", "mrm", "clip_ssl")
+  s.finetune = ("linear", "distill")
+  # A label group ("diagnostic", "prognostic") or a single label name.
+  s.tasks = ("diagnostic", "mortality_12m")
+  s.n_train = (50, 200, 1000, -1)  # -1 = every labelled training example
+  s.seeds = (0, 1, 2)
+  s.distill_lambda = 0.5
+  s.distill_temperature = 2.0
+  s.head_steps = 300
+  s.head_lr = 0.05
+  s.head_weight_decay = 1e-2
+  s.feature_batch_size = 256
+  s.n_boot = 200
+  return s
+
+
+def get_config(arg=None):
+  config = defaults.pretrain_config()
+  config.study = study_config()
+  # A ViT small enough to pre-train five ways in minutes on two CPU cores.
+  config.model.image = dict(name="vit", variant="ti", patch_size=8, pool="cls", posemb="learned",
+                            width=128, depth=4, mlp_dim=512, num_heads=4)
+  config.train.steps = 300
+  config.train.batch_size = 64
+  config.train.checkpoint_every = 100
+  if arg == "quick":
+    config.data.synth.n_pretrain = 1024
+    config.data.synth.n_train = 1000
+    config.data.synth.n_test = 500
+    config.train.steps = 60
+    config.train.checkpoint_every = 60
+    config.study.n_train = (50, 200, -1)
+    config.study.seeds = (0,)
+    config.study.n_boot = 100
+  elif arg:
+    raise ValueError(f"configs/study_synthetic.py: unknown argument {arg!r} (use nothing or 'quick')")
+  return config

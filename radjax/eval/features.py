@@ -1,0 +1,62 @@
+"""Frozen features: image features from a (pre-)trained encoder and report features for the teacher.
+
+Image features are ``[pooled ; mean of patch tokens]``: the pooled token is what
+alignment trains, the token mean is what MAE-style objectives make informative,
+and a linear probe can use either.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def encode_images(encoder: nnx.Module, loader, *, num_prefix_tokens: int | None = None) -> dict[str, np.ndarray]:
+  """Runs ``encoder`` over every batch of ``loader`` (one pass, no augmentation).
+
+  Returns feats float32 [N, 2D], labels [N, K], label_mask [N, K] and index [N], sorted by index.
+  """
+  graphdef, state = nnx.split(encoder)
+  prefix = getattr(encoder, "num_prefix_tokens", 0) if num_prefix_tokens is None else num_prefix_tokens
+
+  @jax.jit
+  def features(state, images):
+    out = nnx.merge(graphdef, state)(images)
+    patch_mean = out["tokens"][:, prefix:].mean(axis=1)
+    return jnp.concatenate([out["pooled"], patch_mean], axis=-1).astype(jnp.float32)
+
+  feats, labels, masks, index = [], [], [], []
+  for batch in loader:
+    feats.append(np.asarray(features(state, jnp.asarray(batch["image"]))))
+    labels.append(np.asarray(batch["labels"]))
+    masks.append(np.asarray(batch["label_mask"]))
+    index.append(np.asarray(batch["index"]))
+  index = np.concatenate(index)
+  order = np.argsort(index, kind="stable")
+  return {"feats": np.concatenate(feats)[order], "labels": np.concatenate(labels)[order],
+          "label_mask": np.concatenate(masks)[order], "index": index[order]}
+
+
+def report_features(train_reports: list[str], other_reports: dict[str, list[str]], max_features: int = 2000
+                    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """TF-IDF (uni- and bi-grams) fitted on the training reports, dense float32.
+
+  The report representation of the distillation teacher when the pre-training has no text
+  encoder, and of ``radjax advise``'s text-only probe. Only the numeric matrix leaves this
+  function: the vocabulary (report words) is dropped with the vectoriser.
+  """
+  from sklearn.feature_extraction.text import TfidfVectorizer
+  vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=2, max_features=max_features,
+                               sublinear_tf=True)
+  train = vectorizer.fit_transform(train_reports).astype(np.float32).toarray()
+  others = {k: vectorizer.transform(v).astype(np.float32).toarray() for k, v in other_reports.items()}
+  return train, others
+
+
+def split_reports(source) -> list[str]:
+  """Every report of a random-access source, in index order (kept in memory only)."""
+  if hasattr(source, "report"):
+    return [source.report(i) for i in range(len(source))]
+  return [source[i]["report"] for i in range(len(source))]

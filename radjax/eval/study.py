@@ -1,0 +1,323 @@
+"""The study runner: ``pretrain x finetune x task x n_train x seed`` (the main job).
+
+Layout of a study workdir::
+
+  config.json                the study config, as run
+  pretrain/<method>/         one training run per pre-training method (resumable)
+  features/<method>.npz      frozen image features of the train / test splits, with labels
+  cells/<cell>.json          one finished cell each; a rerun skips them
+  results.csv summary.csv report.md plots/*.png
+
+A cell is cheap (a head on cached features), so an interrupted study continues
+where it stopped and ``--workers N`` spreads cells over processes. Report text is
+held in memory only, to build the teacher's report features.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import logging
+import multiprocessing
+import os
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from radjax import defaults
+from radjax.eval import metrics as metrics_lib
+from radjax.eval import report as report_lib
+
+log = logging.getLogger(__name__)
+
+FINETUNES = ("linear", "distill")
+TEXT_ALIGNED = ("clip", "siglip", "clip_ssl", "unicl")
+FEATURE_SPLITS = ("train", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  pretrain: str
+  finetune: str
+  task: str
+  n_train: int | str
+  seed: int
+
+  @property
+  def key(self) -> str:
+    return f"{self.task}__{self.pretrain}__{self.finetune}__n{self.n_train}__s{self.seed}"
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def pretrain_config(config: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
+  """The training config of one pre-training run: the study config without ``study``."""
+  cfg = defaults.pretrain_config()
+  for key in cfg.keys():
+    cfg[key] = config[key]
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  cfg.method.name = method
+  cfg.train.progress = config.train.progress
+  return cfg
+
+
+def task_labels(config, task: str) -> tuple[tuple[str, ...], str]:
+  """A task is a label group ("diagnostic", "prognostic") or one label name -> (labels, kind)."""
+  from radjax.data.pipeline import label_groups
+  groups = label_groups(config.data)
+  if task in groups:
+    return tuple(groups[task]), task
+  for kind, names in groups.items():
+    if task in names:
+      return (task,), kind
+  known = sorted(set(groups) | {n for names in groups.values() for n in names})
+  raise ValueError(f"study.tasks: unknown task {task!r} for dataset {config.data.dataset!r}; "
+                   f"known: {', '.join(known)}")
+
+
+def cells(config) -> list[Cell]:
+  s = config.study
+  for f in s.finetune:
+    if f not in FINETUNES:
+      raise ValueError(f"study.finetune: unknown fine-tuning {f!r}; known: {', '.join(FINETUNES)}")
+  from radjax.methods import method_names
+  for m in s.pretrain:
+    if m not in method_names():
+      raise ValueError(f"study.pretrain: unknown method {m!r}; known: {', '.join(method_names())}")
+  sizes = ["all" if n <= 0 else int(n) for n in s.n_train]
+  return [Cell(p, f, t, n, seed) for t in s.tasks for p in s.pretrain for f in s.finetune
+          for n in sizes for seed in s.seeds]
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def _all_labels_data_config(config) -> ml_collections.ConfigDict:
+  data = ml_collections.ConfigDict(config.data.to_dict())
+  labels = []
+  for task in config.study.tasks:
+    labels += [n for n in task_labels(config, task)[0] if n not in labels]
+  data.labels = ",".join(labels)
+  data.augment = False
+  return data
+
+
+def pretrain(config, workdir: str, method: str) -> str:
+  """Trains ``method`` once into ``workdir/pretrain/<method>`` (a no-op when already done)."""
+  out = os.path.join(workdir, "pretrain", method)
+  if method == "none":
+    return out
+  from radjax.train import loop
+  log.info("pre-training %s", method)
+  result = loop.train(pretrain_config(config, method), out)
+  if result.get("preempted"):
+    raise SystemExit(f"pre-training {method} was preempted; rerun the study to continue")
+  return out
+
+
+def _encoder(config, workdir: str, method: str):
+  from flax import nnx
+  from radjax import methods
+  if method == "none":
+    cfg = pretrain_config(config, method)
+    return methods.get_method("none").build(cfg, nnx.Rngs(int(config.seed))), None
+  from radjax.train.checkpoint import load_pretrained
+  model, _ = load_pretrained(os.path.join(workdir, "pretrain", method))
+  return model.image_encoder, model
+
+
+def extract_features(config, workdir: str, method: str) -> str:
+  """Caches the frozen image features of ``method`` on the train and test splits."""
+  path = os.path.join(workdir, "features", f"{method}.npz")
+  if os.path.exists(path):
+    return path
+  from radjax.data.pipeline import make_loader
+  from radjax.data.tokenizer import get_tokenizer
+  from radjax.eval.features import encode_images
+  encoder, model = _encoder(config, workdir, method)
+  data = _all_labels_data_config(config)
+  tok = get_tokenizer(config.data)
+  arrays = {"label_names": np.asarray(data.labels.split(","))}
+  for split in FEATURE_SPLITS:
+    loader = make_loader(data, split, batch_size=config.study.feature_batch_size, seed=0, train=False,
+                         tokenizer=tok, num_epochs=1)
+    for k, v in encode_images(encoder, loader).items():
+      arrays[f"{split}/{k}"] = v
+  if model is not None and method in TEXT_ALIGNED:
+    arrays.update(zero_shot_scores(model, data, tok, arrays["test/feats"], config))
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  np.savez(path + ".tmp.npz", **arrays)
+  os.replace(path + ".tmp.npz", path)
+  return path
+
+
+def zero_shot_scores(model, data, tok, test_feats, config) -> dict[str, np.ndarray]:
+  """Per label: cos(image, "findings consistent with X.") - cos(image, "no X."), on the test split."""
+  import jax.numpy as jnp
+  from radjax.data.pipeline import make_loader
+  from radjax.losses import l2_normalize
+  names = data.labels.split(",")
+  pos = [f"findings consistent with {n.replace('_', ' ')}." for n in names]
+  neg = [f"no {n.replace('_', ' ')}." for n in names]
+  ids, mask = tok.encode_batch(pos + neg, data.max_text_len)
+  txt = np.asarray(l2_normalize(model.embed_texts(jnp.asarray(ids), jnp.asarray(mask))))
+  loader = make_loader(data, "test", batch_size=config.study.feature_batch_size, seed=0, train=False,
+                       tokenizer=tok, num_epochs=1)
+  embs, index = [], []
+  for batch in loader:
+    embs.append(np.asarray(l2_normalize(model.embed_images(jnp.asarray(batch["image"])))))
+    index.append(np.asarray(batch["index"]))
+  img = np.concatenate(embs)[np.argsort(np.concatenate(index), kind="stable")]
+  sims = img @ txt.T
+  return {"test/zero_shot": sims[:, :len(names)] - sims[:, len(names):]}
+
+
+def report_feature_cache(config, workdir: str) -> str:
+  """TF-IDF features of the reports of the train and test splits (numbers only, no vocabulary)."""
+  path = os.path.join(workdir, "features", "report_tfidf.npz")
+  if os.path.exists(path):
+    return path
+  from radjax.data.sources import get_source
+  from radjax.eval.features import report_features, split_reports
+  reports = {split: split_reports(get_source(config.data, split)) for split in FEATURE_SPLITS}
+  train, others = report_features(reports["train"], {"test": reports["test"]})
+  del reports
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  np.savez(path + ".tmp.npz", train=train, test=others["test"])
+  os.replace(path + ".tmp.npz", path)
+  return path
+
+
+# ----------------------------------------------------------------------------- cells
+
+
+def _task_columns(label_names: np.ndarray, labels: tuple[str, ...]) -> np.ndarray:
+  names = list(label_names)
+  return np.asarray([names.index(n) for n in labels])
+
+
+def _score(scores, labels, mask, n_boot: int, seed: int) -> dict[str, float]:
+  if labels.shape[1] == 1:
+    point, lo, hi = metrics_lib.bootstrap_ci(metrics_lib.auroc, scores[:, 0], labels[:, 0], mask[:, 0],
+                                             n_boot=n_boot, seed=seed)
+    auprc = metrics_lib.auprc(scores[:, 0], labels[:, 0], mask[:, 0])
+  else:
+    point, lo, hi = metrics_lib.bootstrap_ci(metrics_lib.multilabel_macro_auroc, scores, labels, mask,
+                                             n_boot=n_boot, seed=seed)
+    auprc = float(np.nanmean([metrics_lib.auprc(scores[:, k], labels[:, k], mask[:, k])
+                              for k in range(labels.shape[1])]))
+  return {"auroc": point, "auroc_lo": lo, "auroc_hi": hi, "auprc": auprc}
+
+
+def _macro(scores, labels, mask) -> float:
+  if labels.shape[1] == 1:
+    return metrics_lib.auroc(scores[:, 0], labels[:, 0], mask[:, 0])
+  return metrics_lib.multilabel_macro_auroc(scores, labels, mask)
+
+
+def run_cell(cell: Cell, config_json: str, workdir: str) -> dict[str, Any]:
+  """Fits and evaluates one cell; writes and returns its result row."""
+  from radjax.data.sampling import label_fraction_indices
+  from radjax.methods.distill import HeadConfig, fit_head, fit_teacher, teacher_logits
+  config = ml_collections.ConfigDict(json.loads(config_json))
+  s = config.study
+  labels_of_task, kind = task_labels(config, cell.task)
+  feats = np.load(os.path.join(workdir, "features", f"{cell.pretrain}.npz"))
+  cols = _task_columns(feats["label_names"], labels_of_task)
+  x_tr, y_tr, m_tr = feats["train/feats"], feats["train/labels"][:, cols], feats["train/label_mask"][:, cols]
+  x_te, y_te, m_te = feats["test/feats"], feats["test/labels"][:, cols], feats["test/label_mask"][:, cols]
+  idx = label_fraction_indices(np.where(m_tr > 0, y_tr, np.nan),
+                               None if cell.n_train == "all" else int(cell.n_train), cell.seed)
+  head_cfg = HeadConfig(steps=s.head_steps, lr=s.head_lr, weight_decay=s.head_weight_decay, seed=cell.seed)
+  row: dict[str, Any] = dict(dataset=config.data.dataset, task=cell.task, task_kind=kind,
+                             pretrain=cell.pretrain, finetune=cell.finetune, n_train=cell.n_train,
+                             seed=cell.seed, n_train_actual=len(idx))
+  if cell.finetune == "linear":
+    head = fit_head(x_tr[idx], y_tr[idx], m_tr[idx], config=head_cfg)
+  else:
+    text = np.load(os.path.join(workdir, "features", "report_tfidf.npz"))
+    t_tr, t_te = text["train"], text["test"]
+    teacher = fit_teacher(x_tr[idx], t_tr[idx], y_tr[idx], m_tr[idx], config=head_cfg)
+    soft = teacher_logits(teacher, x_tr[idx], t_tr[idx])
+    head = fit_head(x_tr[idx], y_tr[idx], m_tr[idx], teacher_logits=soft, lam=s.distill_lambda,
+                    temperature=s.distill_temperature, config=head_cfg)
+    row["teacher_auroc"] = _macro(teacher_logits(teacher, x_te, t_te), y_te, m_te)
+  row.update(_score(head.logits(x_te), y_te, m_te, s.n_boot, cell.seed))
+  if "test/zero_shot" in feats.files:
+    row["zero_shot_auroc"] = _macro(feats["test/zero_shot"][:, cols], y_te, m_te)
+  path = os.path.join(workdir, "cells", cell.key + ".json")
+  with open(path + ".tmp", "w") as f:
+    json.dump(row, f, sort_keys=True)
+  os.replace(path + ".tmp", path)
+  return row
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _check_workdir_config(config, workdir: str) -> None:
+  path = os.path.join(workdir, "config.json")
+  current = json.loads(config.to_json())
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    if saved != current:
+      from radjax.train.checkpoint import config_diff
+      diff = config_diff(saved, current)
+      raise ValueError(f"{workdir} holds a study with a different config (keys: {', '.join(diff)}); "
+                       "use a new --workdir")
+  with open(path, "w") as f:
+    json.dump(current, f, indent=2, sort_keys=True)
+
+
+def run_study(config, workdir: str, workers: int = 1) -> list[dict[str, Any]]:
+  """Runs (or continues) the study; writes results.csv, summary.csv, report.md and plots."""
+  grid = cells(config)  # validates names before any work
+  for task in config.study.tasks:
+    task_labels(config, task)
+  os.makedirs(os.path.join(workdir, "cells"), exist_ok=True)
+  _check_workdir_config(config, workdir)
+  for method in config.study.pretrain:
+    pretrain(config, workdir, method)
+    extract_features(config, workdir, method)
+  if "distill" in config.study.finetune:
+    report_feature_cache(config, workdir)
+
+  done = {}
+  for cell in grid:
+    path = os.path.join(workdir, "cells", cell.key + ".json")
+    if os.path.exists(path):
+      with open(path) as f:
+        done[cell.key] = json.load(f)
+  todo = [c for c in grid if c.key not in done]
+  log.info("study: %d cells, %d done, %d to run", len(grid), len(done), len(todo))
+  config_json = config.to_json()
+  from tqdm.auto import tqdm
+  if workers > 1 and todo:
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+      futures = {pool.submit(run_cell, c, config_json, workdir): c for c in todo}
+      for fut in tqdm(concurrent.futures.as_completed(futures), total=len(todo), desc="cells"):
+        done[futures[fut].key] = fut.result()
+  else:
+    for cell in tqdm(todo, desc="cells"):
+      done[cell.key] = run_cell(cell, config_json, workdir)
+  rows = [done[c.key] for c in grid]
+  write_outputs(rows, workdir, config)
+  return rows
+
+
+def write_outputs(rows, workdir: str, config) -> None:
+  report_lib.write_results_csv(rows, os.path.join(workdir, "results.csv"))
+  summary = report_lib.summarise(rows)
+  report_lib.write_summary_csv(summary, os.path.join(workdir, "summary.csv"))
+  plots = report_lib.plot_auroc_vs_n(summary, os.path.join(workdir, "plots"))
+  report_lib.write_report_md(rows, summary, plots, os.path.join(workdir, "report.md"),
+                             config_text=config.to_json(indent=2))
+  answers = report_lib.answer_questions(summary)
+  print(f"\nstudy written to {workdir}/report.md")
+  for task, text in answers.items():
+    print(f"\n## {task}\n{text}")

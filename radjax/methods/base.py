@@ -1,0 +1,109 @@
+"""What every method shares: the Method protocol, the registry, and encoder construction.
+
+A method wires models to a loss. ``build(config, rngs)`` returns one NNX module
+holding everything that trains (its image encoder is ``model.image_encoder``, the
+part that transfers); ``loss(model, batch, key, train)`` returns a float32 scalar
+and a dict of scalar metrics. Both run inside the shared training loop's jitted
+step, so they must be pure apart from reading the model.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from radjax import models
+
+_REGISTRY: dict[str, Callable[[], "Method"]] = {}
+
+
+class Method:
+  name: str = ""
+  uses_text: bool = False
+  uses_labels: bool = False
+
+  def build(self, config, rngs: nnx.Rngs) -> nnx.Module:
+    raise NotImplementedError
+
+  def loss(self, model, batch: dict[str, jax.Array], key: jax.Array,
+           train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+    raise NotImplementedError
+
+
+def register(name: str):
+  def wrap(cls):
+    cls.name = name
+    _REGISTRY[name] = cls
+    return cls
+  return wrap
+
+
+def get_method(name: str) -> Method:
+  from radjax import methods  # noqa: F401  (imports every method module, filling the registry)
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(_REGISTRY))}")
+  return _REGISTRY[name]()
+
+
+def method_names() -> list[str]:
+  from radjax import methods  # noqa: F401
+  return sorted(_REGISTRY)
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer_for(data_cfg_json: str):
+  import ml_collections
+  from radjax.data.tokenizer import get_tokenizer
+  return get_tokenizer(ml_collections.ConfigDict(__import__("json").loads(data_cfg_json)))
+
+
+def tokenizer(config):
+  """The data config's tokenizer (trained on the dataset's reports when none is given), cached."""
+  return _tokenizer_for(config.data.to_json())
+
+
+def image_encoder(config, rngs: nnx.Rngs) -> nnx.Module:
+  return models.build_image_encoder(config.model.image, rngs, image_size=config.data.image_size,
+                                    channels=config.data.channels, dtype=config.model.dtype)
+
+
+def text_encoder(config, rngs: nnx.Rngs) -> nnx.Module:
+  return models.build_text_encoder(config.model.text, rngs, vocab_size=tokenizer(config).vocab_size,
+                                   max_len=config.data.max_text_len, dtype=config.model.dtype)
+
+
+def num_labels(config) -> int:
+  from radjax.data.pipeline import label_names
+  return len(label_names(config.data))
+
+
+def f32(x: jax.Array) -> jax.Array:
+  return x.astype(jnp.float32)
+
+
+def mask_tokens(key: jax.Array, ids: jax.Array, attention_mask: jax.Array, ratio: float, *,
+                mask_id: int, vocab_size: int, special_ids: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+  """BERT-style masking of report tokens, on device.
+
+  ids, attention_mask: int [B, L]. Returns (masked ids [B, L], float mask [B, L] with 1 at the
+  positions to predict). Of the selected positions 80% become [MASK], 10% a random vocabulary
+  token, 10% stay. At least one real token per report is selected, so the loss is defined.
+  """
+  k_select, k_kind, k_swap = jax.random.split(key, 3)
+  maskable = attention_mask.astype(bool)
+  for special in special_ids:
+    maskable &= ids != special
+  noise = jax.random.uniform(k_select, ids.shape)
+  noise = jnp.where(maskable, noise, 2.0)
+  # Guarantee one selected token per row: the lowest-noise maskable position.
+  first = jnp.argmin(noise, axis=1)
+  selected = (noise < ratio) | (jnp.arange(ids.shape[1])[None] == first[:, None])
+  selected &= maskable
+  kind = jax.random.uniform(k_kind, ids.shape)
+  swapped = jax.random.randint(k_swap, ids.shape, 0, vocab_size, dtype=ids.dtype)
+  new = jnp.where(kind < 0.8, mask_id, jnp.where(kind < 0.9, swapped, ids))
+  return jnp.where(selected, new, ids), selected.astype(jnp.float32)

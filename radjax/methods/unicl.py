@@ -1,0 +1,61 @@
+"""Labels and reports in one contrastive space (``unicl``, UniCL-style; from the Reality Check
+paper's proposals).
+
+Each image's text is its report, or, with probability one half when the image has a
+labelled finding, a class-name prompt for one of its findings. A text is a positive
+for every image that shares it: the image's own report, and every prompt of a finding
+the image has. The loss is UniCL's multi-positive symmetric InfoNCE.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from radjax.losses import unicl_loss
+from radjax.methods import base
+from radjax.methods.clip import DualEncoder
+
+
+def prompt(label: str) -> str:
+  return f"findings consistent with {label.replace('_', ' ').lower()}."
+
+
+class UniCLModel(DualEncoder):
+  def __init__(self, config, rngs):
+    super().__init__(config, rngs)
+    from radjax.data.pipeline import label_names
+    ids, mask = base.tokenizer(config).encode_batch([prompt(n) for n in label_names(config.data)],
+                                                    config.data.max_text_len)
+    # Static (hashable) so the prompts live in the graph definition, not among the parameters.
+    self.prompt_ids = tuple(map(tuple, np.asarray(ids).tolist()))
+    self.prompt_mask = tuple(map(tuple, np.asarray(mask).tolist()))
+
+
+@base.register("unicl")
+class UniCL(base.Method):
+  uses_text = True
+  uses_labels = True
+
+  def build(self, config, rngs):
+    return UniCLModel(config, rngs)
+
+  def loss(self, model, batch, key, train):
+    labels = batch["labels"] * batch["label_mask"]  # [B, K]
+    b = labels.shape[0]
+    k_use, k_pick = jax.random.split(key)
+    has_finding = labels.sum(1) > 0
+    use_prompt = jax.random.bernoulli(k_use, 0.5, (b,)) & has_finding
+    pick = jax.random.categorical(k_pick, jnp.log(jnp.where(labels > 0, 1.0, 1e-9)))  # [B]
+    prompt_ids = jnp.asarray(model.prompt_ids, jnp.int32)[pick]
+    prompt_mask = jnp.asarray(model.prompt_mask, jnp.int32)[pick]
+    ids = jnp.where(use_prompt[:, None], prompt_ids, batch["text_ids"])
+    mask = jnp.where(use_prompt[:, None], prompt_mask, batch["text_mask"])
+    img = model.embed_images(batch["image"])
+    txt = model.embed_texts(ids, mask)
+    # positives[i, j]: text j is image i's own report, or a prompt for a finding image i has.
+    prompt_hit = jnp.take_along_axis(labels, pick[None, :].repeat(b, 0), axis=1) > 0  # [B, B]
+    positives = jnp.eye(b, dtype=bool) | (use_prompt[None, :] & prompt_hit)
+    loss = unicl_loss(img, txt, 1.0 / model.scale(), positives)
+    return loss, {"unicl_loss": loss, "prompt_fraction": use_prompt.mean()}
