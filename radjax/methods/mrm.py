@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from radjax.losses import masked_token_loss
+from radjax.losses import masked_mean, masked_token_loss
 from radjax.methods import base
 from radjax.methods.ssl import MAE, mae_terms
 from radjax.models.decoders import MLMHead
@@ -55,5 +55,5 @@ class MRM(base.Method):
     logits = base.f32(model.mlm_head(fused))
     token_loss = masked_token_loss(logits, batch["text_ids"], predict)
     correct = (logits.argmax(-1) == batch["text_ids"]) * predict
-    metrics.update(token_loss=token_loss, token_accuracy=correct.sum() / predict.sum())
+    metrics.update(token_loss=token_loss, token_accuracy=masked_mean(correct, predict))
     return image_loss + token_loss, metrics

@@ -1,0 +1,277 @@
+"""Tests for radjax.eval.metrics (AUROC, AUPRC, bootstrap, seed summaries) and radjax.eval.probe."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from radjax.eval import metrics as M
+from radjax.eval.probe import linear_probe
+
+
+def _brute_auroc(s, y):
+  pos, neg = s[y == 1], s[y == 0]
+  diff = pos[:, None] - neg[None, :]
+  return ((diff > 0).sum() + 0.5 * (diff == 0).sum()) / (len(pos) * len(neg))
+
+
+def _data(n, seed, ties=True):
+  rng = np.random.default_rng(seed)
+  y = rng.integers(0, 2, n)
+  y[0], y[-1] = 0, 1  # both classes present
+  s = y * 0.7 + rng.normal(size=n)
+  if ties:
+    s = np.round(s, 1)  # many tied scores
+  return s, y
+
+
+# ----------------------------------------------------------------------------
+# AUROC / AUPRC.
+
+
+@pytest.mark.parametrize("n", [2, 3, 10, 57, 1000])
+@pytest.mark.parametrize("ties", [True, False])
+def test_auroc_matches_sklearn_and_brute_force(n, ties):
+  s, y = _data(n, seed=n, ties=ties)
+  got = M.auroc(s, y)
+  assert got == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+  assert got == pytest.approx(_brute_auroc(s, y), abs=1e-12)
+
+
+def test_auroc_all_tied_scores_is_half():
+  assert M.auroc(np.zeros(10), np.arange(10) % 2) == 0.5
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4), st.booleans()), min_size=2, max_size=40))
+def test_auroc_property_brute_force(pairs):
+  s = np.array([p[0] for p in pairs], float)
+  y = np.array([p[1] for p in pairs], int)
+  got = M.auroc(s, y)
+  if y.min() == y.max():
+    assert math.isnan(got)
+  else:
+    assert got == pytest.approx(_brute_auroc(s, y), abs=1e-12)
+    assert M.auroc(-s, y) == pytest.approx(1 - got, abs=1e-12)
+
+
+def test_auroc_single_class_is_nan():
+  assert math.isnan(M.auroc([0.1, 0.2, 0.3], [1, 1, 1]))
+  assert math.isnan(M.auroc([0.1, 0.2, 0.3], [0, 0, 0]))
+  assert math.isnan(M.auroc([0.1, 0.2, 0.3], [0, 1, 1], mask=[1, 0, 0]))
+
+
+def test_masked_auroc_equals_subset_and_ignores_masked_nan():
+  s, y = _data(300, seed=1)
+  rng = np.random.default_rng(2)
+  mask = rng.random(300) > 0.4
+  s_nan = np.where(mask, s, np.nan)  # masked-out scores may be garbage
+  y_bad = np.where(mask, y, 7)  # ... and so may masked-out labels
+  got = M.auroc(s_nan, y_bad, mask.astype(np.float32))
+  assert got == pytest.approx(roc_auc_score(y[mask], s[mask]), abs=1e-12)
+  assert M.auprc(s_nan, y_bad, mask) == pytest.approx(average_precision_score(y[mask], s[mask]), abs=1e-12)
+
+
+@pytest.mark.parametrize("n", [2, 10, 57, 1000])
+@pytest.mark.parametrize("ties", [True, False])
+def test_auprc_matches_sklearn(n, ties):
+  s, y = _data(n, seed=n + 1, ties=ties)
+  assert M.auprc(s, y) == pytest.approx(average_precision_score(y, s), abs=1e-12)
+
+
+def test_auprc_no_positive_is_nan():
+  assert math.isnan(M.auprc([0.1, 0.2], [0, 0]))
+
+
+def test_bad_inputs_raise():
+  with pytest.raises(ValueError, match="labels must be 0/1"):
+    M.auroc([0.1, 0.2], [0, 2])
+  with pytest.raises(ValueError, match="shape"):
+    M.auroc([0.1, 0.2], [0, 1, 1])
+  with pytest.raises(ValueError, match="finite"):
+    M.auroc([np.nan, 0.2], [0, 1])
+  with pytest.raises(ValueError, match="1-D"):
+    M.auroc(np.zeros((2, 2)), np.zeros((2, 2)))
+
+
+def test_multilabel_auroc_per_label_mask_and_macro():
+  rng = np.random.default_rng(3)
+  n, k = 400, 5
+  y = rng.integers(0, 2, (n, k))
+  s = y * rng.uniform(0.2, 2.0, k) + rng.normal(size=(n, k))
+  mask = (rng.random((n, k)) > 0.3).astype(np.float32)
+  y[:, 4] = 1  # one class only: skipped
+  per, macro = M.multilabel_auroc(s, y, mask)
+  for j in range(4):
+    m = mask[:, j] > 0
+    assert per[j] == pytest.approx(roc_auc_score(y[m, j], s[m, j]), abs=1e-12)
+  assert math.isnan(per[4])
+  assert macro == pytest.approx(np.mean(per[:4]), abs=1e-12)
+  assert M.multilabel_macro_auroc(s, y, mask) == macro
+  _, macro_nan = M.multilabel_auroc(s[:, 4:], y[:, 4:], mask[:, 4:])
+  assert math.isnan(macro_nan)
+
+
+# ----------------------------------------------------------------------------
+# Bootstrap.
+
+
+def test_bootstrap_contains_point_and_narrows_with_n():
+  widths = []
+  for n in (100, 1000, 5000):
+    s, y = _data(n, seed=7, ties=False)
+    point, lo, hi = M.bootstrap_ci(M.auroc, s, y, n_boot=500, seed=0)
+    assert point == pytest.approx(M.auroc(s, y))
+    assert lo <= point <= hi
+    widths.append(hi - lo)
+  assert widths[0] > widths[1] > widths[2]
+  # sqrt(N) scaling, loosely: 50x more data -> several times narrower
+  assert widths[0] / widths[2] > 3
+
+
+def test_bootstrap_deterministic_by_seed():
+  s, y = _data(300, seed=8)
+  a = M.bootstrap_ci(M.auroc, s, y, n_boot=200, seed=5)
+  b = M.bootstrap_ci(M.auroc, s, y, n_boot=200, seed=5)
+  c = M.bootstrap_ci(M.auroc, s, y, n_boot=200, seed=6)
+  assert a == b
+  assert a[1:] != c[1:]
+
+
+def test_bootstrap_vectorised_equals_naive_loop():
+  s, y = _data(40, seed=9)
+  mask = (np.arange(40) % 5 != 0).astype(float)
+  idx = M.bootstrap_indices(40, n_boot=300, seed=3)
+  assert idx.shape == (300, 40)
+  naive = np.array([roc_auc_score(y[r][mask[r] > 0], s[r][mask[r] > 0])
+                    if len(set(y[r][mask[r] > 0])) == 2 else np.nan for r in idx])
+  naive = naive[np.isfinite(naive)]
+  want = np.percentile(naive, [2.5, 97.5])
+  point, lo, hi = M.bootstrap_ci(M.auroc, s, y, mask, n_boot=300, seed=3)
+  assert point == pytest.approx(M.auroc(s, y, mask))
+  np.testing.assert_allclose([lo, hi], want, atol=1e-12)
+  loop = M.bootstrap_ci(M.auroc, s, y, mask, n_boot=300, seed=3, vectorized=False)
+  np.testing.assert_allclose(loop, (point, lo, hi), atol=1e-12)
+
+
+@pytest.mark.parametrize("metric", ["auprc", "macro"])
+def test_bootstrap_other_vectorised_metrics_equal_loop(metric):
+  rng = np.random.default_rng(10)
+  if metric == "auprc":
+    s, y = _data(60, seed=11)
+    args, fn = (s, y), M.auprc
+  else:
+    y = rng.integers(0, 2, (60, 3))
+    s = np.round(y + rng.normal(size=(60, 3)), 1)
+    args, fn = (s, y, (rng.random((60, 3)) > 0.2).astype(float)), M.multilabel_macro_auroc
+  vec = M.bootstrap_ci(fn, *args, n_boot=200, seed=1)
+  loop = M.bootstrap_ci(fn, *args, n_boot=200, seed=1, vectorized=False)
+  np.testing.assert_allclose(vec, loop, atol=1e-12)
+
+
+def test_bootstrap_generic_metric_uses_loop():
+  x = np.arange(50, dtype=float)
+  point, lo, hi = M.bootstrap_ci(lambda a: float(np.mean(a)), x, n_boot=200, seed=0)
+  assert point == pytest.approx(24.5)
+  assert lo < 24.5 < hi
+
+
+def test_bootstrap_fast():
+  s, y = _data(1000, seed=12, ties=False)
+  M.bootstrap_ci(M.auroc, s, y, n_boot=10)  # warm-up
+  t0 = time.perf_counter()
+  M.bootstrap_ci(M.auroc, s, y, n_boot=1000, seed=0)
+  dt = time.perf_counter() - t0
+  print(f"bootstrap 1000 x N=1000 AUROC: {dt * 1e3:.1f} ms")
+  assert dt < 1.0  # typically ~40 ms; generous for a loaded 2-core machine
+
+
+def test_bootstrap_bad_args():
+  with pytest.raises(ValueError, match="leading dimension"):
+    M.bootstrap_ci(M.auroc, np.zeros(5), np.zeros(6))
+  with pytest.raises(ValueError, match="alpha"):
+    M.bootstrap_ci(M.auroc, np.zeros(5), np.zeros(5), alpha=1.5)
+
+
+# ----------------------------------------------------------------------------
+# Seed summary.
+
+
+def test_seed_summary_t_interval():
+  v = [0.80, 0.82, 0.79, 0.85]
+  out = M.seed_summary(v)
+  mean, sem = np.mean(v), stats.sem(v)
+  lo, hi = stats.t.interval(0.95, df=3, loc=mean, scale=sem)
+  assert out["n"] == 4
+  assert out["mean"] == pytest.approx(mean)
+  assert out["std"] == pytest.approx(np.std(v, ddof=1))
+  assert (out["ci95_lo"], out["ci95_hi"]) == pytest.approx((lo, hi))
+  assert out["ci95"] == (out["ci95_lo"], out["ci95_hi"])
+
+
+def test_seed_summary_single_and_nan():
+  one = M.seed_summary([0.7, float("nan")])
+  assert one["n"] == 1 and one["mean"] == 0.7
+  assert math.isnan(one["std"]) and math.isnan(one["ci95_lo"])
+  assert M.seed_summary([])["n"] == 0
+
+
+# ----------------------------------------------------------------------------
+# Linear probe.
+
+
+def _separable(n, d=16, k=3, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, d)) * rng.uniform(0.1, 100, d)  # wildly different feature scales
+  w = rng.normal(size=(d, k)) / rng.uniform(0.1, 100, d)[:, None]
+  y = (x @ w + 0.3 * rng.normal(size=(n, k)) > 0).astype(np.float32)
+  return x, y
+
+
+def test_probe_multilabel_beats_chance():
+  x, y = _separable(500, seed=1)
+  mask = (np.random.default_rng(2).random(y.shape) > 0.2).astype(np.float32)
+  scores, info = linear_probe(x[:300], y[:300], mask[:300], x[300:], return_info=True)
+  assert scores.shape == (200, 3)
+  assert ((scores >= 0) & (scores <= 1)).all()
+  per, macro = M.multilabel_auroc(scores, y[300:])
+  assert macro > 0.9, per
+  assert all(c in (1e-3, 1e-2, 1e-1, 1.0, 10.0) for c in info["C"])
+
+
+def test_probe_binary_small_n_one_class_and_fixed_c():
+  x, y = _separable(260, k=2, seed=3)
+  s = linear_probe(x[:200], y[:200, 0], None, x[200:], task_kind="binary", C=1.0)
+  assert s.shape == (60,)
+  assert M.auroc(s, y[200:, 0]) > 0.85
+  # Two positives: too few for 3-fold stratified CV -> default C; a one-class label -> its prevalence.
+  ys = np.stack([np.array([0, 1, 0, 0, 1, 0, 0, 0]), np.ones(8)], axis=1)
+  s2, info = linear_probe(x[:8], ys, None, x[200:], return_info=True)
+  assert info["C"][0] == 0.1 and info["constant"] == [False, True]
+  np.testing.assert_allclose(s2[:, 1], 1.0)
+
+
+def test_probe_multiclass():
+  rng = np.random.default_rng(4)
+  centres = rng.normal(size=(4, 8)) * 3
+  cls = rng.integers(0, 3, 400)  # class 3 never appears
+  x = centres[cls] + rng.normal(size=(400, 8))
+  p = linear_probe(x[:300], cls[:300], None, x[300:], task_kind="multiclass", n_classes=4)
+  assert p.shape == (100, 4)
+  np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-9)
+  assert np.all(p[:, 3] == 0)
+  assert (p.argmax(1) == cls[300:]).mean() > 0.8
+
+
+def test_probe_bad_inputs():
+  with pytest.raises(ValueError, match="task_kind"):
+    linear_probe(np.zeros((4, 2)), np.zeros(4), None, np.zeros((2, 2)), task_kind="regression")
+  with pytest.raises(ValueError, match="D ="):
+    linear_probe(np.zeros((4, 2)), np.zeros(4), None, np.zeros((2, 3)))
