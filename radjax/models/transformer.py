@@ -1,0 +1,149 @@
+"""Transformer blocks shared by ViT, BERT, the CLIP text tower, the fusion teacher and the decoders.
+
+Shapes: B batch, L query length, S key length, D width, H heads.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from radjax.models.layers import Dtype, activation, layer_norm, linear
+
+
+def key_mask_to_bias_mask(mask: jax.Array | None) -> jax.Array | None:
+  """[B, S] (1 = attend) -> bool [B, 1, 1, S] for jax.nn.dot_product_attention; others as is."""
+  if mask is None:
+    return None
+  if mask.ndim == 2:
+    return mask.astype(bool)[:, None, None, :]
+  return mask.astype(bool)
+
+
+class Attention(nnx.Module):
+  """Multi-head (self or cross) attention with separate q/k/v projections (HF BERT layout).
+
+  q/k/v kernels are [D, H*Dh] with logical names ("embed", "heads"); the output projection is
+  [H*Dh, D] ("heads", "embed"), so tensor parallelism splits whole heads.
+  """
+
+  def __init__(self, dim: int, num_heads: int, *, kv_dim: int | None = None, rngs: nnx.Rngs,
+               dtype: Dtype = None, use_bias: bool = True):
+    if dim % num_heads:
+      raise ValueError(f"attention width {dim} is not divisible by num_heads {num_heads}")
+    self.num_heads = num_heads
+    kv_dim = dim if kv_dim is None else kv_dim
+    kv_name = "embed" if kv_dim == dim else "kv"
+    self.query = linear(dim, dim, ("embed", "heads"), rngs=rngs, dtype=dtype, use_bias=use_bias)
+    self.key = linear(kv_dim, dim, (kv_name, "heads"), rngs=rngs, dtype=dtype, use_bias=use_bias)
+    self.value = linear(kv_dim, dim, (kv_name, "heads"), rngs=rngs, dtype=dtype, use_bias=use_bias)
+    self.out = linear(dim, dim, ("heads", "embed"), rngs=rngs, dtype=dtype, use_bias=use_bias)
+
+  def __call__(self, x: jax.Array, context: jax.Array | None = None, mask: jax.Array | None = None,
+               *, is_causal: bool = False) -> jax.Array:
+    """x [B, L, D]; context [B, S, Dkv] (None = self-attention); mask [B, S] or [B, 1|H, L, S]."""
+    context = x if context is None else context
+    b, l, d = x.shape
+    s = context.shape[1]
+    h = self.num_heads
+    q = self.query(x).reshape(b, l, h, d // h)
+    k = self.key(context).reshape(b, s, h, d // h)
+    v = self.value(context).reshape(b, s, h, d // h)
+    # implementation=None lets XLA / cuDNN pick the kernel for the platform.
+    o = jax.nn.dot_product_attention(q, k, v, mask=key_mask_to_bias_mask(mask), is_causal=is_causal)
+    return self.out(o.reshape(b, l, d))
+
+
+class Mlp(nnx.Module):
+  """Linear(D->M) - act - Linear(M->D)."""
+
+  def __init__(self, dim: int, mlp_dim: int, *, rngs: nnx.Rngs, dtype: Dtype = None,
+               act: str = "gelu"):
+    self.fc1 = linear(dim, mlp_dim, ("embed", "mlp"), rngs=rngs, dtype=dtype)
+    self.fc2 = linear(mlp_dim, dim, ("mlp", "embed"), rngs=rngs, dtype=dtype)
+    self.act = activation(act)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nnx.Module):
+  """One transformer layer: self-attention, optional cross-attention, MLP.
+
+  pre_ln=True  (ViT, CLIP, decoders): x + f(LN(x)).
+  pre_ln=False (BERT, exactly as HF BertLayer): LN(x + f(x)).
+  """
+
+  def __init__(self, dim: int, num_heads: int, mlp_dim: int, *, pre_ln: bool = True,
+               cross_dim: int | None = None, eps: float = 1e-6, dropout: float = 0.0,
+               act: str = "gelu", rngs: nnx.Rngs, dtype: Dtype = None):
+    self.pre_ln = pre_ln
+    self.attn = Attention(dim, num_heads, rngs=rngs, dtype=dtype)
+    self.ln1 = layer_norm(dim, rngs=rngs, dtype=dtype, eps=eps)
+    if cross_dim is not None:
+      self.cross_attn = Attention(dim, num_heads, kv_dim=cross_dim, rngs=rngs, dtype=dtype)
+      self.ln_cross = layer_norm(dim, rngs=rngs, dtype=dtype, eps=eps)
+    else:
+      self.cross_attn = None
+    self.mlp = Mlp(dim, mlp_dim, rngs=rngs, dtype=dtype, act=act)
+    self.ln2 = layer_norm(dim, rngs=rngs, dtype=dtype, eps=eps)
+    self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
+
+  def _drop(self, x):
+    return x if self.dropout is None else self.dropout(x)
+
+  def _residual(self, x, ln, f):
+    if self.pre_ln:
+      return x + self._drop(f(ln(x)))
+    return ln(x + self._drop(f(x)))
+
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, is_causal: bool = False,
+               context: jax.Array | None = None,
+               context_mask: jax.Array | None = None) -> jax.Array:
+    """x [B, L, D]; mask [B, L] key padding; context [B, S, Dc] for cross-attention."""
+    x = self._residual(x, self.ln1, lambda y: self.attn(y, mask=mask, is_causal=is_causal))
+    if self.cross_attn is not None:
+      if context is None:
+        raise ValueError("this block cross-attends: pass context=[B, S, Dc]")
+      x = self._residual(x, self.ln_cross,
+                         lambda y: self.cross_attn(y, context, mask=context_mask))
+    return self._residual(x, self.ln2, self.mlp)
+
+
+class Transformer(nnx.Module):
+  """A stack of ``depth`` Blocks, with a final LayerNorm when pre-LN (``final_ln``)."""
+
+  def __init__(self, depth: int, dim: int, num_heads: int, mlp_dim: int, *, pre_ln: bool = True,
+               final_ln: bool = True, cross_dim: int | None = None, eps: float = 1e-6,
+               dropout: float = 0.0, act: str = "gelu", rngs: nnx.Rngs, dtype: Dtype = None):
+    self.layers = nnx.List([
+        Block(dim, num_heads, mlp_dim, pre_ln=pre_ln, cross_dim=cross_dim, eps=eps,
+              dropout=dropout, act=act, rngs=rngs, dtype=dtype) for _ in range(depth)])
+    self.norm = layer_norm(dim, rngs=rngs, dtype=dtype, eps=eps) if final_ln else None
+
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, is_causal: bool = False,
+               context: jax.Array | None = None,
+               context_mask: jax.Array | None = None) -> jax.Array:
+    for layer in self.layers:
+      x = layer(x, mask, is_causal=is_causal, context=context, context_mask=context_mask)
+    return x if self.norm is None else self.norm(x)
+
+
+def sincos_1d(length: int, dim: int, temperature: float = 10_000.0) -> jax.Array:
+  """Fixed 1-D sin/cos position embedding [length, dim] (float32)."""
+  pos = jnp.arange(length, dtype=jnp.float32)[:, None]
+  omega = 1.0 / temperature ** (jnp.arange(dim // 2, dtype=jnp.float32) / (dim // 2))
+  ang = pos * omega[None]
+  return jnp.concatenate([jnp.sin(ang), jnp.cos(ang)], axis=1)
+
+
+def sincos_2d(h: int, w: int, dim: int, temperature: float = 10_000.0) -> jax.Array:
+  """Fixed 2-D sin/cos position embedding [h*w, dim] (big_vision / MAE), row-major over the grid."""
+  if dim % 4:
+    raise ValueError(f"sincos2d position embedding needs width divisible by 4, got {dim}")
+  y, x = jnp.mgrid[:h, :w]
+  omega = 1.0 / temperature ** (jnp.arange(dim // 4, dtype=jnp.float32) / (dim // 4))
+  y = y.reshape(-1, 1).astype(jnp.float32) * omega[None]
+  x = x.reshape(-1, 1).astype(jnp.float32) * omega[None]
+  return jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)

@@ -1,0 +1,320 @@
+"""radjax.models: parameter counts, forward shapes, masking, registry, FLOPs (CPU, small)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from radjax import defaults
+from radjax.models import (BertConfig, BertEncoder, CLIPTextConfig, CLIPTextEncoder,
+                           ClassifierHead, MAEDecoder, MLMHead, ProjectionHead, ReportDecoder,
+                           ResNet, ResNetConfig, Teacher, Temperature, ViT, ViTConfig,
+                           build_image_encoder, build_text_encoder, patchify, random_masking,
+                           unpatchify)
+from radjax.models import flops as F
+
+
+def n_params(build) -> int:
+  """Parameter count of an abstract (never materialised) module."""
+  model = nnx.eval_shape(build)
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def rel(a, b):
+  return abs(a - b) / b
+
+
+# ---------------------------------------------------------------- parameter counts (references)
+# timm vit_base_patch16_224 without head: 85,798,656; torchvision resnet50 without fc: 23,508,032;
+# HF bert-base-uncased BertModel: 109,482,240 (with pooler); open_clip ViT-B-32 text: 63,428,096.
+
+def test_vit_b16_param_count():
+  n = n_params(lambda: ViT(ViTConfig("b", patch_size=16, image_size=224), rngs=nnx.Rngs(0)))
+  assert rel(n, 85_798_656) < 0.01, n
+
+
+def test_resnet_param_counts():
+  n50 = n_params(lambda: ResNet(ResNetConfig("50", image_size=224, channels=3), rngs=nnx.Rngs(0)))
+  assert rel(n50, 23_508_032) < 0.01, n50
+  n18 = n_params(lambda: ResNet(ResNetConfig("18", image_size=224, channels=3), rngs=nnx.Rngs(0)))
+  assert rel(n18, 11_176_512) < 0.01, n18
+  nbn = n_params(lambda: ResNet(ResNetConfig("50", norm="batch"), rngs=nnx.Rngs(0)))
+  assert nbn == n50  # BatchNorm running stats are not parameters
+
+
+def test_bert_base_param_count():
+  n = n_params(lambda: BertEncoder(BertConfig(pooler=True), rngs=nnx.Rngs(0)))
+  assert rel(n, 109_482_240) < 0.01, n
+  n_np = n_params(lambda: BertEncoder(BertConfig(pooler=False), rngs=nnx.Rngs(0)))
+  assert n - n_np == 768 * 768 + 768
+
+
+def test_clip_text_param_count():
+  n = n_params(lambda: CLIPTextEncoder(CLIPTextConfig(), rngs=nnx.Rngs(0)))
+  assert rel(n, 63_428_096) < 0.01, n
+
+
+# ---------------------------------------------------------------- annotations / dtype
+
+def _all_params_named(model):
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    names = var.get_metadata().get("out_sharding")
+    assert names is not None and len(names) == len(var.get_value().shape), (path, names)
+
+
+def test_every_param_has_logical_axes():
+  builds = [
+      lambda r: ViT(ViTConfig("ti", patch_size=8, image_size=32, channels=1, depth=1), rngs=r),
+      lambda r: ResNet(ResNetConfig("18", image_size=32, channels=1), rngs=r),
+      lambda r: BertEncoder(_small_bert(pooler=True), rngs=r),
+      lambda r: CLIPTextEncoder(CLIPTextConfig(vocab_size=50, context_length=8, width=32,
+                                               num_heads=2, num_layers=1, proj_dim=16), rngs=r),
+      lambda r: Teacher(32, 16, 3, fusion="cross_attention", hidden_dim=32, rngs=r),
+      lambda r: Teacher(32, 16, 3, fusion="concat", hidden_dim=32, rngs=r),
+      lambda r: MAEDecoder(32, 48, 4, dim=32, depth=1, text_dim=16, rngs=r),
+      lambda r: MLMHead(32, 50, rngs=r),
+      lambda r: ReportDecoder(50, 8, 32, dim=32, depth=1, rngs=r),
+      lambda r: ProjectionHead(32, 16, hidden_dim=64, rngs=r),
+  ]
+  for build in builds:
+    _all_params_named(nnx.eval_shape(lambda: build(nnx.Rngs(0))))
+
+
+def test_bfloat16_compute_float32_params():
+  vit = ViT(ViTConfig("ti", patch_size=8, image_size=32, channels=1, depth=1, dtype="bfloat16"),
+            rngs=nnx.Rngs(0))
+  out = vit(jnp.ones((2, 32, 32, 1)))
+  assert out["tokens"].dtype == jnp.bfloat16
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(vit, nnx.Param)))
+
+
+# ---------------------------------------------------------------- image encoders
+
+@pytest.mark.parametrize("pool,posemb", [("cls", "learned"), ("gap", "sincos2d")])
+def test_vit_forward_and_keep_ids(pool, posemb):
+  c = ViTConfig("ti", patch_size=8, image_size=32, channels=1, depth=2, pool=pool, posemb=posemb)
+  vit = ViT(c, rngs=nnx.Rngs(0))
+  assert (vit.embed_dim, vit.num_patches, vit.patch_size) == (192, 16, 8)
+  x = jax.random.normal(jax.random.key(0), (3, 32, 32, 1))
+  p = 1 if pool == "cls" else 0
+  out = vit(x)
+  assert out["tokens"].shape == (3, 16 + p, 192) and out["pooled"].shape == (3, 192)
+  keep, mask, restore = random_masking(jax.random.key(1), 3, 16, 0.75)
+  masked = vit(x, keep_ids=keep)
+  assert masked["tokens"].shape == (3, 4 + p, 192) and masked["pooled"].shape == (3, 192)
+  # keep_ids selecting every patch is the unmasked forward (attention is permutation-equivariant).
+  perm = jnp.stack([jax.random.permutation(jax.random.key(i), 16) for i in range(3)])
+  full = vit(x, keep_ids=perm)
+  np.testing.assert_allclose(full["pooled"], out["pooled"], atol=2e-5)
+  # Only the kept patches matter: changing pixels of dropped patches leaves the output unchanged.
+  patches = patchify(x, 8)
+  noise = jnp.where(mask[..., None] > 0, 10.0, 0.0)
+  x2 = unpatchify(patches + noise, 8, channels=1)
+  np.testing.assert_allclose(vit(x2, keep_ids=keep)["pooled"], masked["pooled"], atol=2e-5)
+
+
+def test_vit_divisibility_error():
+  with pytest.raises(ValueError, match=r"65.*16"):
+    ViT(ViTConfig("ti", image_size=65, patch_size=16), rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("norm", ["group", "batch"])
+def test_resnet_forward(norm):
+  net = ResNet(ResNetConfig("18", image_size=64, channels=1, norm=norm), rngs=nnx.Rngs(0))
+  out = net(jnp.ones((2, 64, 64, 1)))
+  assert out["tokens"].shape == (2, 4, 512) and out["pooled"].shape == (2, 512)
+  assert net.embed_dim == 512 and net.num_patches == 4
+  net.eval()
+  assert net(jnp.ones((2, 64, 64, 1)))["pooled"].shape == (2, 512)
+  with pytest.raises(ValueError, match="keep_ids"):
+    net(jnp.ones((2, 64, 64, 1)), keep_ids=jnp.zeros((2, 1), jnp.int32))
+
+
+def test_resnet50_embed_dim():
+  net = nnx.eval_shape(lambda: ResNet(ResNetConfig("50", image_size=64, channels=1),
+                                      rngs=nnx.Rngs(0)))
+  assert net.embed_dim == 2048
+
+
+# ---------------------------------------------------------------- text encoders
+
+def _small_bert(**kw):
+  return BertConfig(vocab_size=100, hidden_size=32, num_layers=2, num_heads=4,
+                    intermediate_size=64, max_position_embeddings=16, **kw)
+
+
+@pytest.mark.parametrize("pool", ["cls", "pooler", "mean"])
+def test_bert_forward(pool):
+  bert = BertEncoder(_small_bert(pool=pool, pooler=pool == "pooler"), rngs=nnx.Rngs(0))
+  ids = jnp.arange(24, dtype=jnp.int32).reshape(2, 12) % 100
+  mask = jnp.ones_like(ids).at[1, 6:].set(0)
+  out = bert(ids, mask)
+  assert out["tokens"].shape == (2, 12, 32) and out["pooled"].shape == (2, 32)
+  # Padding does not change real tokens' outputs.
+  ids2 = ids.at[1, 6:].set(7)
+  np.testing.assert_allclose(bert(ids2, mask)["tokens"][1, :6], out["tokens"][1, :6], atol=1e-5)
+  with pytest.raises(ValueError, match="max_position_embeddings"):
+    bert(jnp.zeros((1, 17), jnp.int32), jnp.ones((1, 17), jnp.int32))
+
+
+def test_clip_text_forward_causal_argmax():
+  c = CLIPTextConfig(vocab_size=100, context_length=10, width=32, num_heads=4, num_layers=2,
+                     proj_dim=16)
+  enc = CLIPTextEncoder(c, rngs=nnx.Rngs(0))
+  ids = jnp.array([[1, 5, 6, 99, 0, 0, 0, 0], [1, 7, 8, 9, 10, 99, 0, 0]], jnp.int32)
+  out = enc(ids)
+  assert out["tokens"].shape == (2, 8, 32) and out["pooled"].shape == (2, 16)
+  # Causal: tokens after the EOT (argmax id) do not change the pooled output.
+  np.testing.assert_allclose(enc(ids.at[:, 7].set(3))["pooled"], out["pooled"], atol=1e-5)
+
+
+# ---------------------------------------------------------------- heads and decoders
+
+def test_heads_shapes():
+  rngs = nnx.Rngs(0)
+  x = jnp.ones((3, 32))
+  assert ProjectionHead(32, 16, rngs=rngs)(x).shape == (3, 16)
+  assert ProjectionHead(32, 16, hidden_dim=64, rngs=rngs)(x).shape == (3, 16)
+  t = Temperature(0.07, init_bias=-10.0)
+  np.testing.assert_allclose(t(), 1 / 0.07, rtol=1e-5)
+  assert t.bias[...] == -10.0
+  clf = ClassifierHead(32, 5, rngs=rngs)
+  np.testing.assert_array_equal(clf(x), 0.0)
+  image = {"tokens": jnp.ones((3, 9, 32)), "pooled": jnp.ones((3, 32))}
+  text = {"tokens": jnp.ones((3, 7, 24)), "pooled": jnp.ones((3, 24))}
+  tmask = jnp.ones((3, 7), jnp.int32).at[:, 5:].set(0)
+  for fusion in ("concat", "cross_attention"):
+    g = Teacher(32, 24, 5, fusion=fusion, hidden_dim=32, rngs=rngs)
+    assert g(image, text, tmask).shape == (3, 5)
+  with pytest.raises(ValueError, match="fusion"):
+    Teacher(32, 24, 5, fusion="sum", rngs=rngs)
+
+
+@pytest.mark.parametrize("text_dim", [None, 24])
+def test_mae_decoder(text_dim):
+  vit = ViT(ViTConfig("ti", patch_size=8, image_size=32, channels=1, depth=1), rngs=nnx.Rngs(0))
+  dec = MAEDecoder(vit.embed_dim, 64, vit.grid_size, dim=32, depth=1, text_dim=text_dim,
+                   num_prefix_tokens=vit.num_prefix_tokens, rngs=nnx.Rngs(1))
+  keep, mask, restore = random_masking(jax.random.key(0), 2, 16, 0.75)
+  enc = vit(jnp.ones((2, 32, 32, 1)), keep_ids=keep)
+  kw = {}
+  if text_dim:
+    kw = dict(text_tokens=jnp.ones((2, 5, text_dim)), text_mask=jnp.ones((2, 5), jnp.int32))
+  pred = dec(enc["tokens"], restore, **kw)
+  assert pred.shape == (2, 16, 64)
+
+
+def test_mlm_head():
+  bert = BertEncoder(_small_bert(), rngs=nnx.Rngs(0))
+  h = bert(jnp.ones((2, 8), jnp.int32))["tokens"]
+  tied = MLMHead(32, 100, tied=True, rngs=nnx.Rngs(1))
+  assert tied(h, bert.word_embeddings()).shape == (2, 8, 100)
+  with pytest.raises(ValueError, match="embedding"):
+    tied(h)
+  assert MLMHead(32, 100, tied=False, rngs=nnx.Rngs(1))(h).shape == (2, 8, 100)
+
+
+def test_report_decoder_and_generate():
+  dec = ReportDecoder(50, 12, 24, dim=32, depth=2, num_heads=4, rngs=nnx.Rngs(0))
+  img = jax.random.normal(jax.random.key(0), (2, 9, 24))
+  ids = jax.random.randint(jax.random.key(1), (2, 10), 0, 50)
+  logits = dec(ids, img)
+  assert logits.shape == (2, 10, 50)
+  # Causal: changing a later token leaves earlier logits unchanged.
+  np.testing.assert_allclose(dec(ids.at[:, 7].set(3), img)[:, :7], logits[:, :7], atol=1e-5)
+  gen = nnx.jit(lambda m, t: m.generate(t, 8, bos_id=1, eos_id=2))(dec, img)
+  assert gen.shape == (2, 8) and gen.dtype == jnp.int32
+  np.testing.assert_array_equal(gen[:, 0], 1)
+  # Greedy consistency: each generated token is the argmax given the prefix.
+  step_logits = dec(gen, img)
+  np.testing.assert_array_equal(
+      jnp.where(jnp.cumsum(gen[:, 1:-1] == 2, axis=1) > 0, 2, jnp.argmax(step_logits[:, :6], -1)),
+      gen[:, 1:7])
+
+
+# ---------------------------------------------------------------- masking utilities
+
+def test_patchify_roundtrip_and_masking():
+  x = jax.random.normal(jax.random.key(0), (2, 16, 24, 3))
+  p = patchify(x, 4)
+  assert p.shape == (2, 24, 48)
+  np.testing.assert_array_equal(p[0, 1], x[0, 0:4, 4:8].reshape(-1))
+  np.testing.assert_array_equal(unpatchify(p, 4, grid=(4, 6)), x)
+  keep, mask, restore = random_masking(jax.random.key(1), 4, 24, 0.75)
+  assert keep.shape == (4, 6) and mask.shape == (4, 24) and restore.shape == (4, 24)
+  np.testing.assert_array_equal(mask.sum(1), 18)
+  np.testing.assert_array_equal(jnp.take_along_axis(mask, keep, 1), 0)
+  ids = jnp.concatenate([keep, jnp.full((4, 18), -1)], 1)
+  restored = jnp.take_along_axis(ids, restore, 1)
+  np.testing.assert_array_equal(jnp.where(mask > 0, -1, jnp.arange(24)), restored)
+
+
+# ---------------------------------------------------------------- registry
+
+def test_registry_defaults_and_variants():
+  cfg = defaults.model_config()
+  rngs = nnx.Rngs(0)
+  v = build_image_encoder(cfg, rngs, image_size=32, channels=1)
+  assert isinstance(v, ViT) and v(jnp.ones((2, 32, 32, 1)))["pooled"].shape == (2, v.embed_dim)
+  t = build_text_encoder(cfg, rngs, vocab_size=64, max_len=16)
+  out = t(jnp.ones((2, 16), jnp.int32), jnp.ones((2, 16), jnp.int32))
+  assert isinstance(t, BertEncoder) and out["pooled"].shape == (2, cfg.text.hidden_size)
+  r = build_image_encoder(dict(name="resnet", variant="18"), rngs, image_size=32, channels=1)
+  assert isinstance(r, ResNet)
+  c = build_text_encoder(dict(name="clip_text", hidden_size=32, num_layers=1, num_heads=4,
+                              intermediate_size=64), rngs, vocab_size=64, max_len=8)
+  assert isinstance(c, CLIPTextEncoder)
+  with pytest.raises(ValueError, match="image.name"):
+    build_image_encoder(dict(name="convnext"), rngs, image_size=32, channels=1)
+
+
+# ---------------------------------------------------------------- FLOPs vs XLA cost analysis
+
+def _xla_flops(build, *shapes, grad=False):
+  graphdef, state = nnx.split(nnx.eval_shape(build))
+
+  def fwd(state, *args):
+    out = nnx.merge(graphdef, state)(*args)
+    return out["pooled"].astype(jnp.float32).sum()
+
+  f = jax.grad(fwd) if grad else fwd
+  cost = jax.jit(f).lower(state, *shapes).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return cost["flops"]
+
+
+def test_flops_match_cost_analysis():
+  b = 2
+  img = lambda s, c: jax.ShapeDtypeStruct((b, s, s, c), jnp.float32)
+  tok = jax.ShapeDtypeStruct((b, 64), jnp.int32)
+  vit = ViTConfig("b", image_size=224)
+  checks = [
+      (lambda: ViT(vit, rngs=nnx.Rngs(0)), (img(224, 3),), F.vit_flops(vit)),
+      (lambda: ResNet(ResNetConfig("50"), rngs=nnx.Rngs(0)), (img(224, 3),),
+       F.resnet_flops(ResNetConfig("50"))),
+      (lambda: ResNet(ResNetConfig("18"), rngs=nnx.Rngs(0)), (img(224, 3),),
+       F.resnet_flops(ResNetConfig("18"))),
+      (lambda: BertEncoder(BertConfig(num_layers=2), rngs=nnx.Rngs(0)), (tok, tok),
+       F.bert_flops(BertConfig(num_layers=2), 64)),
+      (lambda: CLIPTextEncoder(CLIPTextConfig(num_layers=2, context_length=64), rngs=nnx.Rngs(0)),
+       (tok,), F.clip_text_flops(CLIPTextConfig(num_layers=2, context_length=64))),
+  ]
+  for build, shapes, analytic in checks:
+    xla = _xla_flops(build, *shapes) / b
+    assert rel(analytic, xla) < 0.1, (analytic, xla)
+  # Forward + backward ~ 3 x forward.
+  small = ViTConfig("s", image_size=64, patch_size=8, depth=2)
+  xla = _xla_flops(lambda: ViT(small, rngs=nnx.Rngs(0)), img(64, 3), grad=True) / b
+  assert rel(F.train_flops(F.vit_flops(small)), xla) < 0.2, (F.train_flops(F.vit_flops(small)), xla)
+  # Published references: ResNet-50 4.1 GMACs, ViT-B/16 17.6 GMACs at 224.
+  assert rel(F.resnet_flops(ResNetConfig("50")) / 2, 4.1e9) < 0.02
+  assert rel(F.vit_flops(vit) / 2, 17.6e9) < 0.02
+
+
+def test_model_flops_from_config():
+  out = F.model_flops(defaults.model_config(), image_size=64, channels=1, text_len=64,
+                      vocab_size=2048)
+  assert out["image"] > 0 and out["text"] > 0
