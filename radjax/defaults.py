@@ -35,6 +35,8 @@ def data_config() -> ml_collections.ConfigDict:
   c.dataset = "synth_cxr"
   # None reads SynthCXR directly from its random-access source; a path reads ArrayRecord built by `radjax data build`.
   c.data_dir = ml_collections.FieldReference(None, field_type=str)
+  # TFDS builder config read under data_dir; None: derived from data.synth (synth_cxr) or "default".
+  c.builder_config = ml_collections.FieldReference(None, field_type=str)
   c.image_size = 64
   c.channels = 1
   c.max_text_len = 64
@@ -53,10 +55,18 @@ def data_config() -> ml_collections.ConfigDict:
 
 def model_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  # ViT: variant ti/s/m/b/l/h sets width/depth/mlp_dim/num_heads unless they are > 0.
+  # ResNet: name="resnet", variant "18"/"50", norm "group" (no batch statistics) or "batch".
   c.image = ml_collections.ConfigDict(dict(
-      name="vit", variant="ti", patch_size=8, pool="cls", posemb="learned"))
+      name="vit", variant="ti", patch_size=8, pool="cls", posemb="learned",
+      width=0, depth=0, mlp_dim=0, num_heads=0, norm="group", dropout=0.0))
+  # name "bert" (post-LN, HF layout) or "clip_text" (open_clip's causal text tower).
   c.text = ml_collections.ConfigDict(dict(
       name="bert", hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512,
+      # 0: the tokenizer's vocabulary size.
+      vocab_size=0,
+      # "" = the model's default pooling (BERT: cls; clip_text: argmax).
+      pool="", dropout=0.0,
       # Local Hugging Face BERT directory to initialise from (CXR-BERT, BioClinicalBERT, ...).
       hf_path=ml_collections.FieldReference(None, field_type=str)))
   c.embed_dim = 128
@@ -72,6 +82,9 @@ def optim_config() -> ml_collections.ConfigDict:
   c.b1 = 0.9
   c.b2 = 0.999
   c.clip_norm = 1.0
+  c.eps = 1e-8
+  # Microbatches per step, scanned inside the jitted step (one optimizer update per step).
+  # Contrastive losses see only the microbatch's negatives.
   c.grad_accum_steps = 1
   c.ema_decay = 0.0
   return c
@@ -87,7 +100,15 @@ def train_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 100
   c.keep_checkpoints = 2
   c.best_metric = ""
+  # "min", "max", or "auto" (min for metrics named *loss*/*error*, else max).
+  c.best_mode = "auto"
   c.progress = True
+  # Splits the loop reads: pre-training uses "pretrain", fine-tuning "train".
+  c.train_split = "pretrain"
+  c.eval_split = "validation"
+  c.async_checkpoint = True
+  # Resume a workdir whose saved config differs (otherwise the run refuses, listing the keys).
+  c.allow_config_change = False
   return c
 
 
@@ -101,6 +122,9 @@ def distributed_config() -> ml_collections.ConfigDict:
   c.coordinator_address = ml_collections.FieldReference(None, field_type=str)
   c.num_processes = -1
   c.process_id = -1
+  # "auto": initialise when the config/env (JAX_COORDINATOR_ADDRESS, SLURM, MPI, TPU_WORKER_HOSTNAMES)
+  # says several processes; "detect": always let jax auto-detect (Cloud TPU VM pods); "off".
+  c.mode = "auto"
   return c
 
 
