@@ -13,7 +13,7 @@ def get_config(arg=None):
   if arg == "vitb16":
     config.data.image_size = 224
     config.data.synth.image_size = 224
-    config.model.image = dict(name="vit", variant="b", patch_size=16, pool="cls", posemb="learned")
+    config.model.image.update(dict(variant="b", patch_size=16))
     config.model.dtype = "bfloat16"
     config.train.batch_size = 256
   return config

@@ -31,8 +31,7 @@ def get_config(arg=None):
   config = defaults.pretrain_config()
   config.study = study_config()
   # A ViT small enough to pre-train five ways in minutes on two CPU cores.
-  config.model.image = dict(name="vit", variant="ti", patch_size=8, pool="cls", posemb="learned",
-                            width=128, depth=4, mlp_dim=512, num_heads=4)
+  config.model.image.update(dict(width=128, depth=4, mlp_dim=512, num_heads=4))
   config.train.steps = 300
   config.train.batch_size = 64
   config.train.checkpoint_every = 100

@@ -20,9 +20,19 @@ def _config_from(args, extra: list[str]):
 
 def cmd_train(args, extra):
   config = _config_from(args, extra)
+  # jax.distributed must initialise before anything touches a device: loop.train does it first.
   from radjax.train import loop
-  metrics = loop.train(config, args.workdir)
-  print(json.dumps({k: float(v) for k, v in metrics.items()}, sort_keys=True))
+  try:
+    result = loop.train(config, args.workdir)
+  except (loop.NonFiniteError, loop.ConfigMismatchError) as e:
+    print(f"radjax train: {e}", file=sys.stderr)
+    return 1
+  if result.get("preempted"):
+    print(f"radjax train: preempted at step {result['step']}; checkpoint saved, rerun to resume",
+          file=sys.stderr)
+  scalars = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+  print(json.dumps(scalars, sort_keys=True))
+  return 0
 
 
 def cmd_study(args, extra):
@@ -154,11 +164,10 @@ def main(argv: list[str] | None = None) -> int:
   if unknown:
     parser.error(f"unrecognised arguments: {' '.join(unknown)}")
   try:
-    args.func(args, extra)
+    return args.func(args, extra) or 0
   except ConfigError as e:
     print(f"radjax: config error: {e}", file=sys.stderr)
     return 2
-  return 0
 
 
 if __name__ == "__main__":

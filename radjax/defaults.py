@@ -39,7 +39,7 @@ def data_config() -> ml_collections.ConfigDict:
   c.builder_config = ml_collections.FieldReference(None, field_type=str)
   c.image_size = 64
   c.channels = 1
-  c.max_text_len = 64
+  c.max_text_len = 128
   # Local Hugging Face tokenizer directory; None trains a WordPiece tokenizer on the dataset's reports.
   c.tokenizer = ml_collections.FieldReference(None, field_type=str)
   c.vocab_size = 2048

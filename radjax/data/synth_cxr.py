@@ -380,6 +380,10 @@ class SynthCXRSource:
   def __getitem__(self, i: int) -> dict[str, Any]:
     return self._synth.example(self._split, int(i))
 
+  def report(self, i: int) -> str:
+    """Example ``i``'s report without rendering its image."""
+    return self._synth.report(self._split, int(i))
+
   def __getstate__(self):
     return {"_params": self._params, "_split": self._split, "_len": self._len}
 

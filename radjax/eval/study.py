@@ -66,8 +66,8 @@ def pretrain_config(config: ml_collections.ConfigDict, method: str) -> ml_collec
 
 def task_labels(config, task: str) -> tuple[tuple[str, ...], str]:
   """A task is a label group ("diagnostic", "prognostic") or one label name -> (labels, kind)."""
-  from radjax.data.pipeline import label_groups
-  groups = label_groups(config.data)
+  from radjax.data.sources import dataset_label_names
+  groups = {kind: dataset_label_names(config.data, kind) for kind in ("diagnostic", "prognostic")}
   if task in groups:
     return tuple(groups[task]), task
   for kind, names in groups.items():
@@ -123,7 +123,7 @@ def _encoder(config, workdir: str, method: str):
   from radjax import methods
   if method == "none":
     cfg = pretrain_config(config, method)
-    return methods.get_method("none").build(cfg, nnx.Rngs(int(config.seed))), None
+    return methods.get_method("none").build(cfg, nnx.Rngs(int(config.seed))).image_encoder, None
   from radjax.train.checkpoint import load_pretrained
   model, _ = load_pretrained(os.path.join(workdir, "pretrain", method))
   return model.image_encoder, model

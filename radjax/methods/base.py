@@ -9,7 +9,6 @@ step, so they must be pure apart from reading the model.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import jax
@@ -54,16 +53,10 @@ def method_names() -> list[str]:
   return sorted(_REGISTRY)
 
 
-@functools.lru_cache(maxsize=8)
-def _tokenizer_for(data_cfg_json: str):
-  import ml_collections
-  from radjax.data.tokenizer import get_tokenizer
-  return get_tokenizer(ml_collections.ConfigDict(__import__("json").loads(data_cfg_json)))
-
-
 def tokenizer(config):
-  """The data config's tokenizer (trained on the dataset's reports when none is given), cached."""
-  return _tokenizer_for(config.data.to_json())
+  """The data config's tokenizer (trained on the dataset's reports when none is given; memoised)."""
+  from radjax.data.tokenizer import get_tokenizer
+  return get_tokenizer(config.data)
 
 
 def image_encoder(config, rngs: nnx.Rngs) -> nnx.Module:
@@ -71,8 +64,12 @@ def image_encoder(config, rngs: nnx.Rngs) -> nnx.Module:
                                     channels=config.data.channels, dtype=config.model.dtype)
 
 
+def text_vocab_size(config) -> int:
+  return int(config.model.text.get("vocab_size", 0)) or tokenizer(config).vocab_size
+
+
 def text_encoder(config, rngs: nnx.Rngs) -> nnx.Module:
-  return models.build_text_encoder(config.model.text, rngs, vocab_size=tokenizer(config).vocab_size,
+  return models.build_text_encoder(config.model.text, rngs, vocab_size=text_vocab_size(config),
                                    max_len=config.data.max_text_len, dtype=config.model.dtype)
 
 

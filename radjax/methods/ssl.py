@@ -18,13 +18,14 @@ from radjax.methods import base
 from radjax.models.decoders import MAEDecoder
 from radjax.models.heads import ProjectionHead
 from radjax.models.masking import patchify, random_masking
+from radjax.models.vit import ViT
 
 
 class MAE(nnx.Module):
   def __init__(self, config, rngs, *, text_dim: int | None = None):
     self.image_encoder = base.image_encoder(config, rngs)
     enc = self.image_encoder
-    if not hasattr(enc, "patch_size"):
+    if not isinstance(enc, ViT):
       raise ValueError(f"MAE needs a ViT image encoder, got config.model.image.name="
                        f"{config.model.image.name!r}")
     self.decoder = MAEDecoder(

@@ -234,6 +234,8 @@ class InspectBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """INSPECT CTPA volumes, impressions and outcome labels (see module docstring)."""
 
   name = "inspect"
+  DIAGNOSTIC_LABELS = ("pe_positive_nlp",)
+  PROGNOSTIC_LABELS = tuple(t for t in TASKS if t != "pe_positive_nlp")
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   BUILDER_CONFIGS = [_DEFAULT]

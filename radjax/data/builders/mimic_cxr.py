@@ -386,6 +386,8 @@ class MimicCXRBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """MIMIC-CXR-JPG with CheXpert/NegBio labels and MIMIC-IV outcomes (see module docstring)."""
 
   name = "mimic_cxr"
+  DIAGNOSTIC_LABELS = CHEXPERT_LABELS
+  PROGNOSTIC_LABELS = OUTCOME_LABELS
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   BUILDER_CONFIGS = [_DEFAULT]
