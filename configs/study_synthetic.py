@@ -19,6 +19,8 @@ def study_config() -> ml_collections.ConfigDict:
   s.seeds = (0, 1, 2)
   s.distill_lambda = 0.5
   s.distill_temperature = 2.0
+  # The teacher's soft targets on the training examples come from this many cross-fitted folds.
+  s.teacher_folds = 5
   s.head_steps = 300
   s.head_lr = 0.05
   s.head_weight_decay = 1e-2

@@ -398,7 +398,8 @@ def test_clip_perfect_alignment_decreases_to_zero_with_temperature(b, seed):
   assume(gap > 0.2)
   temps = [1.0, 0.5, 0.2, 0.1, 0.05, 0.02]
   losses = [float(J.clip_loss(emb.astype(np.float32), emb.astype(np.float32), t)) for t in temps]
-  assert all(l1 <= l0 + 1e-6 for l0, l1 in zip(losses, losses[1:])), losses
+  # float32 log-sum-exp resolves a loss near 0 to about 1e-6; monotone up to that.
+  assert all(l1 <= l0 + 5e-6 for l0, l1 in zip(losses, losses[1:])), losses
   assert losses[-1] < losses[0]
   assert losses[-1] <= np.log1p((b - 1) * np.exp(-gap / temps[-1])) + 1e-5
   assert losses[-1] < 1e-2

@@ -221,7 +221,8 @@ def _macro(scores, labels, mask) -> float:
 def run_cell(cell: Cell, config_json: str, workdir: str) -> dict[str, Any]:
   """Fits and evaluates one cell; writes and returns its result row."""
   from radjax.data.sampling import label_fraction_indices
-  from radjax.methods.distill import HeadConfig, fit_head, fit_teacher, teacher_logits
+  from radjax.methods.distill import (HeadConfig, crossfit_teacher_logits, fit_head, fit_teacher,
+                                      teacher_logits)
   config = ml_collections.ConfigDict(json.loads(config_json))
   s = config.study
   labels_of_task, kind = task_labels(config, cell.task)
@@ -241,7 +242,8 @@ def run_cell(cell: Cell, config_json: str, workdir: str) -> dict[str, Any]:
     text = np.load(os.path.join(workdir, "features", "report_tfidf.npz"))
     t_tr, t_te = text["train"], text["test"]
     teacher = fit_teacher(x_tr[idx], t_tr[idx], y_tr[idx], m_tr[idx], config=head_cfg)
-    soft = teacher_logits(teacher, x_tr[idx], t_tr[idx])
+    soft = crossfit_teacher_logits(x_tr[idx], t_tr[idx], y_tr[idx], m_tr[idx],
+                                   folds=s.teacher_folds, config=head_cfg)
     head = fit_head(x_tr[idx], y_tr[idx], m_tr[idx], teacher_logits=soft, lam=s.distill_lambda,
                     temperature=s.distill_temperature, config=head_cfg)
     row["teacher_auroc"] = _macro(teacher_logits(teacher, x_te, t_te), y_te, m_te)

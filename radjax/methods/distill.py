@@ -7,6 +7,12 @@ features) for the same labelled examples, then fits the image-only student f wit
 ``lam=0`` the student objective is exactly the linear head's, so the two
 fine-tunings differ only in what the report contributes.
 
+The teacher's soft targets for the training examples are cross-fitted: each
+example's target comes from a teacher fitted on the other folds. A teacher scored
+on its own training examples has simply memorised their labels (report features
+are high-dimensional and n is small), and its "soft" targets would be the hard
+labels again.
+
 Heads are fitted by full-batch AdamW in one jitted ``lax.scan``: the feature
 matrices of a study cell (tens to a few thousand rows) fit in memory, and one
 compiled program per shape keeps the study grid fast on a CPU.
@@ -110,3 +116,24 @@ def fit_teacher(image_feats: np.ndarray, text_feats: np.ndarray, labels: np.ndar
 
 def teacher_logits(teacher: LinearHead, image_feats: np.ndarray, text_feats: np.ndarray) -> np.ndarray:
   return teacher.logits(np.concatenate([image_feats, text_feats], axis=1))
+
+
+def crossfit_teacher_logits(image_feats: np.ndarray, text_feats: np.ndarray, labels: np.ndarray,
+                            label_mask: np.ndarray | None = None, *, folds: int = 5,
+                            config: HeadConfig = HeadConfig()) -> np.ndarray:
+  """Out-of-fold teacher logits [N, K] for the training examples (see module docstring).
+
+  ``folds`` <= 1 (or fewer examples than folds) scores the teacher on its own training set.
+  """
+  n = labels.shape[0]
+  if folds <= 1 or n < folds:
+    teacher = fit_teacher(image_feats, text_feats, labels, label_mask, config=config)
+    return teacher_logits(teacher, image_feats, text_feats)
+  mask = np.ones_like(labels) if label_mask is None else label_mask
+  fold_of = np.random.default_rng(config.seed).permutation(n) % folds
+  out = np.zeros(labels.shape, np.float32)
+  for k in range(folds):
+    held, fit = fold_of == k, fold_of != k
+    teacher = fit_teacher(image_feats[fit], text_feats[fit], labels[fit], mask[fit], config=config)
+    out[held] = teacher_logits(teacher, image_feats[held], text_feats[held])
+  return out

@@ -1,0 +1,80 @@
+"""Frozen-feature fine-tuning: linear heads, the report-seeing teacher, distillation."""
+
+import numpy as np
+import pytest
+
+from radjax.eval.metrics import auroc
+from radjax.methods.distill import (HeadConfig, crossfit_teacher_logits, fit_head, fit_teacher,
+                                    teacher_logits)
+
+CFG = HeadConfig(steps=150, lr=0.05, weight_decay=1e-2, seed=0)
+
+
+def _data(n, d=8, k=2, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, d)).astype(np.float32)
+  w = rng.normal(size=(d, k))
+  y = (x @ w + 0.5 * rng.normal(size=(n, k)) > 0).astype(np.float32)
+  return x, y
+
+
+def test_lambda_zero_distillation_equals_linear_head():
+  x, y = _data(64)
+  teacher = np.random.default_rng(1).normal(size=y.shape).astype(np.float32) * 5
+  plain = fit_head(x, y, config=CFG)
+  distilled = fit_head(x, y, teacher_logits=teacher, lam=0.0, temperature=3.0, config=CFG)
+  np.testing.assert_array_equal(plain.w, distilled.w)
+  np.testing.assert_array_equal(plain.b, distilled.b)
+
+
+def test_teacher_changes_student_when_lambda_positive():
+  x, y = _data(64)
+  teacher = -10 * (2 * y - 1)  # a teacher that contradicts the labels
+  plain = fit_head(x, y, config=CFG)
+  distilled = fit_head(x, y, teacher_logits=teacher, lam=0.9, temperature=1.0, config=CFG)
+  assert auroc(distilled.logits(x)[:, 0], y[:, 0]) < auroc(plain.logits(x)[:, 0], y[:, 0])
+
+
+def test_linear_head_learns_and_masks_labels():
+  x, y = _data(400)
+  head = fit_head(x[:300], y[:300], config=CFG)
+  assert auroc(head.logits(x[300:])[:, 0], y[300:, 0]) > 0.85
+  # Masking every label of column 1 leaves that column at its initialisation (zero bias, tiny w).
+  mask = np.ones_like(y)
+  mask[:, 1] = 0
+  masked = fit_head(x[:300], y[:300], mask[:300], config=HeadConfig(steps=150, weight_decay=0.0))
+  assert np.abs(masked.b[1]) < 1e-6
+
+
+def test_teacher_with_privileged_features_beats_image_only():
+  rng = np.random.default_rng(0)
+  n = 300
+  y = rng.integers(0, 2, size=(n, 1)).astype(np.float32)
+  image = (y * 0.3 + rng.normal(size=(n, 4))).astype(np.float32)  # weak signal
+  text = (y * 3.0 + rng.normal(size=(n, 3))).astype(np.float32)   # the report nearly states it
+  teacher = fit_teacher(image[:200], text[:200], y[:200], config=CFG)
+  student = fit_head(image[:200], y[:200], config=CFG)
+  t_auc = auroc(teacher_logits(teacher, image[200:], text[200:])[:, 0], y[200:, 0])
+  s_auc = auroc(student.logits(image[200:])[:, 0], y[200:, 0])
+  assert t_auc > 0.95 and t_auc > s_auc
+
+
+def test_crossfit_logits_are_out_of_fold():
+  rng = np.random.default_rng(0)
+  n = 60
+  y = rng.integers(0, 2, size=(n, 1)).astype(np.float32)
+  noise_text = rng.normal(size=(n, 200)).astype(np.float32)  # memorisable, uninformative
+  image = rng.normal(size=(n, 2)).astype(np.float32)
+  in_sample = crossfit_teacher_logits(image, noise_text, y, folds=1, config=CFG)
+  out_of_fold = crossfit_teacher_logits(image, noise_text, y, folds=5, config=CFG)
+  assert out_of_fold.shape == y.shape
+  assert auroc(in_sample[:, 0], y[:, 0]) > 0.95  # memorised
+  assert auroc(out_of_fold[:, 0], y[:, 0]) < 0.8  # honest
+
+
+def test_bad_shapes_and_missing_teacher():
+  x, y = _data(10)
+  with pytest.raises(ValueError, match="feats"):
+    fit_head(x[:, 0], y)
+  with pytest.raises(ValueError, match="teacher_logits"):
+    fit_head(x, y, lam=0.5)
