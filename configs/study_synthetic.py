@@ -26,6 +26,9 @@ def study_config() -> ml_collections.ConfigDict:
   s.head_weight_decay = 1e-2
   s.feature_batch_size = 256
   s.n_boot = 200
+  # "knob=v1,v2;knob2=w1,w2" over data.synth knobs: one study per combination (see
+  # configs/study_text_association.py); empty = a single study.
+  s.sweep = ""
   return s
 
 

@@ -60,3 +60,17 @@ def test_cli_typo_fails_before_work(tmp_path):
   assert result.returncode == 2
   assert "batch_szie" in result.stderr and "batch_size" in result.stderr
   assert not any(tmp_path.iterdir()), "nothing may be written before the config is valid"
+
+
+@pytest.mark.parametrize("spec", [
+    "configs/clip_synth.py", "configs/clip_synth.py:vitb16", "configs/study_synthetic.py",
+    "configs/study_synthetic.py:quick", "configs/study_text_association.py",
+    "configs/study_mimic.py:vitb16", "configs/study_mimic.py:resnet50", "configs/study_inspect.py"])
+def test_every_shipped_config_loads(spec):
+  config = load_config(spec)
+  assert config.method.name and config.data.dataset
+
+
+def test_study_config_rejects_unknown_argument():
+  with pytest.raises(ValueError, match="quikc"):
+    load_config("configs/study_synthetic.py:quikc")

@@ -275,8 +275,43 @@ def _check_workdir_config(config, workdir: str) -> None:
     json.dump(current, f, indent=2, sort_keys=True)
 
 
+def sweep_settings(config) -> list[tuple[str, dict[str, float]]]:
+  """``study.sweep`` ("knob=v1,v2;knob2=w1,w2" over data.synth knobs) -> [(name, {knob: value})]."""
+  spec = str(config.study.get("sweep", "") or "").strip()
+  if not spec:
+    return []
+  axes = []
+  for part in spec.split(";"):
+    knob, _, values = part.partition("=")
+    knob = knob.strip()
+    if knob not in config.data.synth:
+      raise ValueError(f"study.sweep: {knob!r} is not a data.synth knob")
+    axes.append([(knob, float(v)) for v in values.split(",")])
+  settings = [[]]
+  for axis in axes:
+    settings = [s + [kv] for s in settings for kv in axis]
+  return [("__".join(f"{k}={v:g}" for k, v in s), dict(s)) for s in settings]
+
+
 def run_study(config, workdir: str, workers: int = 1) -> list[dict[str, Any]]:
-  """Runs (or continues) the study; writes results.csv, summary.csv, report.md and plots."""
+  """Runs (or continues) the study; writes results.csv, summary.csv, report.md and plots.
+
+  With ``study.sweep`` set, runs the whole study once per SynthCXR setting in
+  ``workdir/<setting>/`` and adds the setting as columns of a combined results.csv.
+  """
+  sweep = sweep_settings(config)
+  if sweep:
+    rows = []
+    for name, knobs in sweep:
+      sub = ml_collections.ConfigDict(config.to_dict())
+      sub.study.sweep = ""
+      sub.data.synth.update(knobs)
+      print(f"\n# sweep setting {name}")
+      for row in run_study(sub, os.path.join(workdir, name), workers=workers):
+        rows.append({**row, "task": f"{row['task']} [{name}]", **knobs})
+    os.makedirs(workdir, exist_ok=True)
+    write_outputs(rows, workdir, config)
+    return rows
   grid = cells(config)  # validates names before any work
   for task in config.study.tasks:
     task_labels(config, task)

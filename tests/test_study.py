@@ -1,0 +1,112 @@
+"""The study runner end to end on a tiny SynthCXR grid, and its resume after SIGKILL."""
+
+import csv
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = [
+    "--config.study.pretrain=('none','clip')", "--config.study.n_train=(20,-1)",
+    "--config.study.seeds=(0,)", "--config.study.n_boot=20", "--config.study.head_steps=60",
+    "--config.study.teacher_folds=2", "--config.train.steps=4", "--config.train.batch_size=16",
+    "--config.train.checkpoint_every=2", "--config.train.progress=False",
+    "--config.data.synth.n_pretrain=64", "--config.data.synth.n_train=120",
+    "--config.data.synth.n_test=80", "--config.data.synth.image_size=32", "--config.data.image_size=32",
+    "--config.data.max_text_len=48", "--config.data.vocab_size=400",
+    "--config.model.image.width=32", "--config.model.image.depth=1", "--config.model.image.num_heads=2",
+    "--config.model.image.mlp_dim=64", "--config.model.text.hidden_size=32",
+    "--config.model.text.num_layers=1", "--config.model.text.num_heads=2",
+    "--config.model.text.intermediate_size=64", "--config.model.embed_dim=32",
+]
+COLUMNS = ["dataset", "task", "task_kind", "pretrain", "finetune", "n_train", "seed", "auroc"]
+
+
+def _command(workdir):
+  return [sys.executable, "-m", "radjax.cli", "study", "--config", "configs/study_synthetic.py:quick",
+          "--workdir", str(workdir), *TINY]
+
+
+def _run(workdir):
+  result = subprocess.run(_command(workdir), cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("study")
+  return workdir, _run(workdir)
+
+
+def test_study_writes_results_summary_report_and_plots(finished):
+  workdir, result = finished
+  with open(workdir / "results.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert list(rows[0])[:8] == COLUMNS
+  # 2 tasks x 2 pre-trainings x 2 fine-tunings x 2 sizes x 1 seed
+  assert len(rows) == 16
+  assert {r["task_kind"] for r in rows} == {"diagnostic", "prognostic"}
+  assert {r["finetune"] for r in rows} == {"linear", "distill"}
+  for r in rows:
+    assert 0.0 <= float(r["auroc"]) <= 1.0
+  assert all(r["teacher_auroc"] for r in rows if r["finetune"] == "distill")
+  assert all(r["zero_shot_auroc"] for r in rows if r["pretrain"] == "clip")
+  assert (workdir / "summary.csv").exists()
+  report = (workdir / "report.md").read_text()
+  assert "Did distillation help" in report
+  assert len(list((workdir / "plots").glob("*.png"))) == 2
+  assert "Did reports help" in result.stdout
+
+
+def test_no_report_text_in_outputs(finished):
+  workdir, _ = finished
+  from radjax import defaults
+  from radjax.data.synth_cxr import SynthCXR
+  synth = defaults.synth_cxr_config()
+  synth.n_train, synth.n_test, synth.image_size = 120, 80, 32
+  sentences = {s.strip() for i in range(20) for s in SynthCXR(synth).report("test", i).split(".")
+               if len(s.strip()) > 25}
+  for path in workdir.rglob("*"):
+    if path.is_file() and path.suffix in (".csv", ".md", ".json", ".jsonl"):
+      text = path.read_text(errors="ignore")
+      leaked = [s for s in sentences if s in text]
+      assert not leaked, f"{path} contains report text"
+
+
+def test_rerun_is_a_no_op_and_killed_study_resumes_to_same_results(finished, tmp_path):
+  workdir, _ = finished
+  expected = (workdir / "results.csv").read_text()
+  # A rerun of a finished study skips every cell and rewrites the same results.
+  _run(workdir)
+  assert (workdir / "results.csv").read_text() == expected
+
+  killed = tmp_path / "killed"
+  proc = subprocess.Popen(_command(killed), cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 500
+  while time.time() < deadline and proc.poll() is None:
+    if len(list((killed / "cells").glob("*.json"))) >= 3 if (killed / "cells").exists() else False:
+      break
+    time.sleep(0.2)
+  assert proc.poll() is None, "the study finished before it could be killed"
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  assert not (killed / "results.csv").exists()
+  _run(killed)
+  assert (killed / "results.csv").read_text() == expected
+
+
+def test_unknown_method_fails_before_work(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "radjax.cli", "study", "--config", "configs/study_synthetic.py:quick",
+       "--workdir", str(tmp_path / "w"), "--config.study.pretrain=('none','clipp')"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert "clipp" in result.stderr and "clip" in result.stderr
+  assert not (tmp_path / "w").exists()
