@@ -48,14 +48,19 @@ def cmd_advise(args, extra):
 
 
 def cmd_data_build(args, extra):
-  from radjax.data import build
   builder_kwargs = {}
   if args.config:
-    builder_kwargs["data_config"] = _config_from(args, extra).data
+    data_cfg = _config_from(args, extra).data
+    if args.dataset != data_cfg.dataset:
+      raise ConfigError(f"--dataset {args.dataset} differs from the config's data.dataset {data_cfg.dataset}")
+    if args.dataset == "synth_cxr":
+      from radjax.data.builders.synth_cxr import config_from_data_config
+      builder_kwargs["config"] = config_from_data_config(data_cfg)
   elif extra:
     raise ConfigError(f"overrides {extra} need --config")
-  build.build_dataset(args.dataset, args.data_dir, manual_dir=args.manual_dir,
-                      strict=args.strict, builder_kwargs=builder_kwargs)
+  from radjax.data import build
+  build.build_dataset(args.dataset, args.data_dir, manual_dir=args.manual_dir, strict=args.strict,
+                      builder_kwargs=builder_kwargs, num_workers=args.num_workers)
 
 
 def _data_config(args, extra):
@@ -115,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--data_dir", required=True)
   p.add_argument("--manual_dir", default=None, help="your local copy of a credentialed dataset")
   p.add_argument("--strict", action="store_true", help="fail on the first unreadable or malformed input")
+  p.add_argument("--num_workers", type=int, default=0, help="threads decoding and resizing inputs")
   p.set_defaults(func=cmd_data_build)
   p = with_config(data.add_parser("show", help="render a grid of images with impressions and labels"), required=False)
   p.add_argument("--dataset", default="synth_cxr")
