@@ -138,6 +138,8 @@ def method_config() -> ml_collections.ConfigDict:
   c.ssl_weight = 1.0  # weight of the SSL term in clip_ssl
   c.decoder_dim = 128
   c.decoder_layers = 2
+  # Full fine-tuning (`supervised`): start the image encoder from this pre-training workdir.
+  c.init_from = ml_collections.FieldReference(None, field_type=str)
   return c
 
 

@@ -1,9 +1,13 @@
-"""Label pre-training (``supervised``): multi-label BCE on the pre-training split's labels, the
-unimodal baseline of "A Reality Check of Vision-Language Pre-training in Radiology". The
-uncertainty policy for CheXpert's -1 is applied by the input pipeline (``label_mask``)."""
+"""Label supervision (``supervised``): multi-label BCE with the uncertainty policy for CheXpert's -1
+applied by the input pipeline (``label_mask``).
+
+On the pre-training split it is the unimodal baseline of "A Reality Check of Vision-Language
+Pre-training in Radiology"; with ``method.init_from=WORKDIR`` and ``train.train_split="train"`` it
+is full fine-tuning of that pre-trained encoder (configs/finetune_synth.py)."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -12,9 +16,27 @@ from radjax.methods import base
 from radjax.models.heads import ClassifierHead
 
 
+def load_encoder_into(encoder: nnx.Module, config, workdir: str) -> None:
+  """Overwrites ``encoder``'s state with the image encoder of the run in ``workdir``."""
+  from radjax.train.checkpoint import load_pretrained
+  # The loop builds models inside jit (sharded init): read the checkpoint eagerly, as constants.
+  with jax.ensure_compile_time_eval():
+    pretrained, saved = load_pretrained(workdir)
+  for key in ("image_size", "channels"):
+    if saved.data[key] != config.data[key]:
+      raise ValueError(f"method.init_from={workdir}: it was trained with data.{key}={saved.data[key]}, "
+                       f"this run has {config.data[key]}")
+  if saved.model.image.to_dict() != config.model.image.to_dict():
+    raise ValueError(f"method.init_from={workdir}: its model.image {saved.model.image.to_dict()} differs "
+                     f"from this run's {config.model.image.to_dict()}")
+  nnx.update(encoder, nnx.state(pretrained.image_encoder))
+
+
 class Classifier(nnx.Module):
   def __init__(self, config, rngs):
     self.image_encoder = base.image_encoder(config, rngs)
+    if config.method.get("init_from"):
+      load_encoder_into(self.image_encoder, config, config.method.init_from)
     self.head = ClassifierHead(self.image_encoder.embed_dim, base.num_labels(config), rngs=rngs,
                                dtype=config.model.dtype)
 
