@@ -87,7 +87,7 @@ def cmd_data_show(args, extra):
 
 def cmd_bench(args, extra):
   from radjax import bench
-  bench.main(args, extra)
+  return bench.main(args, extra)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ synthetic: random images [B, H, W, C] and random token ids [B, L] that end in an
 from __future__ import annotations
 
 import math
+import os
 import re
 import resource
 import statistics
@@ -116,6 +117,25 @@ def collective_counts(hlo_text: str) -> dict[str, int]:
   return counts
 
 
+_SHAPE_RE = re.compile(r"\b[a-z]+[0-9]*\[([0-9,]*)\]")
+_COLLECTIVE_LINE_RE = re.compile(
+    r"=\s*(\(.*?\)|\S+)\s+(all-gather|reduce-scatter|all-reduce|all-to-all|collective-permute)"
+    r"(?:-start)?\(")
+
+
+def collective_shapes(hlo_text: str) -> list[tuple[str, list[tuple[int, ...]]]]:
+  """[(op, [result array shapes])] for every collective of the HLO text (tuple results give
+  several shapes: XLA combines small collectives into one)."""
+  out = []
+  for line in hlo_text.splitlines():
+    m = _COLLECTIVE_LINE_RE.search(line)
+    if not m:
+      continue
+    shapes = [tuple(int(d) for d in dims.split(",") if d) for dims in _SHAPE_RE.findall(m.group(1))]
+    out.append((m.group(2), shapes))
+  return out
+
+
 def _cost_flops(compiled: Any) -> float | None:
   try:
     cost = compiled.cost_analysis()
@@ -211,6 +231,10 @@ def run(config: Any, *, steps: int = 10, warmup: int = 2, repeats: int = 3,
   t_warm = time.perf_counter()
 
   per_repeat = []
+  profile_dir = os.environ.get("RADJAX_BENCH_PROFILE_DIR", "")
+  if profile_dir:
+    # A jax.profiler trace of the timed steps (view in Perfetto / TensorBoard / xprof).
+    jax.profiler.start_trace(profile_dir)
   for _ in range(repeats):
     data_s = 0.0
     t0 = time.perf_counter()
@@ -223,6 +247,8 @@ def run(config: Any, *, steps: int = 10, warmup: int = 2, repeats: int = 3,
     wall = time.perf_counter() - t0
     per_repeat.append({"wall_s": wall, "data_s": data_s,
                        "examples_per_s": global_batch * steps / wall})
+  if profile_dir:
+    jax.profiler.stop_trace()
   loss = float(jax.device_get(metrics["loss"]))
   if not math.isfinite(loss):
     raise FloatingPointError(f"bench step: non-finite loss {loss} (config.optim.lr too high?)")
@@ -283,6 +309,7 @@ def run(config: Any, *, steps: int = 10, warmup: int = 2, repeats: int = 3,
   }
   if keep_hlo:
     result["hlo"] = hlo
+    result["param_shapes"] = sorted({tuple(x.shape) for x in jax.tree.leaves(abstract_state["params"])})
   return result
 
 

@@ -1,0 +1,161 @@
+"""radjax bench: step figures on a tiny CLIP, compare without open_clip, FSDP memory scaling and the
+compiled step's collectives on 8 fake CPU devices (subprocess)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from radjax import cli
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+TINY = os.path.join(REPO, "configs", "bench", "clip_vitb16.py") + ":tiny"
+
+
+def test_bench_step_json(capsys):
+  code = cli.main(["bench", "step", "--config", TINY, "--steps", "2", "--warmup", "1",
+                   "--repeats", "2", "--json"])
+  assert code == 0
+  out = capsys.readouterr().out.strip().splitlines()
+  r = json.loads(out[-1])
+  assert r["method"] == "clip" and r["batch"] == 4 and r["dtype"] == "float32"
+  assert r["examples_per_s"] > 0 and len(r["examples_per_s_all"]) == 2
+  assert r["step_time_s"] > 0 and 0 <= r["data_wait_s"] <= r["step_time_s"]
+  fwd = r["flops_per_example_forward"]
+  assert fwd["image"] > 0 and fwd["text"] > 0 and fwd["projection"] > 0
+  assert r["flops_per_example"] == 3 * sum(fwd.values())
+  # XLA's own count of the whole step agrees with the analytic model FLOPs to ~25% (the analytic
+  # count ignores norms, softmax, the loss and the optimizer).
+  assert 0.75 < r["xla_flops_per_example"] / r["flops_per_example"] < 1.5
+  assert 0 < r["mfu"] < 1.5
+  assert r["peak_flops_per_s"] > 0 and "measured" in r["peak_source"]
+  assert r["host_peak_rss_bytes"] > 2 ** 20
+  assert r["num_params"] > 0 and r["param_bytes_per_device"] == 4 * r["num_params"]
+  # AdamW: two moments per parameter (+ scalars).
+  assert r["opt_bytes_per_device"] >= 2 * r["param_bytes_per_device"]
+  assert r["collectives"] == {}  # one device
+
+  from radjax.bench import step
+  text = step.format_result(r)
+  assert "examples/s" in text and "MFU" in text and "data wait" in text
+
+
+def test_rn50_config_flops():
+  # configs/bench/clip_rn50.py builds (abstractly) and its FLOP count is ResNet-50's (~4.1 GMAC).
+  import jax
+  from flax import nnx
+  from radjax import methods
+  from radjax.bench import step
+  from radjax.config import load_config
+  from radjax.train import state as state_lib
+  cfg = load_config(os.path.join(REPO, "configs", "bench", "clip_rn50.py"))
+  method = methods.get_method("clip")
+  _, params, _ = state_lib.abstract_model(method, cfg)
+  n = sum(x.size for x in jax.tree.leaves(params))
+  # ResNet-50 23.5 M + projection 2.1 M + CLIP text tower 63.2 M + projection 0.5 M.
+  assert 88e6 < n < 91e6, n
+  fwd = step.encoder_flops(cfg, method, 49408)
+  assert 8.0e9 < fwd["image"] < 8.4e9 and 5.8e9 < fwd["text"] < 6.1e9
+  assert fwd["projection"] == 2 * 1024 * (2048 + 512)
+
+
+def test_bench_data_json(capsys):
+  code = cli.main(["bench", "data", "--image_size", "32", "--batch", "4", "--workers", "0",
+                   "--steps", "1", "--json"])
+  assert code == 0
+  rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["data"]
+  assert len(rows) == 1 and rows[0]["workers"] == 0 and rows[0]["examples_per_s"] > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("open_clip") is not None,
+                    reason="open_clip is installed here")
+def test_compare_without_open_clip(capsys, monkeypatch):
+  monkeypatch.delenv("RADJAX_BENCH_PEER_PYTHON", raising=False)
+  with pytest.raises(SystemExit) as e:
+    cli.main(["bench", "compare", "--peer", "open_clip", "--config",
+              os.path.join(REPO, "configs", "bench", "clip_vitb16.py"), "--batch", "16"])
+  assert e.value.code == 1
+  err = capsys.readouterr().err
+  assert "open_clip_torch is not installed" in err and "pip install" in err
+
+
+def test_open_clip_model_names():
+  from radjax.bench.compare import open_clip_model_name
+  from radjax.config import load_config
+  assert open_clip_model_name(load_config(os.path.join(REPO, "configs/bench/clip_vitb16.py"))) == "ViT-B-16"
+  assert open_clip_model_name(load_config(os.path.join(REPO, "configs/bench/clip_rn50.py"))) == "RN50"
+
+
+_SCALING = textwrap.dedent("""
+    import json
+    from radjax.bench import step
+    from radjax.config import load_config
+    out = {}
+    for fsdp in (1, 2, 8):
+      cfg = load_config(%(cfg)r, [
+          ("mesh.fsdp", str(fsdp)), ("mesh.data", "-1"), ("train.batch_size", "8"),
+          ("model.image.width", "128"), ("model.image.mlp_dim", "512"),
+          ("model.text.hidden_size", "128"), ("model.text.intermediate_size", "512"),
+          ("model.embed_dim", "128")])
+      r = step.run(cfg, steps=1, warmup=0, repeats=1, measure_peak=False, keep_hlo=True)
+      keep = ("param_bytes_per_device", "opt_bytes_per_device", "state_bytes_per_device",
+              "collectives", "mesh", "num_params", "param_shapes")
+      out[fsdp] = {k: r[k] for k in keep}
+      out[fsdp]["collective_shapes"] = step.collective_shapes(r["hlo"])
+    print("RESULT " + json.dumps(out))
+""")
+
+
+@pytest.fixture(scope="module")
+def scaling():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])
+  proc = subprocess.run([sys.executable, "-c", _SCALING % {"cfg": TINY}], env=env,
+                        capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+  return {int(k): v for k, v in json.loads(line[len("RESULT "):]).items()}
+
+
+def test_fsdp_state_bytes_fall_as_one_over_fsdp(scaling):
+  base = scaling[1]
+  assert base["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
+  assert base["param_bytes_per_device"] == 4 * base["num_params"]
+  for k in (2, 8):
+    r = scaling[k]
+    assert r["mesh"] == {"data": 8 // k, "fsdp": k, "tensor": 1}
+    for key in ("param_bytes_per_device", "opt_bytes_per_device"):
+      ratio = r[key] / base[key]
+      # Only small tensors (norms, biases, < 64 KiB) stay replicated.
+      assert 1 / k <= ratio < 1 / k + 0.04, (k, key, ratio)
+
+
+def _param_sized(result, op):
+  """Collectives `op` of the compiled step with a whole parameter's shape among their results."""
+  params = {tuple(s) for s in result["param_shapes"] if len(s) >= 2}
+  return [shapes for o, shapes in result["collective_shapes"]
+          if o == op and any(tuple(s) in params for s in shapes)]
+
+
+def test_compiled_step_collectives(scaling):
+  # Pure data parallelism: gradients are all-reduced (XLA combines them into tuple all-reduces)
+  # and no parameter is ever gathered (the only all-gathers are of the contrastive loss's
+  # per-example embeddings).
+  dp = scaling[1]
+  assert _param_sized(dp, "all-reduce"), dp["collective_shapes"]
+  assert not _param_sized(dp, "all-gather"), dp["collective_shapes"]
+  for k in (2, 8):
+    r = scaling[k]
+    # FSDP: sharded parameters are all-gathered whole for the forward/backward ...
+    assert len(_param_sized(r, "all-gather")) >= 5, (k, r["collectives"])
+    # ... and gradients are reduced back onto the shards: a reduce-scatter, which XLA:CPU
+    # decomposes into an all-reduce of the whole gradient followed by a dynamic slice.
+    assert r["collectives"].get("reduce-scatter", 0) > 0 or _param_sized(r, "all-reduce"), (
+        k, r["collectives"])
