@@ -35,6 +35,26 @@ class MaskedImageText(MAE):
     self.text_mask_ratio = config.method.text_mask_ratio
 
 
+def token_predictions(model: MaskedImageText, batch, key):
+  """MRM's forward pass: masks the report and the image, predicts the masked tokens.
+
+  Returns (image reconstruction loss, its metrics, token logits float32 [B, L, V], and the
+  float mask [B, L] of the positions to predict). Shared by the loss and by evaluation
+  (scripts/learning_checks.py), so both see exactly the same masking.
+  """
+  k_img, k_txt = jax.random.split(key)
+  ids, predict = base.mask_tokens(k_txt, batch["text_ids"], batch["text_mask"],
+                                  model.text_mask_ratio, mask_id=model.mask_id,
+                                  vocab_size=model.vocab_size, special_ids=model.special_ids)
+  text = model.text_encoder(ids, batch["text_mask"])["tokens"]
+  image_loss, metrics, image_tokens = mae_terms(model, batch["image"], k_img, text_tokens=text,
+                                                text_mask=batch["text_mask"])
+  # Masked tokens are predicted from the report's features attending to the visible patches.
+  fused = model.fusion(text, batch["text_mask"], context=image_tokens.astype(text.dtype))
+  logits = base.f32(model.mlm_head(fused))
+  return image_loss, metrics, logits, predict
+
+
 @base.register("mrm")
 class MRM(base.Method):
   uses_text = True
@@ -43,16 +63,7 @@ class MRM(base.Method):
     return MaskedImageText(config, rngs)
 
   def loss(self, model, batch, key, train):
-    k_img, k_txt = jax.random.split(key)
-    ids, predict = base.mask_tokens(k_txt, batch["text_ids"], batch["text_mask"],
-                                    model.text_mask_ratio, mask_id=model.mask_id,
-                                    vocab_size=model.vocab_size, special_ids=model.special_ids)
-    text = model.text_encoder(ids, batch["text_mask"])["tokens"]
-    image_loss, metrics, image_tokens = mae_terms(model, batch["image"], k_img, text_tokens=text,
-                                                  text_mask=batch["text_mask"])
-    # Masked tokens are predicted from the report's features attending to the visible patches.
-    fused = model.fusion(text, batch["text_mask"], context=image_tokens.astype(text.dtype))
-    logits = base.f32(model.mlm_head(fused))
+    image_loss, metrics, logits, predict = token_predictions(model, batch, key)
     token_loss = masked_token_loss(logits, batch["text_ids"], predict)
     correct = (logits.argmax(-1) == batch["text_ids"]) * predict
     metrics.update(token_loss=token_loss, token_accuracy=masked_mean(correct, predict))

@@ -33,6 +33,30 @@ class UniCLModel(DualEncoder):
     self.prompt_mask = tuple(map(tuple, np.asarray(mask).tolist()))
 
 
+def texts_and_positives(key: jax.Array, labels: jax.Array, text_ids: jax.Array, text_mask: jax.Array,
+                        prompt_ids: jax.Array, prompt_mask: jax.Array):
+  """Chooses each image's text and the positive pairs (pure; the core of the UniCL loss).
+
+  labels: float [B, K] (0/1, already multiplied by label_mask); text_ids/text_mask: int [B, L]
+  (the reports); prompt_ids/prompt_mask: int [K, L] (one class-name prompt per label).
+  Returns (ids [B, L], mask [B, L], positives bool [B, B], use_prompt bool [B]): text j is a
+  prompt when use_prompt[j] (never for an image without a finding), for a finding image j has;
+  positives[i, j] when text j is image i's own text or a prompt for a finding image i has.
+  """
+  b = labels.shape[0]
+  k_use, k_pick = jax.random.split(key)
+  has_finding = labels.sum(1) > 0
+  use_prompt = jax.random.bernoulli(k_use, 0.5, (b,)) & has_finding
+  # One of the image's findings, uniformly (an image without findings never uses its pick).
+  # -1e9, not -inf: a row without findings stays a valid (uniform) distribution.
+  pick = jax.random.categorical(k_pick, jnp.where(labels > 0, 0.0, -1e9))  # [B]
+  ids = jnp.where(use_prompt[:, None], prompt_ids[pick], text_ids)
+  mask = jnp.where(use_prompt[:, None], prompt_mask[pick], text_mask)
+  prompt_hit = labels[:, pick] > 0  # [B, B]: image i has the finding text j's prompt names
+  positives = jnp.eye(b, dtype=bool) | (use_prompt[None, :] & prompt_hit)
+  return ids, mask, positives, use_prompt
+
+
 @base.register("unicl")
 class UniCL(base.Method):
   uses_text = True
@@ -43,19 +67,10 @@ class UniCL(base.Method):
 
   def loss(self, model, batch, key, train):
     labels = batch["labels"] * batch["label_mask"]  # [B, K]
-    b = labels.shape[0]
-    k_use, k_pick = jax.random.split(key)
-    has_finding = labels.sum(1) > 0
-    use_prompt = jax.random.bernoulli(k_use, 0.5, (b,)) & has_finding
-    pick = jax.random.categorical(k_pick, jnp.log(jnp.where(labels > 0, 1.0, 1e-9)))  # [B]
-    prompt_ids = jnp.asarray(model.prompt_ids, jnp.int32)[pick]
-    prompt_mask = jnp.asarray(model.prompt_mask, jnp.int32)[pick]
-    ids = jnp.where(use_prompt[:, None], prompt_ids, batch["text_ids"])
-    mask = jnp.where(use_prompt[:, None], prompt_mask, batch["text_mask"])
+    ids, mask, positives, use_prompt = texts_and_positives(
+        key, labels, batch["text_ids"], batch["text_mask"], jnp.asarray(model.prompt_ids, jnp.int32),
+        jnp.asarray(model.prompt_mask, jnp.int32))
     img = model.embed_images(batch["image"])
     txt = model.embed_texts(ids, mask)
-    # positives[i, j]: text j is image i's own report, or a prompt for a finding image i has.
-    prompt_hit = jnp.take_along_axis(labels, pick[None, :].repeat(b, 0), axis=1) > 0  # [B, B]
-    positives = jnp.eye(b, dtype=bool) | (use_prompt[None, :] & prompt_hit)
     loss = unicl_loss(img, txt, 1.0 / model.scale(), positives)
     return loss, {"unicl_loss": loss, "prompt_fraction": use_prompt.mean()}
