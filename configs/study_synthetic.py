@@ -44,11 +44,12 @@ def get_config(arg=None):
     config.data.synth.n_pretrain = 1024
     config.data.synth.n_train = 1000
     config.data.synth.n_test = 500
-    config.train.steps = 60
-    config.train.checkpoint_every = 60
+    config.train.steps = 40
+    config.train.checkpoint_every = 40
     config.study.n_train = (50, 200, -1)
     config.study.seeds = (0,)
     config.study.n_boot = 100
+    config.study.teacher_folds = 3
   elif arg:
     raise ValueError(f"configs/study_synthetic.py: unknown argument {arg!r} (use nothing or 'quick')")
   return config
