@@ -7,16 +7,13 @@ The model input is the three-window (lung / PE / mediastinal) coronal projection
 INSPECT builder stores as `image` (see radjax/data/ct.py); channels = 3.
 """
 
-import importlib.util
 import os
+
+from radjax.config import load_config_file
 
 
 def get_config(arg="vitb16"):
-  spec = importlib.util.spec_from_file_location(
-      "radjax_study_mimic", os.path.join(os.path.dirname(__file__), "study_mimic.py"))
-  mimic = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mimic)
-  config = mimic.get_config(arg)
+  config = load_config_file(os.path.join(os.path.dirname(__file__), f"study_mimic.py:{arg}"))
   config.data.dataset = "inspect"
   config.data.channels = 3
   config.study.pretrain = ("none", "ssl", "clip", "mrm", "clip_ssl")

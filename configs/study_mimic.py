@@ -5,17 +5,16 @@ radjax study --config configs/study_mimic.py:vitb16 --workdir runs/mimic --confi
 (`:resnet50` for the CNN backbone.)
 """
 
+import os
+
 from radjax import defaults
+from radjax.config import load_config_file
 
 
 def get_config(arg="vitb16"):
   config = defaults.pretrain_config()
-  import importlib.util, os  # noqa: E401  (the shared study knobs live beside this file)
-  spec = importlib.util.spec_from_file_location(
-      "radjax_study_synthetic", os.path.join(os.path.dirname(__file__), "study_synthetic.py"))
-  synthetic = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(synthetic)
-  config.study = synthetic.study_config()
+  # The study knobs are shared with the SynthCXR study beside this file.
+  config.study = load_config_file(os.path.join(os.path.dirname(__file__), "study_synthetic.py")).study
   config.study.pretrain = ("none", "supervised", "ssl", "clip", "mrm", "clip_ssl", "caption")
   config.study.tasks = ("diagnostic", "readmission_12m", "mortality_12m")
   config.study.n_train = (100, 1000, 10000, -1)

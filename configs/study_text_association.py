@@ -6,20 +6,14 @@ start to hurt a prognostic label, and where does distillation stop helping?
 radjax study --config configs/study_text_association.py --workdir runs/text_association
 """
 
-import importlib.util
 import os
 
-
-def _study_synthetic():
-  path = os.path.join(os.path.dirname(__file__), "study_synthetic.py")
-  spec = importlib.util.spec_from_file_location("radjax_study_synthetic", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from radjax.config import load_config_file
 
 
 def get_config(arg=None):
-  config = _study_synthetic().get_config(arg)
+  spec = os.path.join(os.path.dirname(__file__), "study_synthetic.py") + (f":{arg}" if arg else "")
+  config = load_config_file(spec)
   config.study.pretrain = ("ssl", "clip", "clip_ssl")
   config.study.tasks = ("mortality_12m",)
   config.study.n_train = (100, -1)
