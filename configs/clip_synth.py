@@ -1,19 +1,16 @@
-"""CLIP/ConVIRT alignment pre-training on SynthCXR.
+"""CLIP/ConVIRT alignment pre-training on SynthCXR: configs/pretrain_synth.py's ``clip``.
 
 radjax train --config configs/clip_synth.py --workdir /tmp/clip
 radjax train --config configs/clip_synth.py:vitb16 --workdir gs://...   (accelerators)
+
+The argument is a comma-separated list of pretrain_synth variants (vitb16, resnet50, resnet18, tiny).
 """
 
-from radjax import defaults
+import os
+
+from radjax.config import load_config_file
 
 
 def get_config(arg=None):
-  config = defaults.pretrain_config()
-  config.method.name = "clip"
-  if arg == "vitb16":
-    config.data.image_size = 224
-    config.data.synth.image_size = 224
-    config.model.image.update(dict(variant="b", patch_size=16))
-    config.model.dtype = "bfloat16"
-    config.train.batch_size = 256
-  return config
+  variants = f",{arg}" if arg else ""
+  return load_config_file(os.path.join(os.path.dirname(__file__), f"pretrain_synth.py:clip{variants}"))

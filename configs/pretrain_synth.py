@@ -9,12 +9,14 @@ radjax train --config configs/pretrain_synth.py:ssl,resnet50 --workdir gs://...
 METHOD is one of ``radjax.methods.method_names()`` except ``none`` (nothing trains):
 supervised, ssl (MAE for a ViT, SimCLR for a ResNet), clip, siglip, mrm, clip_ssl, caption, unicl.
 
-The CPU default is the study's small ViT (width 128, depth 4, patch 8) on 64 px films with
-reports of up to 128 tokens (configs/study_synthetic.py pre-trains the same model), so a
-run here and a study's pre-training are interchangeable. Variants, applied left to right:
+The CPU default is the study's small ViT (width 128, depth 4, 16 px patches: a 4 x 4 grid) on
+64 px films with reports of up to 128 tokens, 400 steps (configs/study_synthetic.py pre-trains
+the same model), so a run here and a study's pre-training are interchangeable. 16 px patches,
+not 8: from scratch, the coarser grid learns within a CPU budget (BUILD_NOTES.md, "Making
+encoders learn on a CPU"). Variants, applied left to right:
   vitb16    ViT-B/16 at 224 px, BERT-base-sized text encoder, bfloat16, batch 256
   resnet50  ResNet-50 at 224 px (GroupNorm), otherwise as vitb16
-  resnet18  ResNet-18 (width 64) at 64 px: several seconds a step on 2 CPU cores (the ViT: ~0.5 s)
+  resnet18  ResNet-18 (width 64) at 64 px: several seconds a step on 2 CPU cores (the ViT: ~0.3 s)
   tiny      a seconds-per-step model for tests and smoke runs (32 px, 1-2 layers, vocab 512)
 """
 
@@ -98,11 +100,11 @@ def get_config(arg=None):
   config = defaults.pretrain_config()
   config.method.name = method
   # The study's small ViT (configs/study_synthetic.py): five pre-trainings in minutes on 2 CPU cores.
-  config.model.image.update(dict(name="vit", patch_size=8, width=128, depth=4, mlp_dim=512, num_heads=4))
+  config.model.image.update(dict(name="vit", patch_size=16, width=128, depth=4, mlp_dim=512, num_heads=4))
   config.data.image_size = 64
   config.data.synth.image_size = 64
   config.data.max_text_len = 128
-  config.train.steps = 300
+  config.train.steps = 400
   config.train.batch_size = 64
   config.train.checkpoint_every = 100
   for variant in variants:

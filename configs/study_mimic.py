@@ -18,6 +18,9 @@ def get_config(arg="vitb16"):
   config.study.pretrain = ("none", "supervised", "ssl", "clip", "mrm", "clip_ssl", "caption")
   config.study.tasks = ("diagnostic", "readmission_12m", "mortality_12m")
   config.study.n_train = (100, 1000, 10000, -1)
+  config.study.finetune = ("linear", "distill", "full")
+  config.study.full_steps = 2000
+  config.study.full_lr = 1e-4
   config.study.feature_batch_size = 512
 
   config.data.dataset = "mimic_cxr"

@@ -12,6 +12,8 @@ from radjax import defaults
 def study_config() -> ml_collections.ConfigDict:
   s = ml_collections.ConfigDict()
   s.pretrain = ("none", "ssl", "clip", "mrm", "clip_ssl")
+  # linear and distill fit heads on frozen features (seconds a cell); "full" fine-tunes the whole
+  # encoder per cell (a training run each: for accelerators, or few cells on a CPU).
   s.finetune = ("linear", "distill")
   # A label group ("diagnostic", "prognostic") or a single label name.
   s.tasks = ("diagnostic", "mortality_12m")
@@ -24,6 +26,9 @@ def study_config() -> ml_collections.ConfigDict:
   s.head_steps = 300
   s.head_lr = 0.05
   s.head_weight_decay = 1e-2
+  # "full" fine-tuning: steps (batch train.batch_size) and peak learning rate.
+  s.full_steps = 200
+  s.full_lr = 1e-3
   s.feature_batch_size = 256
   s.n_boot = 200
   # "knob=v1,v2;knob2=w1,w2" over data.synth knobs: one study per combination (see
@@ -35,9 +40,10 @@ def study_config() -> ml_collections.ConfigDict:
 def get_config(arg=None):
   config = defaults.pretrain_config()
   config.study = study_config()
-  # A ViT small enough to pre-train five ways in minutes on two CPU cores.
-  config.model.image.update(dict(width=128, depth=4, mlp_dim=512, num_heads=4))
-  config.train.steps = 300
+  # configs/pretrain_synth.py's CPU ViT (16 px patches on 64 px films): small enough to
+  # pre-train five ways in minutes on two CPU cores, and it learns within those minutes.
+  config.model.image.update(dict(patch_size=16, width=128, depth=4, mlp_dim=512, num_heads=4))
+  config.train.steps = 400
   config.train.batch_size = 64
   config.train.checkpoint_every = 100
   if arg == "quick":

@@ -99,7 +99,7 @@ def config_for(method: str, args) -> ml_collections.ConfigDict:
   overrides = [f"--config.train.steps={args.steps}", f"--config.train.checkpoint_every={args.steps}",
                "--config.train.progress=False", f"--config.train.log_every={max(args.steps // 10, 1)}"]
   spec = method + ("," + args.variant if args.variant else "")
-  return load_config(f"configs/pretrain_synth.py:{spec}", overrides)
+  return load_config(f"configs/pretrain_synth.py:{spec}", overrides + list(args.overrides))
 
 
 def pretrain(name: str, args, method_obj=None) -> tuple[str, float]:
@@ -272,7 +272,11 @@ def main(argv=None) -> dict:
   p.add_argument("--probe_n_train", type=int, default=2000, help="labelled train examples of the probe")
   p.add_argument("--caption_n", type=int, default=256, help="validation films to caption")
   p.add_argument("--batch_size", type=int, default=128, help="evaluation batch size")
-  args = p.parse_args(argv)
+  # Anything else is a config override applied to every pre-training: --config.optim.lr=2e-3.
+  args, args.overrides = p.parse_known_args(argv)
+  bad = [o for o in args.overrides if not o.startswith("--config.")]
+  if bad:
+    p.error(f"unrecognised arguments: {' '.join(bad)}")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
   for name in ("absl", "jax", "orbax", "radjax"):
     logging.getLogger(name).setLevel(logging.ERROR)

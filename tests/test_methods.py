@@ -97,7 +97,7 @@ def test_pretrain_config_variants():
   cpu = load_config("configs/pretrain_synth.py:mrm", [])
   assert cpu.method.name == "mrm"
   assert (cpu.model.image.name, cpu.model.image.width, cpu.model.image.depth, cpu.model.image.patch_size) == \
-      ("vit", 128, 4, 8)
+      ("vit", 128, 4, 16)
   assert cpu.data.image_size == cpu.data.synth.image_size == 64 and cpu.data.max_text_len == 128
 
   vitb = load_config("configs/pretrain_synth.py:clip,vitb16", [])

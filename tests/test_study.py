@@ -110,3 +110,20 @@ def test_unknown_method_fails_before_work(tmp_path):
   assert result.returncode != 0
   assert "clipp" in result.stderr and "clip" in result.stderr
   assert not (tmp_path / "w").exists()
+
+
+def test_full_fine_tuning_cell_starts_from_the_pretraining(finished, monkeypatch):
+  from radjax.config import load_config
+  from radjax.eval import study
+  workdir, _ = finished
+  monkeypatch.chdir(ROOT)
+  config = load_config("configs/study_synthetic.py:quick", TINY + ["--config.study.full_steps=3"])
+  cell = study.Cell("clip", "full", "diagnostic", 20, 0)
+  cfg = study.full_finetune_config(config, str(workdir), cell, study.task_labels(config, "diagnostic")[0])
+  assert cfg.method.name == "supervised" and cfg.train.train_split == "train"
+  assert cfg.method.init_from == os.path.join(str(workdir), "pretrain", "clip")
+  row = study.run_cell(cell, config.to_json(), str(workdir))
+  assert row["finetune"] == "full" and row["n_train_actual"] == 20
+  assert 0.0 <= row["auroc"] <= 1.0
+  assert not (workdir / "cells" / (cell.key + ".run")).exists()  # the run is deleted once scored
+  assert (workdir / "cells" / (cell.key + ".json")).exists()

@@ -32,7 +32,7 @@ from radjax.eval import report as report_lib
 
 log = logging.getLogger(__name__)
 
-FINETUNES = ("linear", "distill")
+FINETUNES = ("linear", "distill", "full")
 TEXT_ALIGNED = ("clip", "siglip", "clip_ssl", "unicl")
 FEATURE_SPLITS = ("train", "test")
 
@@ -236,7 +236,9 @@ def run_cell(cell: Cell, config_json: str, workdir: str) -> dict[str, Any]:
   row: dict[str, Any] = dict(dataset=config.data.dataset, task=cell.task, task_kind=kind,
                              pretrain=cell.pretrain, finetune=cell.finetune, n_train=cell.n_train,
                              seed=cell.seed, n_train_actual=len(idx))
-  if cell.finetune == "linear":
+  if cell.finetune == "full":
+    test_logits = full_finetune_logits(config, workdir, cell, idx, labels_of_task)
+  elif cell.finetune == "linear":
     head = fit_head(x_tr[idx], y_tr[idx], m_tr[idx], config=head_cfg)
   else:
     text = np.load(os.path.join(workdir, "features", "report_tfidf.npz"))
@@ -247,7 +249,9 @@ def run_cell(cell: Cell, config_json: str, workdir: str) -> dict[str, Any]:
     head = fit_head(x_tr[idx], y_tr[idx], m_tr[idx], teacher_logits=soft, lam=s.distill_lambda,
                     temperature=s.distill_temperature, config=head_cfg)
     row["teacher_auroc"] = _macro(teacher_logits(teacher, x_te, t_te), y_te, m_te)
-  row.update(_score(head.logits(x_te), y_te, m_te, s.n_boot, cell.seed))
+  if cell.finetune != "full":
+    test_logits = head.logits(x_te)
+  row.update(_score(test_logits, y_te, m_te, s.n_boot, cell.seed))
   if "test/zero_shot" in feats.files:
     row["zero_shot_auroc"] = _macro(feats["test/zero_shot"][:, cols], y_te, m_te)
   path = os.path.join(workdir, "cells", cell.key + ".json")
@@ -255,6 +259,51 @@ def run_cell(cell: Cell, config_json: str, workdir: str) -> dict[str, Any]:
     json.dump(row, f, sort_keys=True)
   os.replace(path + ".tmp", path)
   return row
+
+
+def full_finetune_config(config, workdir: str, cell: Cell, labels: tuple[str, ...]) -> ml_collections.ConfigDict:
+  """``supervised`` on the train split's task labels, the encoder initialised from the cell's pre-training."""
+  s = config.study
+  cfg = pretrain_config(config, "supervised")
+  cfg.seed = int(cell.seed)
+  cfg.data.labels = ",".join(labels)
+  cfg.method.init_from = None if cell.pretrain == "none" else os.path.join(workdir, "pretrain", cell.pretrain)
+  cfg.optim.lr = float(s.full_lr)
+  cfg.optim.warmup_steps = min(int(cfg.optim.warmup_steps), int(s.full_steps) // 10)
+  cfg.train.update(steps=int(s.full_steps), train_split="train", eval_every=0, checkpoint_every=int(s.full_steps),
+                   keep_checkpoints=1, progress=False)
+  return cfg
+
+
+def full_finetune_logits(config, workdir: str, cell: Cell, idx: np.ndarray, labels: tuple[str, ...]) -> np.ndarray:
+  """``full``: fine-tunes the whole image encoder and a linear head on the cell's labelled training
+  examples ``idx`` (indices into the train split), then scores the test split -> logits [N_test, K]
+  in index order. The run lives in ``cells/<cell>.run/`` (resumable) and is deleted once scored."""
+  import shutil
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from radjax.data.pipeline import make_loader
+  from radjax.data.tokenizer import get_tokenizer
+  from radjax.train import loop
+  from radjax.train.checkpoint import load_pretrained
+  cfg = full_finetune_config(config, workdir, cell, labels)
+  run_dir = os.path.join(workdir, "cells", cell.key + ".run")
+  tok = get_tokenizer(cfg.data)
+  loop.train(cfg, run_dir, make_loader=lambda data, split, **kw: make_loader(
+      data, split, **{**kw, "tokenizer": tok, "indices": idx if split == "train" else None}))
+  model, _ = load_pretrained(run_dir)
+  graphdef, state = nnx.split(model)
+  predict = jax.jit(lambda st, images: nnx.merge(graphdef, st)(images))
+  data = ml_collections.ConfigDict(cfg.data.to_dict())
+  data.augment = False
+  logits, index = [], []
+  for batch in make_loader(data, "test", batch_size=config.study.feature_batch_size, seed=0, train=False,
+                           tokenizer=tok, num_epochs=1):
+    logits.append(np.asarray(predict(state, jnp.asarray(batch["image"]))))
+    index.append(np.asarray(batch["index"]))
+  shutil.rmtree(run_dir, ignore_errors=True)
+  return np.concatenate(logits)[np.argsort(np.concatenate(index), kind="stable")]
 
 
 # ----------------------------------------------------------------------------- driver

@@ -63,7 +63,7 @@ class CLIPTextEncoder(nnx.Module):
       self.embed_dim = c.width
 
   def __call__(self, ids: jax.Array, mask: jax.Array | None = None) -> dict[str, jax.Array]:
-    b, l = ids.shape
+    _, l = ids.shape
     if l > self.config.context_length:
       raise ValueError(f"text length {l} exceeds clip_text context_length "
                        f"{self.config.context_length}")
@@ -75,7 +75,8 @@ class CLIPTextEncoder(nnx.Module):
       idx = jnp.maximum(mask.astype(jnp.int32).sum(1) - 1, 0)
     else:
       idx = jnp.argmax(ids, axis=1)
-    pooled = x[jnp.arange(b), idx]
+    # take_along_axis, not x[arange(B), idx]: the latter gathers the batch under FSDP.
+    pooled = jnp.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]
     if self.text_projection is not None:
       pooled = pooled @ self.text_projection[...].astype(pooled.dtype)
     return {"tokens": x, "pooled": pooled}

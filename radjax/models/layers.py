@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from radjax.parallel import rules
+
 Dtype = Any
 
 default_kernel_init = nnx.initializers.lecun_normal()
@@ -146,11 +148,26 @@ def layer_norm(dim: int, *, rngs: nnx.Rngs, dtype: Dtype = None, eps: float = 1e
                        scale_init=partitioned(ones, name), bias_init=partitioned(zeros, name))
 
 
+class Embed(nnx.Embed):
+  """nnx.Embed (same parameter, same results) that, on a mesh, gathers its table over "fsdp"
+  before the lookup (:func:`radjax.parallel.rules.gather_fsdp`): an FSDP step then gathers the
+  table, as it does matmul kernels, rather than the batch of ids and of output gradients."""
+
+  def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+    if out_sharding is not None or self.num_embeddings == 1:
+      return super().__call__(inputs, out_sharding)
+    if not jnp.issubdtype(inputs.dtype, jnp.integer):
+      raise ValueError("Input type must be an integer or unsigned integer.")
+    (table,) = self.promote_dtype((self.embedding[...],), dtype=self.dtype, inexact=False)
+    table = rules.gather_fsdp(table, self.embedding.get_metadata().get("out_sharding"))
+    return jnp.take(table, inputs, axis=0)
+
+
 def embed(num: int, dim: int, *, rngs: nnx.Rngs, dtype: Dtype = None, stddev: float = 0.02,
-          names: Sequence[str] = ("vocab", "embed")) -> nnx.Embed:
-  """Embedding table [num, dim]; normal(stddev) init as BERT / ViT."""
-  return nnx.Embed(num, dim, dtype=dtype, rngs=rngs,
-                   embedding_init=partitioned(nnx.initializers.normal(stddev), *names))
+          names: Sequence[str | None] = ("vocab", "embed")) -> Embed:
+  """Embedding table [num, dim]; normal(stddev) init as BERT / ViT (an :class:`Embed`)."""
+  return Embed(num, dim, dtype=dtype, rngs=rngs,
+               embedding_init=partitioned(nnx.initializers.normal(stddev), *names))
 
 
 def param(rngs: nnx.Rngs, init, shape: Sequence[int], names: Sequence[str | None]) -> nnx.Param:

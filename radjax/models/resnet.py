@@ -19,6 +19,7 @@ import jax
 from flax import nnx
 
 from radjax.models.layers import as_dtype, ones, partitioned, zeros
+from radjax.parallel.rules import constrain_batch
 
 # variant -> (block type, blocks per stage)
 RESNET_VARIANTS = {
@@ -96,12 +97,14 @@ class ResidualBlock(nnx.Module):
       self.proj = self.proj_norm = None
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    # Every conv output is pinned to the batch axes on a mesh: with FSDP-sharded kernels XLA
+    # otherwise computes small-spatial convs channel-split on an all-gathered batch.
     y = x
     for j, (c, n) in enumerate(zip(self.convs, self.norms)):
-      y = n(c(y))
+      y = n(constrain_batch(c(y)))
       if j < len(self.convs) - 1:
         y = jax.nn.relu(y)
-    shortcut = x if self.proj is None else self.proj_norm(self.proj(x))
+    shortcut = x if self.proj is None else self.proj_norm(constrain_batch(self.proj(x)))
     return jax.nn.relu(y + shortcut)
 
 
@@ -148,10 +151,10 @@ class ResNet(nnx.Module):
   def __call__(self, images: jax.Array, keep_ids: jax.Array | None = None) -> dict[str, jax.Array]:
     if keep_ids is not None:
       raise ValueError("ResNet does not support keep_ids (patch dropping needs a ViT)")
-    x = jax.nn.relu(self.stem_norm(self.stem(images)))
+    x = jax.nn.relu(self.stem_norm(constrain_batch(self.stem(images))))
     x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for block in self.blocks:
-      x = block(x)
+      x = block(constrain_batch(x))
     b, h, w, ch = x.shape
     tokens = x.reshape(b, h * w, ch)
     return {"tokens": tokens, "pooled": tokens.mean(axis=1)}

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from radjax.models.layers import Dtype, activation, layer_norm, linear, transpose_rowmajor
+from radjax.parallel.rules import constrain_batch
 
 
 def key_mask_to_bias_mask(mask: jax.Array | None) -> jax.Array | None:
@@ -152,10 +153,15 @@ class Attention(nnx.Module):
     b, l, d = x.shape
     s = context.shape[1]
     h = self.num_heads
-    q = self.query(x).reshape(b, l, h, d // h)
-    k = self.key(context).reshape(b, s, h, d // h)
-    v = self.value(context).reshape(b, s, h, d // h)
+    # On a mesh, q/k/v and the attention output are pinned to the batch axes (heads over
+    # "tensor" as the rules say): pinning only the block input is not enough, XLA then splits
+    # them over the FSDP-sharded kernels' dims and gathers the batch. No-ops on one device.
+    heads = (None, "heads", None)
+    q = constrain_batch(self.query(x).reshape(b, l, h, d // h), heads)
+    k = constrain_batch(self.key(context).reshape(b, s, h, d // h), heads)
+    v = constrain_batch(self.value(context).reshape(b, s, h, d // h), heads)
     o = dot_product_attention(q, k, v, key_mask_to_bias_mask(mask), is_causal=is_causal)
+    o = constrain_batch(o, heads)
     return self.out(o.reshape(b, l, d))
 
 
@@ -169,7 +175,8 @@ class Mlp(nnx.Module):
     self.act = activation(act)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.fc2(self.act(self.fc1(x)))
+    # Hidden [B, L, M]: batch axes, M over "tensor" (rules); a no-op on one device.
+    return self.fc2(constrain_batch(self.act(self.fc1(x)), (None, "mlp")))
 
 
 class Block(nnx.Module):
@@ -206,6 +213,11 @@ class Block(nnx.Module):
                context: jax.Array | None = None,
                context_mask: jax.Array | None = None) -> jax.Array:
     """x [B, L, D]; mask [B, L] key padding; context [B, S, Dc] for cross-attention."""
+    # Pins activations to the batch axes on a mesh (under FSDP XLA otherwise gathers the batch to
+    # match the sharded kernels); a no-op on one device.
+    x = constrain_batch(x)
+    if context is not None:
+      context = constrain_batch(context)
     x = self._residual(x, self.ln1, lambda y: self.attn(y, mask=mask, is_causal=is_causal))
     if self.cross_attn is not None:
       if context is None:

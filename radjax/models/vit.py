@@ -12,6 +12,7 @@ from flax import nnx
 from radjax.models.layers import as_dtype, linear, param
 from radjax.models.masking import gather_tokens, patchify
 from radjax.models.transformer import Transformer, sincos_2d
+from radjax.parallel.rules import constrain_batch
 
 # variant -> (width, depth, mlp_dim, num_heads), as in the ViT paper / timm / big_vision.
 VIT_VARIANTS = {
@@ -111,7 +112,9 @@ class ViT(nnx.Module):
     if images.shape[1:] != (c.image_size, c.image_size, c.channels):
       raise ValueError(f"ViT expects images [B, {c.image_size}, {c.image_size}, {c.channels}], "
                        f"got {images.shape}")
-    x = self.patch_embed(patchify(images, self.patch_size))
+    # Pinned to the batch axes: with a small patch dimension XLA would otherwise gather the
+    # batch of patches to match the fsdp-sharded embedding kernel.
+    x = constrain_batch(self.patch_embed(patchify(images, self.patch_size)))
     x = x + self.position_embedding().astype(x.dtype)
     if keep_ids is not None:
       x = gather_tokens(x, keep_ids)

@@ -11,6 +11,13 @@ Placement on the ("data", "fsdp", "tensor") mesh is decided here in two steps:
    all-gathers it where used). Biases, norms and other small parameters stay replicated.
 
 A dimension whose size does not divide the mesh axes is left replicated rather than padded.
+
+Activations are placed by :func:`constrain_batch`: the transformer blocks (inputs, q/k/v,
+attention output, MLP hidden) and the ResNet (block inputs, conv outputs) call it so the
+partitioner keeps activations split over the batch axes; left alone under FSDP, XLA splits them
+like the sharded kernels instead and all-gathers the batch. It is a no-op without a mesh.
+Embedding tables are gathered over "fsdp" before their lookup by :func:`gather_fsdp` (a lookup
+from an fsdp-sharded table is otherwise partitioned like the table, gathering the batch).
 """
 
 from __future__ import annotations
@@ -40,6 +47,9 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
 )
 FSDP_AXIS = "fsdp"
 MIN_SHARD_SIZE = 2 ** 14  # elements (64 KiB in float32); smaller params are replicated
+# Set False to compare: constrain_batch() and gather_fsdp() become no-ops
+# (tests/test_activation_sharding.py then fails: the FSDP train step all-gathers batch activations).
+ACTIVATION_CONSTRAINTS = True
 
 
 def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
@@ -129,3 +139,80 @@ def sharded_init(build_fn: Callable[[], nnx.Module], mesh: Mesh, rules: Rules = 
 
   state = jax.jit(init, out_shardings=shardings)()
   return nnx.merge(graphdef, state)
+
+
+def _active_mesh(x: jax.Array) -> jax.sharding.AbstractMesh | None:
+  """The mesh ``x`` is being computed on, or None (single device / no mesh).
+
+  The context mesh (``jax.set_mesh`` / ``jax.sharding.use_abstract_mesh``) comes first. The
+  training loop sets none: it jits with ``NamedSharding`` in_shardings, and under jax 0.10 every
+  traced value derived from such inputs carries their (abstract) mesh in its aval, Auto axes
+  included, so the mesh is read from there. (Uncommitted inputs, e.g. numpy arrays passed to a
+  jit with in_shardings, carry none: trace under ``jax.set_mesh(mesh)`` then.)
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+  if mesh is None or mesh.empty:
+    return None
+  return mesh
+
+
+def constrain_batch(x: jax.Array, names: Sequence[str | None] | None = None,
+                    rules: Rules = DEFAULT_RULES) -> jax.Array:
+  """Pins activation ``x`` [B, ...] to the batch axes: B over the rule of logical "batch"
+  (("data", "fsdp"), as ``mesh.batch_sharding``), other dims by ``names`` (logical names of
+  dims 1.., resolved by ``rules``; default: unsharded, i.e. replicated over "tensor").
+
+  Returns ``x`` unchanged when no mesh is active (single device, unit tests, eval outside a
+  mesh), when the batch axes have size 1, are not Auto (inside shard_map they are Manual and
+  ``x`` is already local; Explicit axes carry the sharding in the type), or do not divide B.
+  """
+  if not ACTIVATION_CONSTRAINTS or x.ndim == 0:
+    return x
+  mesh = _active_mesh(x)
+  if mesh is None:
+    return x
+  types = dict(zip(mesh.axis_names, mesh.axis_types))
+  auto = [a for a in mesh.axis_names if types[a] == jax.sharding.AxisType.Auto]
+  if not auto:
+    return x
+  names = tuple(names or ()) + (None,) * (x.ndim - 1 - len(names or ()))
+  spec = logical_to_mesh(("batch",) + names[:x.ndim - 1], mesh, rules)
+  parts = []
+  sizes = dict(mesh.shape)
+  for dim, axes in zip(x.shape, spec):
+    axes = tuple(a for a in _as_tuple(axes) if a in auto)
+    if dim % math.prod(sizes[a] for a in axes):
+      axes = ()
+    parts.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  if parts[0] is None:
+    return x  # the batch is not split here: nothing to pin
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*parts)))
+
+
+def gather_fsdp(x: jax.Array, names: Sequence[str | None] | None,
+                rules: Rules = DEFAULT_RULES) -> jax.Array:
+  """Pins parameter value ``x`` (logical ``names``, as annotated) to its placement without the
+  "fsdp" axis: all-gathered over fsdp, a "tensor" split by ``rules`` kept.
+
+  For embedding tables before ``jnp.take``: XLA partitions a lookup from an fsdp-sharded table
+  like the table (each device looks up its slice of every id), so it gathers the batch of ids,
+  and the batch of output gradients in the backward scatter-add; with the table gathered first,
+  as FSDP does for matmul kernels, the lookup stays split over the batch. Returns ``x``
+  unchanged without a mesh, where "fsdp" has size 1 or is not Auto.
+  """
+  if not ACTIVATION_CONSTRAINTS:
+    return x
+  mesh = _active_mesh(x)
+  if mesh is None or dict(mesh.shape).get(FSDP_AXIS, 1) == 1:
+    return x
+  types = dict(zip(mesh.axis_names, mesh.axis_types))
+  if types[FSDP_AXIS] != jax.sharding.AxisType.Auto:
+    return x
+  keep = {a for a, t in types.items() if a != FSDP_AXIS and t == jax.sharding.AxisType.Auto}
+  parts = []
+  for axes in logical_to_mesh(names, mesh, rules, shape=x.shape):
+    axes = tuple(a for a in _as_tuple(axes) if a in keep)
+    parts.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*parts)))
