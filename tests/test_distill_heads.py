@@ -78,3 +78,15 @@ def test_bad_shapes_and_missing_teacher():
     fit_head(x[:, 0], y)
   with pytest.raises(ValueError, match="teacher_logits"):
     fit_head(x, y, lam=0.5)
+
+
+def test_feature_constant_in_training_does_not_blow_up_at_test():
+  # A report n-gram absent from every training example (a zero TF-IDF column) must not turn into
+  # a huge standardised value on the test example that has it.
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(40, 3)).astype(np.float32)
+  y = (x[:, :1] > 0).astype(np.float32)
+  feats = np.concatenate([x, np.zeros((40, 1), np.float32)], axis=1)
+  head = fit_head(feats, y, config=HeadConfig(steps=100))
+  test = np.concatenate([x[:5], np.full((5, 1), 0.3, np.float32)], axis=1)
+  np.testing.assert_allclose(head.logits(test), head.logits(feats[:5]), atol=0.5)

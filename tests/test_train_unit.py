@@ -148,3 +148,12 @@ def test_ema_eval_and_load_pretrained(tmp_path):
   assert best_model.image_encoder.embed_dim == 64 and cfg.optim.ema_decay == 0.5
   saved = json.loads((tmp_path / "config.json").read_text())
   assert saved["optim"]["ema_decay"] == 0.5
+
+
+def test_config_diff_accepts_a_knob_added_later_at_its_default():
+  # A run saved before radjax grew method.caption_token_dropout resumes while the knob is at its
+  # default; set to anything else, the knob is a change.
+  saved = {"method": {"name": "clip"}}
+  assert checkpoint.config_diff(saved, {"method": {"name": "clip", "caption_token_dropout": 0.0}}) == []
+  assert checkpoint.config_diff(saved, {"method": {"name": "clip", "caption_token_dropout": 0.3}}) == \
+      ["method.caption_token_dropout"]

@@ -315,9 +315,9 @@ def _check_workdir_config(config, workdir: str) -> None:
   if os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
-    if saved != current:
-      from radjax.train.checkpoint import config_diff
-      diff = config_diff(saved, current)
+    from radjax.train.checkpoint import config_diff
+    diff = config_diff(saved, current)
+    if diff:
       raise ValueError(f"{workdir} holds a study with a different config (keys: {', '.join(diff)}); "
                        "use a new --workdir")
   with open(path, "w") as f:

@@ -78,7 +78,7 @@ def _fit(x, labels, label_mask, teacher_logits, lam, temperature, key, *, steps,
 
 def fit_head(feats: np.ndarray, labels: np.ndarray, label_mask: np.ndarray | None = None, *,
              teacher_logits: np.ndarray | None = None, lam: float = 0.0, temperature: float = 1.0,
-             config: HeadConfig = HeadConfig()) -> LinearHead:
+             standardize: np.ndarray | None = None, config: HeadConfig = HeadConfig()) -> LinearHead:
   """Fits a multi-label logistic head, optionally distilling from a teacher.
 
   Args:
@@ -88,6 +88,7 @@ def fit_head(feats: np.ndarray, labels: np.ndarray, label_mask: np.ndarray | Non
     teacher_logits: [N, K] logits of a report-seeing teacher on the same examples, or None.
     lam: weight of the teacher term in [0, 1]; must be 0 without a teacher.
     temperature: tau > 0 applied to the teacher logits.
+    standardize: bool [D], the columns to standardise (default: all); the others are used as given.
   """
   feats = np.asarray(feats, np.float32)
   labels = np.asarray(labels, np.float32)
@@ -100,7 +101,13 @@ def fit_head(feats: np.ndarray, labels: np.ndarray, label_mask: np.ndarray | Non
   if label_mask is None:
     label_mask = np.ones_like(labels)
   mean = feats.mean(0)
-  std = feats.std(0) + 1e-6
+  # A feature constant on these examples keeps scale 1: dividing by its ~0 std would blow up every
+  # later example that has it.
+  std = feats.std(0)
+  std = np.where(std > 1e-6, std, 1.0).astype(np.float32)
+  if standardize is not None:
+    mean = np.where(standardize, mean, 0.0).astype(np.float32)
+    std = np.where(standardize, std, 1.0).astype(np.float32)
   params, _ = _fit(jnp.asarray((feats - mean) / std), jnp.asarray(labels), jnp.asarray(label_mask, jnp.float32),
                    jnp.asarray(teacher_logits, jnp.float32), jnp.float32(lam), jnp.float32(temperature),
                    jax.random.key(config.seed), steps=config.steps, lr=config.lr,
@@ -108,14 +115,25 @@ def fit_head(feats: np.ndarray, labels: np.ndarray, label_mask: np.ndarray | Non
   return LinearHead(mean=mean, std=std, w=np.asarray(params["w"]), b=np.asarray(params["b"]))
 
 
+def _teacher_inputs(image_feats: np.ndarray, text_feats: np.ndarray) -> np.ndarray:
+  """[image features; report features x sqrt(D_image)]: the report block (L2-normalised TF-IDF
+  rows) is scaled as a whole to the norm of a standardised image row, not standardised per
+  column, where a rare n-gram would become a huge lever for memorising its few reports."""
+  image_feats = np.asarray(image_feats, np.float32)
+  scale = np.float32(np.sqrt(image_feats.shape[1]))
+  return np.concatenate([image_feats, np.asarray(text_feats, np.float32) * scale], axis=1)
+
+
 def fit_teacher(image_feats: np.ndarray, text_feats: np.ndarray, labels: np.ndarray,
                 label_mask: np.ndarray | None = None, *, config: HeadConfig = HeadConfig()) -> LinearHead:
-  """The teacher g(V(X), T(Z)): a logistic head on concatenated image and report features."""
-  return fit_head(np.concatenate([image_feats, text_feats], axis=1), labels, label_mask, config=config)
+  """The teacher g(V(X), T(Z)): a logistic head on image features (standardised) and report features."""
+  standardize = np.arange(image_feats.shape[1] + text_feats.shape[1]) < image_feats.shape[1]
+  return fit_head(_teacher_inputs(image_feats, text_feats), labels, label_mask, standardize=standardize,
+                  config=config)
 
 
 def teacher_logits(teacher: LinearHead, image_feats: np.ndarray, text_feats: np.ndarray) -> np.ndarray:
-  return teacher.logits(np.concatenate([image_feats, text_feats], axis=1))
+  return teacher.logits(_teacher_inputs(image_feats, text_feats))
 
 
 def crossfit_teacher_logits(image_feats: np.ndarray, text_feats: np.ndarray, labels: np.ndarray,

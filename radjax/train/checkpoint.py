@@ -73,12 +73,21 @@ def flatten_dict(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any],
                 ignore: tuple[str, ...] = OPERATIONAL_KEYS) -> list[str]:
-  """Dotted keys whose values differ (or exist on one side only), minus ``ignore`` prefixes."""
+  """Dotted keys whose values differ (or exist on one side only), minus ``ignore`` prefixes.
+
+  A key the saved config lacks but whose current value is the schema's default
+  (``radjax.defaults``) is no difference: a later radjax added that knob, and the
+  run was made with what is now its default.
+  """
+  from radjax import defaults  # pylint: disable=import-outside-toplevel
   a, b = flatten_dict(saved), flatten_dict(current)
+  schema = flatten_dict(defaults.pretrain_config().to_dict())
   keys = sorted(set(a) | set(b))
   diff = []
   for k in keys:
     if any(k == p or k.startswith(p) for p in ignore):
+      continue
+    if k not in a and k in schema and b.get(k) == schema[k]:
       continue
     if a.get(k, "<missing>") != b.get(k, "<missing>"):
       diff.append(k)
