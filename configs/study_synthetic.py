@@ -1,6 +1,6 @@
 """The study on SynthCXR: pre-training x fine-tuning x task x n_train x seed (the main job).
 
-radjax study --config configs/study_synthetic.py --workdir runs/study          # ~30 min, 2 CPU cores
+radjax study --config configs/study_synthetic.py --workdir runs/study          # ~12 min, 2 CPU cores
 radjax study --config configs/study_synthetic.py:quick --workdir runs/quick    # ~3 min, a first look
 """
 

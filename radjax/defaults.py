@@ -136,8 +136,6 @@ def method_config() -> ml_collections.ConfigDict:
   c.mask_ratio = 0.75  # image patches masked (MAE / MRM)
   c.text_mask_ratio = 0.15  # report tokens masked (MRM)
   c.ssl_weight = 1.0  # weight of the SSL term in clip_ssl
-  # caption: fraction of teacher-forced input tokens replaced by [MASK] (word dropout).
-  c.caption_token_dropout = 0.0
   c.decoder_dim = 128
   c.decoder_layers = 2
   # Full fine-tuning (`supervised`): start the image encoder from this pre-training workdir.

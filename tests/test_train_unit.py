@@ -151,9 +151,8 @@ def test_ema_eval_and_load_pretrained(tmp_path):
 
 
 def test_config_diff_accepts_a_knob_added_later_at_its_default():
-  # A run saved before radjax grew method.caption_token_dropout resumes while the knob is at its
-  # default; set to anything else, the knob is a change.
+  # A run saved before radjax grew method.siglip_bias resumes while the knob is at its default
+  # (-10); set to anything else, the knob is a change.
   saved = {"method": {"name": "clip"}}
-  assert checkpoint.config_diff(saved, {"method": {"name": "clip", "caption_token_dropout": 0.0}}) == []
-  assert checkpoint.config_diff(saved, {"method": {"name": "clip", "caption_token_dropout": 0.3}}) == \
-      ["method.caption_token_dropout"]
+  assert checkpoint.config_diff(saved, {"method": {"name": "clip", "siglip_bias": -10.0}}) == []
+  assert checkpoint.config_diff(saved, {"method": {"name": "clip", "siglip_bias": -4.0}}) == ["method.siglip_bias"]

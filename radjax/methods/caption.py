@@ -3,7 +3,6 @@ trained with teacher forcing to write the report. The encoder is what transfers.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -19,8 +18,7 @@ class Captioner(nnx.Module):
     self.decoder = ReportDecoder(tok.vocab_size, config.data.max_text_len, self.image_encoder.embed_dim,
                                  dim=config.method.decoder_dim, depth=config.method.decoder_layers,
                                  rngs=rngs, dtype=config.model.dtype)
-    self.bos_id, self.eos_id, self.pad_id, self.mask_id = tok.cls_id, tok.sep_id, tok.pad_id, tok.mask_id
-    self.token_dropout = float(config.method.caption_token_dropout)
+    self.bos_id, self.eos_id, self.pad_id = tok.cls_id, tok.sep_id, tok.pad_id
 
   def generate(self, images, max_len: int):
     """Greedy reports for images [B, H, W, C] -> int32 [B, max_len] token ids."""
@@ -37,14 +35,8 @@ class Caption(base.Method):
 
   def loss(self, model, batch, key, train):
     ids, mask = batch["text_ids"], batch["text_mask"]
-    inputs = ids[:, :-1]
-    if train and model.token_dropout > 0:
-      # Word dropout on the teacher-forced inputs: with the previous words unreliable, the decoder
-      # cannot write the report from its language model alone and must read the image.
-      drop = jax.random.bernoulli(key, model.token_dropout, inputs.shape) & (mask[:, :-1] > 0)
-      inputs = jnp.where(drop & (inputs != model.bos_id), model.mask_id, inputs)
     image_tokens = model.image_encoder(batch["image"])["tokens"]
-    logits = base.f32(model.decoder(inputs, image_tokens))
+    logits = base.f32(model.decoder(ids[:, :-1], image_tokens))
     target_mask = mask[:, 1:].astype(jnp.float32)
     loss = masked_token_loss(logits, ids[:, 1:], target_mask)
     correct = (logits.argmax(-1) == ids[:, 1:]) * target_mask
