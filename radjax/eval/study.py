@@ -154,23 +154,30 @@ def extract_features(config, workdir: str, method: str) -> str:
   return path
 
 
+def _on_test_split(fn, data, tok, config) -> np.ndarray:
+  """``fn(images [B, H, W, C]) -> [B, ...]`` over the test split (``data`` without augmentation),
+  concatenated in example-index order, the order of the cached features and labels."""
+  import jax.numpy as jnp
+  from radjax.data.pipeline import make_loader
+  loader = make_loader(data, "test", batch_size=config.study.feature_batch_size, seed=0, train=False,
+                       tokenizer=tok, num_epochs=1)
+  outputs, index = [], []
+  for batch in loader:
+    outputs.append(np.asarray(fn(jnp.asarray(batch["image"]))))
+    index.append(np.asarray(batch["index"]))
+  return np.concatenate(outputs)[np.argsort(np.concatenate(index), kind="stable")]
+
+
 def zero_shot_scores(model, data, tok, test_feats, config) -> dict[str, np.ndarray]:
   """Per label: cos(image, "findings consistent with X.") - cos(image, "no X."), on the test split."""
   import jax.numpy as jnp
-  from radjax.data.pipeline import make_loader
   from radjax.losses import l2_normalize
   names = data.labels.split(",")
   pos = [f"findings consistent with {n.replace('_', ' ')}." for n in names]
   neg = [f"no {n.replace('_', ' ')}." for n in names]
   ids, mask = tok.encode_batch(pos + neg, data.max_text_len)
   txt = np.asarray(l2_normalize(model.embed_texts(jnp.asarray(ids), jnp.asarray(mask))))
-  loader = make_loader(data, "test", batch_size=config.study.feature_batch_size, seed=0, train=False,
-                       tokenizer=tok, num_epochs=1)
-  embs, index = [], []
-  for batch in loader:
-    embs.append(np.asarray(l2_normalize(model.embed_images(jnp.asarray(batch["image"])))))
-    index.append(np.asarray(batch["index"]))
-  img = np.concatenate(embs)[np.argsort(np.concatenate(index), kind="stable")]
+  img = _on_test_split(lambda images: l2_normalize(model.embed_images(images)), data, tok, config)
   sims = img @ txt.T
   return {"test/zero_shot": sims[:, :len(names)] - sims[:, len(names):]}
 
@@ -239,7 +246,7 @@ def run_cell(cell: Cell, config_json: str, workdir: str) -> dict[str, Any]:
   if cell.finetune == "full":
     test_logits = full_finetune_logits(config, workdir, cell, idx, labels_of_task)
   elif cell.finetune == "linear":
-    head = fit_head(x_tr[idx], y_tr[idx], m_tr[idx], config=head_cfg)
+    test_logits = fit_head(x_tr[idx], y_tr[idx], m_tr[idx], config=head_cfg).logits(x_te)
   else:
     text = np.load(os.path.join(workdir, "features", "report_tfidf.npz"))
     t_tr, t_te = text["train"], text["test"]
@@ -249,7 +256,6 @@ def run_cell(cell: Cell, config_json: str, workdir: str) -> dict[str, Any]:
     head = fit_head(x_tr[idx], y_tr[idx], m_tr[idx], teacher_logits=soft, lam=s.distill_lambda,
                     temperature=s.distill_temperature, config=head_cfg)
     row["teacher_auroc"] = _macro(teacher_logits(teacher, x_te, t_te), y_te, m_te)
-  if cell.finetune != "full":
     test_logits = head.logits(x_te)
   row.update(_score(test_logits, y_te, m_te, s.n_boot, cell.seed))
   if "test/zero_shot" in feats.files:
@@ -281,7 +287,6 @@ def full_finetune_logits(config, workdir: str, cell: Cell, idx: np.ndarray, labe
   in index order. The run lives in ``cells/<cell>.run/`` (resumable) and is deleted once scored."""
   import shutil
   import jax
-  import jax.numpy as jnp
   from flax import nnx
   from radjax.data.pipeline import make_loader
   from radjax.data.tokenizer import get_tokenizer
@@ -297,13 +302,9 @@ def full_finetune_logits(config, workdir: str, cell: Cell, idx: np.ndarray, labe
   predict = jax.jit(lambda st, images: nnx.merge(graphdef, st)(images))
   data = ml_collections.ConfigDict(cfg.data.to_dict())
   data.augment = False
-  logits, index = [], []
-  for batch in make_loader(data, "test", batch_size=config.study.feature_batch_size, seed=0, train=False,
-                           tokenizer=tok, num_epochs=1):
-    logits.append(np.asarray(predict(state, jnp.asarray(batch["image"]))))
-    index.append(np.asarray(batch["index"]))
+  logits = _on_test_split(lambda images: predict(state, images), data, tok, config)
   shutil.rmtree(run_dir, ignore_errors=True)
-  return np.concatenate(logits)[np.argsort(np.concatenate(index), kind="stable")]
+  return logits
 
 
 # ----------------------------------------------------------------------------- driver

@@ -86,18 +86,20 @@ def transpose_rowmajor(x: jax.Array, axes: Sequence[int] | None = None) -> jax.A
   return with_layout_constraint(y, Layout(major_to_minor=tuple(range(y.ndim))))
 
 
+def _dense_out(x: jax.Array, k: jax.Array, bias: jax.Array) -> jax.Array:
+  return (_mm(x, k, _dims(1, 0)) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
 @jax.custom_vjp
 def _dense_f32acc(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
   """x [M, K] (compute dtype), kernel [K, N] / bias [N] (params, any float dtype) -> [M, N] in x.dtype."""
-  y = _mm(x, kernel.astype(x.dtype), _dims(1, 0)) + bias.astype(jnp.float32)
-  return y.astype(x.dtype)
+  return _dense_out(x, kernel.astype(x.dtype), bias)
 
 
 def _dense_fwd(x, kernel, bias):
   k = kernel.astype(x.dtype)
-  y = (_mm(x, k, _dims(1, 0)) + bias.astype(jnp.float32)).astype(x.dtype)
   # Empty arrays carry the parameter dtypes (residuals must be arrays).
-  return y, (x, k, jnp.zeros((0,), kernel.dtype), jnp.zeros((0,), bias.dtype))
+  return _dense_out(x, k, bias), (x, k, jnp.zeros((0,), kernel.dtype), jnp.zeros((0,), bias.dtype))
 
 
 def _dense_bwd(res, g):

@@ -58,6 +58,11 @@ def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
   return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
+def _spec_entry(axes: Sequence[str]) -> MeshAxes:
+  """A PartitionSpec entry from a tuple of mesh axes: None, one axis name, or the tuple."""
+  return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
+
+
 def logical_to_mesh(spec: Sequence[str | None] | None, mesh: Mesh | jax.sharding.AbstractMesh,
                     rules: Rules = DEFAULT_RULES, *, shape: Sequence[int] | None = None,
                     fsdp_axis: str | None = FSDP_AXIS, min_size: int = MIN_SHARD_SIZE) -> P:
@@ -93,7 +98,7 @@ def logical_to_mesh(spec: Sequence[str | None] | None, mesh: Mesh | jax.sharding
       if shape[i] % (math.prod(sizes[a] for a in out[i]) * n) == 0:
         out[i] = out[i] + (fsdp_axis,)
         break
-  return P(*[None if not a else a[0] if len(a) == 1 else a for a in out])
+  return P(*[_spec_entry(a) for a in out])
 
 
 def _logical_names(var: nnx.Variable) -> tuple[str | None, ...] | None:
@@ -185,7 +190,7 @@ def constrain_batch(x: jax.Array, names: Sequence[str | None] | None = None,
     axes = tuple(a for a in _as_tuple(axes) if a in auto)
     if dim % math.prod(sizes[a] for a in axes):
       axes = ()
-    parts.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    parts.append(_spec_entry(axes))
   if parts[0] is None:
     return x  # the batch is not split here: nothing to pin
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*parts)))
@@ -214,5 +219,5 @@ def gather_fsdp(x: jax.Array, names: Sequence[str | None] | None,
   parts = []
   for axes in logical_to_mesh(names, mesh, rules, shape=x.shape):
     axes = tuple(a for a in _as_tuple(axes) if a in keep)
-    parts.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    parts.append(_spec_entry(axes))
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*parts)))
