@@ -90,6 +90,32 @@ def test_mask_tokens_differs_per_key():
   assert not np.array_equal(np.asarray(p1), np.asarray(p2))
 
 
+def test_mask_tokens_every_occurrence_masks_each_mention_of_a_selected_token_alike():
+  rng = np.random.default_rng(0)
+  b, n = 256, 40
+  ids = np.full((b, n), PAD, np.int32)
+  ids[:, 0], ids[:, n - 1] = CLS, SEP
+  ids[:, 1:n - 1] = rng.integers(5, 15, (b, n - 2))  # ten words: each recurs within a report
+  ids, mask = jnp.asarray(ids), jnp.ones((b, n), jnp.int32)
+  kw = dict(mask_id=MASK, vocab_size=VOCAB, special_ids=(PAD, CLS, SEP))
+  _, per_position = base.mask_tokens(jax.random.key(3), ids, mask, 0.05, **kw)
+  new, predict = base.mask_tokens(jax.random.key(3), ids, mask, 0.05, every_occurrence=True, **kw)
+  ids, new, sel, sel_pos = np.asarray(ids), np.asarray(new), np.asarray(predict) > 0, np.asarray(per_position) > 0
+  assert (sel >= sel_pos).all(), "every_occurrence must extend the per-position selection"
+  partial = 0
+  for i in range(b):
+    for word in range(5, 15):
+      at = ids[i] == word
+      partial += 0 < sel_pos[i][at].sum() < at.sum()
+      if sel[i][at].any():
+        assert sel[i][at].all(), (i, word)
+        assert len(set(new[i][at].tolist())) == 1, "mentions of one word treated differently"
+  assert partial > 0  # per-position masking does leave other mentions visible
+  assert not (sel & ~np.isin(ids, range(5, 15))).any()
+  np.testing.assert_array_equal(new[~sel], ids[~sel])
+  assert 0.6 < (new[sel] == MASK).mean() < 0.95
+
+
 # ----------------------------------------------------------------------------- UniCL
 
 

@@ -171,6 +171,21 @@ def test_clip_text_forward_causal_argmax():
   np.testing.assert_allclose(enc(ids.at[:, 7].set(3))["pooled"], out["pooled"], atol=1e-5)
 
 
+def test_text_encoders_add_input_bias_to_the_embeddings():
+  ids = jnp.array([[1, 5, 6, 99, 0, 0], [1, 7, 8, 9, 10, 99]], jnp.int32)
+  bert = BertEncoder(_small_bert(), rngs=nnx.Rngs(0))
+  clip_text = CLIPTextEncoder(CLIPTextConfig(vocab_size=100, context_length=10, width=32, num_heads=4,
+                                             num_layers=2), rngs=nnx.Rngs(0))
+  for enc in (bert, clip_text):
+    plain = enc(ids)["tokens"]
+    np.testing.assert_allclose(enc(ids, input_bias=jnp.zeros((2, 1, 32)))["tokens"], plain, atol=1e-6)
+    # A per-example bias [B, 1, D] reaches every position of its own example only.
+    bias = jnp.zeros((2, 1, 32)).at[0].set(jax.random.normal(jax.random.key(0), (1, 32)))
+    out = enc(ids, input_bias=bias)["tokens"]
+    assert np.abs(np.asarray(out[0] - plain[0])).max(-1).min() > 1e-4  # every position moved
+    np.testing.assert_allclose(out[1], plain[1], atol=1e-5)
+
+
 # ---------------------------------------------------------------- heads and decoders
 
 def test_heads_shapes():

@@ -156,3 +156,12 @@ def test_config_diff_accepts_a_knob_added_later_at_its_default():
   saved = {"method": {"name": "clip"}}
   assert checkpoint.config_diff(saved, {"method": {"name": "clip", "siglip_bias": -10.0}}) == []
   assert checkpoint.config_diff(saved, {"method": {"name": "clip", "siglip_bias": -4.0}}) == ["method.siglip_bias"]
+
+
+def test_with_schema_defaults_fills_knobs_added_later_inside_saved_sections():
+  saved = {"method": {"name": "mrm", "text_mask_ratio": 0.5}, "extra": 1, "custom": {"a": 2}}
+  filled = checkpoint.with_schema_defaults(saved)
+  assert filled["method"]["text_mask_ratio"] == 0.5  # saved values win
+  assert filled["method"]["text_mask_every_occurrence"] is False  # added later: its default
+  assert filled["extra"] == 1 and filled["custom"] == {"a": 2}
+  assert "optim" not in filled  # sections the run did not save are not invented

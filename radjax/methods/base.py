@@ -83,12 +83,18 @@ def f32(x: jax.Array) -> jax.Array:
 
 
 def mask_tokens(key: jax.Array, ids: jax.Array, attention_mask: jax.Array, ratio: float, *,
-                mask_id: int, vocab_size: int, special_ids: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+                mask_id: int, vocab_size: int, special_ids: tuple[int, ...],
+                every_occurrence: bool = False) -> tuple[jax.Array, jax.Array]:
   """BERT-style masking of report tokens, on device.
 
   ids, attention_mask: int [B, L]. Returns (masked ids [B, L], float mask [B, L] with 1 at the
   positions to predict). Of the selected positions 80% become [MASK], 10% a random vocabulary
   token, 10% stay. At least one real token per report is selected, so the loss is defined.
+
+  every_occurrence: a selected token is selected wherever it occurs in its report, and all its
+  occurrences get the same treatment. Reports restate their findings (FINDINGS, then IMPRESSION),
+  so with per-position masking a masked finding word is usually copied from its other mention;
+  masking every mention leaves the image as the only source.
   """
   k_select, k_kind, k_swap = jax.random.split(key, 3)
   maskable = attention_mask.astype(bool)
@@ -102,5 +108,12 @@ def mask_tokens(key: jax.Array, ids: jax.Array, attention_mask: jax.Array, ratio
   selected &= maskable
   kind = jax.random.uniform(k_kind, ids.shape)
   swapped = jax.random.randint(k_swap, ids.shape, 0, vocab_size, dtype=ids.dtype)
+  if every_occurrence:
+    same = ids[:, :, None] == ids[:, None, :]  # [B, L, L]
+    selected = (same & selected[:, None, :]).any(-1) & maskable
+    # Each position takes the draws of its token's first occurrence in the report.
+    first_seen = jnp.argmax(same, axis=-1)
+    kind = jnp.take_along_axis(kind, first_seen, axis=1)
+    swapped = jnp.take_along_axis(swapped, first_seen, axis=1)
   new = jnp.where(kind < 0.8, mask_id, jnp.where(kind < 0.9, swapped, ids))
   return jnp.where(selected, new, ids), selected.astype(jnp.float32)

@@ -36,14 +36,24 @@ class MAE(nnx.Module):
     self.mask_ratio = config.method.mask_ratio
 
 
-def mae_terms(model: MAE, images, key, text_tokens=None, text_mask=None):
-  """Returns (loss, metrics, tokens the encoder produced for the visible patches [B, P+N_keep, D])."""
+def mae_encode(model: MAE, images, key):
+  """Masks patches and encodes the visible ones -> (tokens [B, P+N_keep, D], mask [B, N], restore [B, N])."""
   enc = model.image_encoder
   keep, mask, restore = random_masking(key, images.shape[0], enc.num_patches, model.mask_ratio)
-  tokens = enc(images, keep_ids=keep)["tokens"]
+  return enc(images, keep_ids=keep)["tokens"], mask, restore
+
+
+def mae_reconstruction_loss(model: MAE, images, tokens, mask, restore, text_tokens=None, text_mask=None):
+  """MAE's loss on the masked patches, decoded from the visible ``tokens`` (optionally reading the report)."""
   pred = base.f32(model.decoder(tokens, restore, text_tokens=text_tokens, text_mask=text_mask))
-  target = patchify(images.astype(jnp.float32), enc.patch_size)
-  loss = masked_reconstruction_loss(pred, target, mask, normalize_target=True)
+  target = patchify(images.astype(jnp.float32), model.image_encoder.patch_size)
+  return masked_reconstruction_loss(pred, target, mask, normalize_target=True)
+
+
+def mae_terms(model: MAE, images, key):
+  """Returns (loss, metrics, tokens the encoder produced for the visible patches [B, P+N_keep, D])."""
+  tokens, mask, restore = mae_encode(model, images, key)
+  loss = mae_reconstruction_loss(model, images, tokens, mask, restore)
   return loss, {"reconstruction_loss": loss}, tokens
 
 

@@ -93,8 +93,9 @@ class BertEmbeddings(nnx.Module):
 
 
 class BertEncoder(nnx.Module):
-  """``__call__(ids [B, L], mask [B, L], token_type_ids=None)`` ->
-  {"tokens": [B, L, D] last hidden states, "pooled": [B, D]} (see ``BertConfig.pool``)."""
+  """``__call__(ids [B, L], mask [B, L], token_type_ids=None, *, input_bias=None)`` ->
+  {"tokens": [B, L, D] last hidden states, "pooled": [B, D]} (see ``BertConfig.pool``).
+  ``input_bias`` [B, 1 or L, D] is added to the embeddings (MRM's image conditioning)."""
 
   def __init__(self, config: BertConfig | Mapping[str, Any], *, rngs: nnx.Rngs):
     if not isinstance(config, BertConfig):
@@ -120,10 +121,13 @@ class BertEncoder(nnx.Module):
     return self.embeddings.word.embedding[...]
 
   def __call__(self, ids: jax.Array, mask: jax.Array | None = None,
-               token_type_ids: jax.Array | None = None) -> dict[str, jax.Array]:
+               token_type_ids: jax.Array | None = None, *,
+               input_bias: jax.Array | None = None) -> dict[str, jax.Array]:
     if mask is None:
       mask = jnp.ones_like(ids)
     x = self.embeddings(ids, token_type_ids)
+    if input_bias is not None:
+      x = x + input_bias.astype(x.dtype)
     x = self.encoder(x, mask)
     if self.config.pool == "mean":
       m = mask.astype(x.dtype)[..., None]

@@ -36,8 +36,9 @@ class CLIPTextConfig:
 
 
 class CLIPTextEncoder(nnx.Module):
-  """``__call__(ids [B, L], mask [B, L] | None)`` -> {"tokens": [B, L, W], "pooled": [B, P]}
-  with P = proj_dim (or W without projection). L <= context_length."""
+  """``__call__(ids [B, L], mask [B, L] | None, *, input_bias=None)`` -> {"tokens": [B, L, W],
+  "pooled": [B, P]} with P = proj_dim (or W without projection). L <= context_length.
+  ``input_bias`` [B, 1 or L, W] is added to the input embeddings (MRM's image conditioning)."""
 
   def __init__(self, config: CLIPTextConfig | Mapping[str, Any], *, rngs: nnx.Rngs):
     if not isinstance(config, CLIPTextConfig):
@@ -62,13 +63,16 @@ class CLIPTextEncoder(nnx.Module):
       self.text_projection = None
       self.embed_dim = c.width
 
-  def __call__(self, ids: jax.Array, mask: jax.Array | None = None) -> dict[str, jax.Array]:
+  def __call__(self, ids: jax.Array, mask: jax.Array | None = None, *,
+               input_bias: jax.Array | None = None) -> dict[str, jax.Array]:
     _, l = ids.shape
     if l > self.config.context_length:
       raise ValueError(f"text length {l} exceeds clip_text context_length "
                        f"{self.config.context_length}")
     x = self.token_embedding(ids)
     x = x + self.positional_embedding[:l].astype(x.dtype)
+    if input_bias is not None:
+      x = x + input_bias.astype(x.dtype)
     # Causal attention only, as open_clip: padding sits after EOT so it cannot leak backwards.
     x = self.transformer(x, is_causal=True)
     if self.config.pool == "last" and mask is not None:

@@ -59,6 +59,28 @@ def dict_to_config(d: Mapping[str, Any]) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(d))
 
 
+def with_schema_defaults(saved: Mapping[str, Any]) -> dict:
+  """``saved`` with the knobs a later radjax added filled in at their defaults (``radjax.defaults``).
+
+  Only sections the saved config has are filled: a run saved before a knob existed was made
+  with what is now its default (as ``config_diff`` assumes), so it loads under today's code.
+  """
+  from radjax import defaults  # pylint: disable=import-outside-toplevel
+
+  def fill(have: Mapping[str, Any], schema: Mapping[str, Any]) -> dict:
+    out = dict(have)
+    for k, v in schema.items():
+      if k not in out:
+        out[k] = v
+      elif isinstance(v, Mapping) and isinstance(out[k], Mapping):
+        out[k] = fill(out[k], v)
+    return out
+
+  schema = defaults.pretrain_config().to_dict()
+  return {k: fill(v, schema[k]) if isinstance(v, Mapping) and isinstance(schema.get(k), Mapping) else v
+          for k, v in saved.items()}
+
+
 def flatten_dict(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   """{'a': {'b': 1}} -> {'a.b': 1}."""
   out = {}
@@ -339,7 +361,7 @@ def load_pretrained(workdir: str, *, step: int | None = None, best: bool = False
     if step is None:
       raise FileNotFoundError(f"no checkpoint under {os.path.join(workdir, sub)}")
     cfg_dict = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    config = dict_to_config(cfg_dict)
+    config = dict_to_config(with_schema_defaults(cfg_dict))
     if method is None:
       from radjax import methods as methods_lib  # pylint: disable=import-outside-toplevel
       method = methods_lib.get_method(config.method.name)
