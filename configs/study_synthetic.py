@@ -1,6 +1,6 @@
 """The study on SynthCXR: pre-training x fine-tuning x task x n_train x seed (the main job).
 
-radjax study --config configs/study_synthetic.py --workdir runs/study          # ~12 min, 2 CPU cores
+radjax study --config configs/study_synthetic.py --workdir runs/study          # ~20 min, 2 CPU cores
 radjax study --config configs/study_synthetic.py:quick --workdir runs/quick    # ~3 min, a first look
 """
 
@@ -22,10 +22,13 @@ def study_config() -> ml_collections.ConfigDict:
   s.distill_lambda = 0.5
   s.distill_temperature = 2.0
   # The teacher's soft targets on the training examples come from this many cross-fitted folds.
-  s.teacher_folds = 5
-  s.head_steps = 300
-  s.head_lr = 0.05
-  s.head_weight_decay = 1e-2
+  s.teacher_folds = 3
+  # Heads (linear, the teacher, the distilled student): L2-penalised logistic regression solved by
+  # L-BFGS. head_l2: () = scikit-learn's default penalty (C = 1); one value = that penalty (on the
+  # mean loss); several = cross-validated with head_cv_folds folds (slower: a fit per value and fold).
+  s.head_l2 = ()
+  s.head_cv_folds = 3
+  s.head_steps = 100
   # "full" fine-tuning: steps (batch train.batch_size) and peak learning rate.
   s.full_steps = 200
   s.full_lr = 1e-3
@@ -55,7 +58,6 @@ def get_config(arg=None):
     config.study.n_train = (50, 200, -1)
     config.study.seeds = (0,)
     config.study.n_boot = 100
-    config.study.teacher_folds = 3
   elif arg:
     raise ValueError(f"configs/study_synthetic.py: unknown argument {arg!r} (use nothing or 'quick')")
   return config

@@ -7,7 +7,7 @@ from radjax.eval.metrics import auroc
 from radjax.methods.distill import (HeadConfig, crossfit_teacher_logits, fit_head, fit_teacher,
                                     teacher_logits)
 
-CFG = HeadConfig(steps=150, lr=0.05, weight_decay=1e-2, seed=0)
+CFG = HeadConfig(l2=(1e-2,), steps=100, seed=0)  # a fixed penalty: no cross-validation
 
 
 def _data(n, d=8, k=2, seed=0):
@@ -39,11 +39,38 @@ def test_linear_head_learns_and_masks_labels():
   x, y = _data(400)
   head = fit_head(x[:300], y[:300], config=CFG)
   assert auroc(head.logits(x[300:])[:, 0], y[300:, 0]) > 0.85
-  # Masking every label of column 1 leaves that column at its initialisation (zero bias, tiny w).
+  # Masking every label of column 1 leaves that column at its initialisation (zeros).
   mask = np.ones_like(y)
   mask[:, 1] = 0
-  masked = fit_head(x[:300], y[:300], mask[:300], config=HeadConfig(steps=150, weight_decay=0.0))
-  assert np.abs(masked.b[1]) < 1e-6
+  masked = fit_head(x[:300], y[:300], mask[:300], config=CFG)
+  assert np.abs(masked.b[1]) < 1e-6 and np.abs(masked.w[:, 1]).max() < 1e-6
+
+
+@pytest.mark.parametrize("n, d, l2", [(200, 8, 0.05), (30, 80, 0.05), (200, 8, None)])
+def test_head_is_the_penalised_logistic_regression_optimum(n, d, l2):
+  # (30, 80) takes the row-space path (2N <= D); l2=None is the default penalty, scikit-learn's C = 1.
+  from sklearn.linear_model import LogisticRegression
+  x, y = _data(n, d=d, k=2, seed=3)
+  head = fit_head(x, y, l2=l2, config=HeadConfig(steps=200))
+  xs = (x - head.mean) / head.std
+  for k in range(2):
+    # The head's loss is the mean over all N x K label entries; sklearn minimises, per label,
+    # C * sum(loss) + |w|^2 / 2: the same optimum for C = 1 / (l2 N K).
+    c = 1.0 if l2 is None else 1 / (l2 * n * 2)
+    ref = LogisticRegression(C=c, tol=1e-10, max_iter=10000).fit(xs, y[:, k])
+    np.testing.assert_allclose(head.logits(x)[:, k], ref.decision_function(xs), atol=2e-3)
+
+
+def test_cross_validation_picks_a_strong_penalty_for_noise_and_a_weak_one_for_signal():
+  from radjax.methods.distill import choose_l2
+  rng = np.random.default_rng(0)
+  grid = HeadConfig(l2=(1e-3, 1e-2, 1e-1, 1.0), steps=60)
+  noise = rng.normal(size=(120, 40)).astype(np.float32)
+  coin = rng.integers(0, 2, size=(120, 1)).astype(np.float32)
+  assert choose_l2(noise, coin, np.ones_like(coin), grid) == 1.0
+  x, y = _data(400, d=4, k=1, seed=1)
+  assert choose_l2(x, y, np.ones_like(y), grid) < 1.0
+  assert fit_head(noise, coin, config=grid).l2 == 1.0
 
 
 def test_teacher_with_privileged_features_beats_image_only():
@@ -90,3 +117,21 @@ def test_feature_constant_in_training_does_not_blow_up_at_test():
   head = fit_head(feats, y, config=HeadConfig(steps=100))
   test = np.concatenate([x[:5], np.full((5, 1), 0.3, np.float32)], axis=1)
   np.testing.assert_allclose(head.logits(test), head.logits(feats[:5]), atol=0.5)
+
+
+@pytest.mark.parametrize("h, w", [(4, 4), (7, 7), (3, 6), (1, 2)])
+def test_spatial_pyramid_matches_numpy_quadrant_means(h, w):
+  from radjax.eval.features import spatial_pyramid
+  rng = np.random.default_rng(h * 10 + w)
+  tokens = rng.normal(size=(2, h * w, 3)).astype(np.float32)
+  grid = tokens.reshape(2, h, w, 3)
+  rows = [slice(0, max(h // 2, 1)), slice(h // 2, h)]
+  cols = [slice(0, max(w // 2, 1)), slice(w // 2, w)]
+  expected = np.concatenate([tokens.mean(1)] + [grid[:, r, c].mean((1, 2)) for r in rows for c in cols], -1)
+  np.testing.assert_allclose(np.asarray(spatial_pyramid(tokens, h / w)), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_spatial_pyramid_rejects_tokens_that_are_not_the_grid():
+  from radjax.eval.features import spatial_pyramid
+  with pytest.raises(ValueError, match="not a grid"):
+    spatial_pyramid(np.zeros((1, 7, 2), np.float32), 1.0)

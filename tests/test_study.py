@@ -13,7 +13,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = [
     "--config.study.pretrain=('none','clip')", "--config.study.n_train=(20,-1)",
-    "--config.study.seeds=(0,)", "--config.study.n_boot=20", "--config.study.head_steps=60",
+    "--config.study.seeds=(0,)", "--config.study.n_boot=20", "--config.study.head_steps=30",
     "--config.study.teacher_folds=2", "--config.train.steps=4", "--config.train.batch_size=16",
     "--config.train.checkpoint_every=2", "--config.train.progress=False",
     "--config.data.synth.n_pretrain=64", "--config.data.synth.n_train=120",

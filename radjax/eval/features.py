@@ -1,8 +1,11 @@
 """Frozen features: image features from a (pre-)trained encoder and report features for the teacher.
 
-Image features are ``[pooled ; mean of patch tokens]``: the pooled token is what
-alignment trains, the token mean is what MAE-style objectives make informative,
-and a linear probe can use either.
+Image features are ``[pooled ; mean of patch tokens ; mean of each 2 x 2 quadrant]``:
+the pooled token is what alignment trains, the token mean is what MAE-style
+objectives make informative, and the quadrants (a two-level spatial pyramid) keep
+the layout a global mean discards: laterality, heart and body width. On SynthCXR
+they raise the untrained encoder's diagnostic probe from 0.73 to 0.80 AUROC and the
+MAE encoder's mortality probe from 0.63 to 0.66 (BUILD_NOTES.md).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from flax import nnx
 def encode_images(encoder: nnx.Module, loader, *, num_prefix_tokens: int | None = None) -> dict[str, np.ndarray]:
   """Runs ``encoder`` over every batch of ``loader`` (one pass, no augmentation).
 
-  Returns feats float32 [N, 2D], labels [N, K], label_mask [N, K] and index [N], sorted by index.
+  Returns feats float32 [N, 6D], labels [N, K], label_mask [N, K] and index [N], sorted by index.
   """
   graphdef, state = nnx.split(encoder)
   prefix = getattr(encoder, "num_prefix_tokens", 0) if num_prefix_tokens is None else num_prefix_tokens
@@ -24,8 +27,8 @@ def encode_images(encoder: nnx.Module, loader, *, num_prefix_tokens: int | None 
   @jax.jit
   def features(state, images):
     out = nnx.merge(graphdef, state)(images)
-    patch_mean = out["tokens"][:, prefix:].mean(axis=1)
-    return jnp.concatenate([out["pooled"], patch_mean], axis=-1).astype(jnp.float32)
+    pyramid = spatial_pyramid(out["tokens"][:, prefix:], images.shape[1] / images.shape[2])
+    return jnp.concatenate([out["pooled"], pyramid], axis=-1).astype(jnp.float32)
 
   feats, labels, masks, index = [], [], [], []
   for batch in loader:
@@ -37,6 +40,23 @@ def encode_images(encoder: nnx.Module, loader, *, num_prefix_tokens: int | None 
   order = np.argsort(index, kind="stable")
   return {"feats": np.concatenate(feats)[order], "labels": np.concatenate(labels)[order],
           "label_mask": np.concatenate(masks)[order], "index": index[order]}
+
+
+def spatial_pyramid(tokens: jax.Array, aspect: float = 1.0) -> jax.Array:
+  """[mean of all tokens ; mean of each quadrant (top-left, top-right, bottom-left, bottom-right)].
+
+  tokens: [B, N, D], a row-major h x w grid with h / w = ``aspect``. Returns [B, 5D]. An odd side
+  splits unevenly (7 -> 3 + 4); a side of 1 gives both halves the whole side.
+  """
+  b, n, d = tokens.shape
+  h = max(1, round((n * aspect) ** 0.5))
+  w = n // h
+  if h * w != n:
+    raise ValueError(f"spatial_pyramid: {n} tokens are not a grid of aspect {aspect:g}")
+  grid = tokens.reshape(b, h, w, d)
+  halves = lambda size: ((0, max(size // 2, 1)), (size // 2, size))
+  quadrants = [grid[:, r0:r1, c0:c1].mean(axis=(1, 2)) for r0, r1 in halves(h) for c0, c1 in halves(w)]
+  return jnp.concatenate([tokens.mean(axis=1)] + quadrants, axis=-1)
 
 
 def report_features(train_reports: list[str], other_reports: dict[str, list[str]], max_features: int = 2000

@@ -239,22 +239,25 @@ def run_cell(cell: Cell, config_json: str, workdir: str) -> dict[str, Any]:
   x_te, y_te, m_te = feats["test/feats"], feats["test/labels"][:, cols], feats["test/label_mask"][:, cols]
   idx = label_fraction_indices(np.where(m_tr > 0, y_tr, np.nan),
                                None if cell.n_train == "all" else int(cell.n_train), cell.seed)
-  head_cfg = HeadConfig(steps=s.head_steps, lr=s.head_lr, weight_decay=s.head_weight_decay, seed=cell.seed)
+  head_cfg = HeadConfig(l2=tuple(s.head_l2), cv_folds=s.head_cv_folds, steps=s.head_steps, seed=cell.seed)
   row: dict[str, Any] = dict(dataset=config.data.dataset, task=cell.task, task_kind=kind,
                              pretrain=cell.pretrain, finetune=cell.finetune, n_train=cell.n_train,
                              seed=cell.seed, n_train_actual=len(idx))
   if cell.finetune == "full":
     test_logits = full_finetune_logits(config, workdir, cell, idx, labels_of_task)
-  elif cell.finetune == "linear":
-    test_logits = fit_head(x_tr[idx], y_tr[idx], m_tr[idx], config=head_cfg).logits(x_te)
   else:
+    linear = fit_head(x_tr[idx], y_tr[idx], m_tr[idx], config=head_cfg)
+    row["head_l2"] = linear.l2
+    test_logits = linear.logits(x_te)
+  if cell.finetune == "distill":
     text = np.load(os.path.join(workdir, "features", "report_tfidf.npz"))
     t_tr, t_te = text["train"], text["test"]
     teacher = fit_teacher(x_tr[idx], t_tr[idx], y_tr[idx], m_tr[idx], config=head_cfg)
     soft = crossfit_teacher_logits(x_tr[idx], t_tr[idx], y_tr[idx], m_tr[idx],
-                                   folds=s.teacher_folds, config=head_cfg)
+                                   folds=s.teacher_folds, l2=teacher.l2, config=head_cfg)
+    # The student keeps its linear twin's penalty, so lam = 0 reproduces the linear cell exactly.
     head = fit_head(x_tr[idx], y_tr[idx], m_tr[idx], teacher_logits=soft, lam=s.distill_lambda,
-                    temperature=s.distill_temperature, config=head_cfg)
+                    temperature=s.distill_temperature, l2=linear.l2, config=head_cfg)
     row["teacher_auroc"] = _macro(teacher_logits(teacher, x_te, t_te), y_te, m_te)
     test_logits = head.logits(x_te)
   row.update(_score(test_logits, y_te, m_te, s.n_boot, cell.seed))
