@@ -1,7 +1,7 @@
 """The study on SynthCXR: pre-training x fine-tuning x task x n_train x seed (the main job).
 
 radjax study --config configs/study_synthetic.py --workdir runs/study          # ~20 min, 2 CPU cores
-radjax study --config configs/study_synthetic.py:quick --workdir runs/quick    # ~3 min, a first look
+radjax study --config configs/study_synthetic.py:quick --workdir runs/quick    # ~2.5 min, a first look
 """
 
 import ml_collections
@@ -53,9 +53,10 @@ def get_config(arg=None):
     config.data.synth.n_pretrain = 1024
     config.data.synth.n_train = 1000
     config.data.synth.n_test = 500
-    config.train.steps = 40
-    config.train.checkpoint_every = 40
-    config.study.n_train = (50, 200, -1)
+    config.train.steps = 25
+    config.train.checkpoint_every = 25
+    config.study.n_train = (50, -1)
+    config.study.head_steps = 50
     config.study.seeds = (0,)
     config.study.n_boot = 100
   elif arg:
