@@ -246,19 +246,18 @@ def run_cell(cell: Cell, config_json: str, workdir: str) -> dict[str, Any]:
   if cell.finetune == "full":
     test_logits = full_finetune_logits(config, workdir, cell, idx, labels_of_task)
   else:
-    linear = fit_head(x_tr[idx], y_tr[idx], m_tr[idx], config=head_cfg)
+    head = linear = fit_head(x_tr[idx], y_tr[idx], m_tr[idx], config=head_cfg)
     row["head_l2"] = linear.l2
-    test_logits = linear.logits(x_te)
-  if cell.finetune == "distill":
-    text = np.load(os.path.join(workdir, "features", "report_tfidf.npz"))
-    t_tr, t_te = text["train"], text["test"]
-    teacher = fit_teacher(x_tr[idx], t_tr[idx], y_tr[idx], m_tr[idx], config=head_cfg)
-    soft = crossfit_teacher_logits(x_tr[idx], t_tr[idx], y_tr[idx], m_tr[idx],
-                                   folds=s.teacher_folds, l2=teacher.l2, config=head_cfg)
-    # The student keeps its linear twin's penalty, so lam = 0 reproduces the linear cell exactly.
-    head = fit_head(x_tr[idx], y_tr[idx], m_tr[idx], teacher_logits=soft, lam=s.distill_lambda,
-                    temperature=s.distill_temperature, l2=linear.l2, config=head_cfg)
-    row["teacher_auroc"] = _macro(teacher_logits(teacher, x_te, t_te), y_te, m_te)
+    if cell.finetune == "distill":
+      text = np.load(os.path.join(workdir, "features", "report_tfidf.npz"))
+      t_tr, t_te = text["train"], text["test"]
+      teacher = fit_teacher(x_tr[idx], t_tr[idx], y_tr[idx], m_tr[idx], config=head_cfg)
+      soft = crossfit_teacher_logits(x_tr[idx], t_tr[idx], y_tr[idx], m_tr[idx],
+                                     folds=s.teacher_folds, l2=teacher.l2, config=head_cfg)
+      # The student keeps its linear twin's penalty, so lam = 0 reproduces the linear cell exactly.
+      head = fit_head(x_tr[idx], y_tr[idx], m_tr[idx], teacher_logits=soft, lam=s.distill_lambda,
+                      temperature=s.distill_temperature, l2=linear.l2, config=head_cfg)
+      row["teacher_auroc"] = _macro(teacher_logits(teacher, x_te, t_te), y_te, m_te)
     test_logits = head.logits(x_te)
   row.update(_score(test_logits, y_te, m_te, s.n_boot, cell.seed))
   if "test/zero_shot" in feats.files:
