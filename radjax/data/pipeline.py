@@ -43,6 +43,8 @@ UNCERTAIN_POLICIES = ("ignore", "ones", "zeros")
 # Fixed normalisation (not per-image: global brightness carries signal, e.g. bone density).
 _NORM = {"synth_cxr": (0.44, 0.245)}  # measured over 300 SynthCXR films (64 and 224 px)
 _DEFAULT_NORM = (0.5, 0.25)
+# Batches each loader worker process may hold ready (grain per_worker_buffer_size).
+PER_WORKER_BUFFER_BATCHES = 2
 
 
 def label_names(data_cfg: Any) -> tuple[str, ...]:
@@ -277,5 +279,6 @@ def make_loader(data_cfg: Any, split: str, *, batch_size: int, seed: int, train:
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2 if workers == 0 else 1, prefetch_buffer_size=4))
   if workers > 0:
     _ensure_absl_flags_parsed()
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=workers, per_worker_buffer_size=PER_WORKER_BUFFER_BATCHES))
   return iter(it_ds)

@@ -6,6 +6,7 @@ Shapes: B batch, L query length, S key length, D width, H heads.
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -118,12 +119,66 @@ def _cpu_attention_bwd(is_causal, res, do):
 cpu_attention.defvjp(_cpu_attention_fwd, _cpu_attention_bwd)
 
 
+# On GPU, jax.nn.dot_product_attention(implementation=None) is XLA's unfused attention;
+# "cudnn" asks for cuDNN's fused (flash) kernel, which takes bf16/fp16 operands with a head
+# size that is a multiple of 8 up to 128 (other calls keep XLA's). $RADJAX_GPU_ATTENTION
+# overrides the choice ("xla" or "cudnn") for benchmarks. XLA stays the default until
+# tests/test_gpu.py has passed on a GPU (BUILD_NOTES, "GPU").
+GPU_ATTENTION = "xla"
+
+
+def gpu_attention_implementation(q: jax.Array) -> str:
+  """The jax.nn.dot_product_attention implementation radjax uses for q [B, T, N, H] on GPU."""
+  choice = os.environ.get("RADJAX_GPU_ATTENTION", GPU_ATTENTION)
+  if choice not in ("xla", "cudnn"):
+    raise ValueError(f"RADJAX_GPU_ATTENTION must be 'xla' or 'cudnn', got {choice!r}")
+  head = q.shape[-1]
+  if choice == "cudnn" and q.dtype in (jnp.bfloat16, jnp.float16) and head % 8 == 0 and head <= 128:
+    return "cudnn"
+  return "xla"
+
+
+def _pad_sequence(x: jax.Array, length: int) -> jax.Array:
+  return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
+
+
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+                    is_causal: bool, implementation: str = "cudnn") -> jax.Array:
+  """cuDNN fused attention for q [B, T, N, H], k/v [B, S, N, H] and a key-padding mask
+  [B, 1, 1, S] (or None) -> [B, T, N, H]. ``implementation="xla"`` runs the same padded call
+  anywhere (tests check the padding on CPU that way).
+
+  cuDNN (jax 0.11.2, cuDNN 9.19) trains only on even sequence lengths, and ViT-B/16's 197
+  tokens and CLIP's 77 are odd: the sequences are padded by one position, which the lengths
+  passed to cuDNN exclude, and the padded query rows are dropped.
+  """
+  b, t = q.shape[:2]
+  s = k.shape[1]
+  if mask is None:
+    key_lengths = jnp.full((b,), s, jnp.int32)
+  elif mask.shape[1:3] == (1, 1):
+    # Padding sits at the end of every sequence (the batch contract): the mask is its length.
+    key_lengths = jnp.sum(mask[:, 0, 0, :], axis=-1, dtype=jnp.int32)
+  else:
+    raise ValueError(f"cuDNN attention takes key-padding masks [B, 1, 1, S] only, got "
+                     f"{mask.shape}; set RADJAX_GPU_ATTENTION=xla")
+  t_even, s_even = t + t % 2, s + s % 2
+  out = jax.nn.dot_product_attention(
+      _pad_sequence(q, t_even), _pad_sequence(k, s_even), _pad_sequence(v, s_even),
+      is_causal=is_causal, query_seq_lengths=jnp.full((b,), t, jnp.int32),
+      key_value_seq_lengths=key_lengths, implementation=implementation)
+  return out[:, :t]
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
                           *, is_causal: bool = False) -> jax.Array:
-  """jax.nn.dot_product_attention, or :func:`cpu_attention` on CPU (see CPU_ATTENTION)."""
-  if CPU_ATTENTION and jax.default_backend() == "cpu":
+  """jax.nn.dot_product_attention, :func:`cpu_attention` on CPU (see CPU_ATTENTION) or
+  :func:`cudnn_attention` on GPU when chosen (see GPU_ATTENTION)."""
+  backend = jax.default_backend()
+  if CPU_ATTENTION and backend == "cpu":
     return cpu_attention(q, k, v, mask, is_causal)
-  # implementation=None lets XLA / cuDNN pick the kernel for the platform.
+  if backend == "gpu" and gpu_attention_implementation(q) == "cudnn":
+    return cudnn_attention(q, k, v, mask, is_causal)
   return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
 
 
