@@ -141,6 +141,9 @@ def method_config() -> ml_collections.ConfigDict:
   c.decoder_layers = 2
   # Full fine-tuning (`supervised`): start the image encoder from this pre-training workdir.
   c.init_from = ml_collections.FieldReference(None, field_type=str)
+  # `supervised` on batches with teacher_logits: weight of the teacher term and its temperature.
+  c.distill_lambda = 0.5
+  c.distill_temperature = 2.0
   return c
 
 

@@ -112,3 +112,36 @@ def test_pretrain_config_variants():
                      ("nope", "unknown method"), ("", "needs a method")):
     with pytest.raises(ValueError, match=match):
       load_config(f"configs/pretrain_synth.py:{bad}" if bad else "configs/pretrain_synth.py", [])
+
+
+@pytest.mark.parametrize("lam,temperature", [(0.0, 2.0), (1.0, 2.0), (0.3, 0.5)])
+def test_supervised_distills_from_teacher_logits_in_the_batch(lam, temperature):
+  """supervised on a batch with teacher_logits: (1-lam) BCE(labels) + lam BCE(sigmoid(t / tau)),
+  against NumPy; lam = 0 is the plain supervised loss."""
+  config = tiny_config("supervised")
+  with config.unlocked():
+    config.method.distill_lambda, config.method.distill_temperature = lam, temperature
+  method = get_method("supervised")
+  model = method.build(config, nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  kernel = model.head.fc.kernel
+  kernel[...] = jnp.asarray(rng.standard_normal(kernel.shape), jnp.float32)  # zero-initialised
+  b, k = 6, kernel.shape[1]
+  size, channels = config.data.image_size, config.data.channels
+  batch = {"image": jnp.asarray(rng.standard_normal((b, size, size, channels)), jnp.float32),
+           "labels": jnp.asarray(rng.random((b, k)) < 0.3, jnp.float32),
+           "label_mask": jnp.ones((b, k), jnp.float32)}
+  plain, _ = method.loss(model, batch, jax.random.key(0), False)
+  teacher = rng.standard_normal((b, k)).astype(np.float32) * 3
+  loss, metrics = method.loss(model, {**batch, "teacher_logits": jnp.asarray(teacher)},
+                              jax.random.key(0), False)
+  z = np.asarray(model(batch["image"]), np.float64)
+  assert z.std() > 0.1  # the head's zero init would make every target give log 2
+  y = np.asarray(batch["labels"], np.float64)
+  soft = 1 / (1 + np.exp(-teacher / temperature))
+
+  def bce(target):
+    return np.mean(np.logaddexp(0, z) - target * z)
+  np.testing.assert_allclose(float(plain), bce(y), rtol=1e-5)
+  np.testing.assert_allclose(float(loss), (1 - lam) * bce(y) + lam * bce(soft), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["bce"]), bce(y), rtol=1e-5)

@@ -64,6 +64,54 @@ def test_study_writes_results_summary_report_and_plots(finished):
   assert "Did reports help" in result.stdout
 
 
+def test_full_distillation_trains_on_the_teacher_and_is_full_at_lambda_0(finished, monkeypatch):
+  """full_distill = full fine-tuning whose batches carry the teacher's logits of their examples:
+  with distill_lambda 0 its test logits equal plain full fine-tuning's, with 1 they do not."""
+  import numpy as np
+  from radjax.config import load_config
+  from radjax.eval import study
+  workdir, _ = finished
+  monkeypatch.chdir(ROOT)
+  idx = np.arange(0, 40, 2)
+  teacher = np.random.default_rng(0).standard_normal((len(idx), 1)).astype(np.float32) * 4
+
+  def logits(lam, teacher_logits):
+    config = load_config("configs/study_synthetic.py:quick",
+                         TINY + ["--config.study.full_steps=3", f"--config.study.distill_lambda={lam}"])
+    labels = ("mortality_12m",)
+    cell = study.Cell("clip", "full_distill", "mortality_12m", len(idx), 0)
+    return study.full_finetune_logits(config, str(workdir), cell, idx, labels, teacher_logits=teacher_logits)
+
+  plain = logits(0.5, None)
+  np.testing.assert_array_equal(logits(0.0, teacher), plain)
+  assert np.abs(logits(1.0, teacher) - plain).max() > 1e-4
+
+
+def test_with_teacher_logits_looks_up_each_example_by_its_split_index():
+  import numpy as np
+  from radjax.eval import study
+
+  class Loader:
+    def __init__(self):
+      self.batches, self.state = iter([{"index": np.array([4, 0]), "labels": np.zeros((2, 1))}]), 7
+
+    def __next__(self):
+      return next(self.batches)
+
+    def get_state(self):
+      return self.state
+
+    def set_state(self, state):
+      self.state = state
+
+  table = np.arange(10, dtype=np.float32).reshape(5, 2)
+  wrapped = study._WithTeacherLogits(Loader(), table)
+  batch = next(wrapped)
+  np.testing.assert_array_equal(batch["teacher_logits"], [[8, 9], [0, 1]])
+  wrapped.set_state(3)
+  assert wrapped.get_state() == 3
+
+
 def test_no_report_text_in_outputs(finished):
   workdir, _ = finished
   from radjax import defaults

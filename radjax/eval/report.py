@@ -61,10 +61,11 @@ SUMMARY_COLUMNS: tuple[str, ...] = ("dataset", "task", "task_kind", "pretrain", 
 REPORT_PRETRAINS: tuple[str, ...] = ("clip", "siglip", "mrm", "clip_ssl", "caption", "unicl")
 IMAGE_ONLY_PRETRAINS: tuple[str, ...] = ("none", "ssl", "supervised")
 PRETRAIN_ORDER: tuple[str, ...] = ("none", "supervised", "ssl", "clip", "siglip", "mrm", "clip_ssl", "caption", "unicl")
-FINETUNE_ORDER: tuple[str, ...] = ("linear", "full", "distill", "zero_shot")
+FINETUNE_ORDER: tuple[str, ...] = ("linear", "full", "distill", "full_distill", "zero_shot")
+DISTILL_FINETUNES: tuple[str, ...] = ("distill", "full_distill")
 # Fine-tunings that use the report (distillation) or no labels (zero-shot) do not isolate the
 # effect of pre-training, so pre-training comparisons use the others.
-_NOT_PRETRAIN_COMPARABLE = ("distill", "zero_shot")
+_NOT_PRETRAIN_COMPARABLE = DISTILL_FINETUNES + ("zero_shot",)
 _ALIGNMENT = ("clip", "siglip")
 
 _TEXT_KEYS = frozenset({"report", "reports", "report_text", "text", "impression", "impressions", "findings",
@@ -374,8 +375,9 @@ def plot_auroc_vs_n(summary: Sequence[Mapping[str, Any]], out_dir: str, dpi: int
   os.makedirs(out_dir, exist_ok=True)
   cmap = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
           "#17becf"]
-  styles = {"linear": "--", "full": "-", "distill": "-.", "zero_shot": ":"}
-  markers = {"linear": "s", "full": "o", "distill": "^", "zero_shot": "x"}
+  styles = {"linear": "--", "full": "-", "distill": "-.", "full_distill": (0, (5, 1, 1, 1)),
+            "zero_shot": ":"}
+  markers = {"linear": "s", "full": "o", "distill": "^", "full_distill": "v", "zero_shot": "x"}
   paths = []
   for (dataset, task), rows in _by_task(summary).items():
     pos, all_label = _x_positions(rows)
@@ -542,7 +544,7 @@ def _answer_distillation(rows, sizes) -> str:
   for n in sizes:
     comps = []
     for p in sorted({r["pretrain"] for r in rows}, key=lambda p: _order_key(p, PRETRAIN_ORDER)):
-      dist = _best(rows, (p,), n, finetunes=("distill",))
+      dist = _best(rows, (p,), n, finetunes=DISTILL_FINETUNES)
       base = _best(rows, (p,), n, finetunes=("linear", "full"))
       if dist is not None and base is not None:
         diff, ov, _ = _diff_text(dist, base)

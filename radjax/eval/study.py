@@ -32,7 +32,7 @@ from radjax.eval import report as report_lib
 
 log = logging.getLogger(__name__)
 
-FINETUNES = ("linear", "distill", "full")
+FINETUNES = ("linear", "distill", "full", "full_distill")
 TEXT_ALIGNED = ("clip", "siglip", "clip_ssl", "unicl")
 FEATURE_SPLITS = ("train", "test")
 
@@ -243,21 +243,24 @@ def run_cell(cell: Cell, config_json: str, workdir: str) -> dict[str, Any]:
   row: dict[str, Any] = dict(dataset=config.data.dataset, task=cell.task, task_kind=kind,
                              pretrain=cell.pretrain, finetune=cell.finetune, n_train=cell.n_train,
                              seed=cell.seed, n_train_actual=len(idx))
-  if cell.finetune == "full":
-    test_logits = full_finetune_logits(config, workdir, cell, idx, labels_of_task)
+  soft = None
+  if cell.finetune in ("distill", "full_distill"):
+    text = np.load(os.path.join(workdir, "features", "report_tfidf.npz"))
+    t_tr, t_te = text["train"], text["test"]
+    teacher = fit_teacher(x_tr[idx], t_tr[idx], y_tr[idx], m_tr[idx], config=head_cfg)
+    soft = crossfit_teacher_logits(x_tr[idx], t_tr[idx], y_tr[idx], m_tr[idx],
+                                   folds=s.teacher_folds, l2=teacher.l2, config=head_cfg)
+    row["teacher_auroc"] = _macro(teacher_logits(teacher, x_te, t_te), y_te, m_te)
+  if cell.finetune in ("full", "full_distill"):
+    test_logits = full_finetune_logits(config, workdir, cell, idx, labels_of_task,
+                                       teacher_logits=soft)
   else:
     head = linear = fit_head(x_tr[idx], y_tr[idx], m_tr[idx], config=head_cfg)
     row["head_l2"] = linear.l2
-    if cell.finetune == "distill":
-      text = np.load(os.path.join(workdir, "features", "report_tfidf.npz"))
-      t_tr, t_te = text["train"], text["test"]
-      teacher = fit_teacher(x_tr[idx], t_tr[idx], y_tr[idx], m_tr[idx], config=head_cfg)
-      soft = crossfit_teacher_logits(x_tr[idx], t_tr[idx], y_tr[idx], m_tr[idx],
-                                     folds=s.teacher_folds, l2=teacher.l2, config=head_cfg)
+    if soft is not None:
       # The student keeps its linear twin's penalty, so lam = 0 reproduces the linear cell exactly.
       head = fit_head(x_tr[idx], y_tr[idx], m_tr[idx], teacher_logits=soft, lam=s.distill_lambda,
                       temperature=s.distill_temperature, l2=linear.l2, config=head_cfg)
-      row["teacher_auroc"] = _macro(teacher_logits(teacher, x_te, t_te), y_te, m_te)
     test_logits = head.logits(x_te)
   row.update(_score(test_logits, y_te, m_te, s.n_boot, cell.seed))
   if "test/zero_shot" in feats.files:
@@ -270,9 +273,12 @@ def run_cell(cell: Cell, config_json: str, workdir: str) -> dict[str, Any]:
 
 
 def full_finetune_config(config, workdir: str, cell: Cell, labels: tuple[str, ...]) -> ml_collections.ConfigDict:
-  """``supervised`` on the train split's task labels, the encoder initialised from the cell's pre-training."""
+  """``supervised`` on the train split's task labels, the encoder initialised from the cell's
+  pre-training (with the study's distillation weight and temperature for ``full_distill``)."""
   s = config.study
   cfg = pretrain_config(config, "supervised")
+  cfg.method.distill_lambda = float(s.distill_lambda)
+  cfg.method.distill_temperature = float(s.distill_temperature)
   cfg.seed = int(cell.seed)
   cfg.data.labels = ",".join(labels)
   cfg.method.init_from = None if cell.pretrain == "none" else os.path.join(workdir, "pretrain", cell.pretrain)
@@ -283,10 +289,34 @@ def full_finetune_config(config, workdir: str, cell: Cell, labels: tuple[str, ..
   return cfg
 
 
-def full_finetune_logits(config, workdir: str, cell: Cell, idx: np.ndarray, labels: tuple[str, ...]) -> np.ndarray:
+class _WithTeacherLogits:
+  """A training loader whose batches also carry the teacher's logits of their examples
+  (``table[batch["index"]]``); checkpointing goes to the wrapped loader."""
+
+  def __init__(self, loader, table: np.ndarray):
+    self._loader, self._table = loader, table
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, Any]:
+    batch = next(self._loader)
+    return {**batch, "teacher_logits": self._table[np.asarray(batch["index"])]}
+
+  def get_state(self):
+    return self._loader.get_state()
+
+  def set_state(self, state) -> None:
+    self._loader.set_state(state)
+
+
+def full_finetune_logits(config, workdir: str, cell: Cell, idx: np.ndarray, labels: tuple[str, ...],
+                         teacher_logits: np.ndarray | None = None) -> np.ndarray:
   """``full``: fine-tunes the whole image encoder and a linear head on the cell's labelled training
   examples ``idx`` (indices into the train split), then scores the test split -> logits [N_test, K]
-  in index order. The run lives in ``cells/<cell>.run/`` (resumable) and is deleted once scored."""
+  in index order. ``full_distill``: the same with ``teacher_logits`` [len(idx), K], the teacher's
+  (cross-fitted) logits of those examples, as the distillation targets. The run lives in
+  ``cells/<cell>.run/`` (resumable) and is deleted once scored."""
   import shutil
   import jax
   from flax import nnx
@@ -297,8 +327,16 @@ def full_finetune_logits(config, workdir: str, cell: Cell, idx: np.ndarray, labe
   cfg = full_finetune_config(config, workdir, cell, labels)
   run_dir = os.path.join(workdir, "cells", cell.key + ".run")
   tok = get_tokenizer(cfg.data)
-  loop.train(cfg, run_dir, make_loader=lambda data, split, **kw: make_loader(
-      data, split, **{**kw, "tokenizer": tok, "indices": idx if split == "train" else None}))
+  table = None
+  if teacher_logits is not None:
+    table = np.zeros((int(idx.max()) + 1, teacher_logits.shape[1]), np.float32)
+    table[idx] = teacher_logits
+
+  def loader(data, split, **kw):
+    it = make_loader(data, split, **{**kw, "tokenizer": tok, "indices": idx if split == "train" else None})
+    return _WithTeacherLogits(it, table) if table is not None and split == "train" else it
+
+  loop.train(cfg, run_dir, make_loader=loader)
   model, _ = load_pretrained(run_dir)
   graphdef, state = nnx.split(model)
   predict = jax.jit(lambda st, images: nnx.merge(graphdef, st)(images))

@@ -3,7 +3,12 @@ applied by the input pipeline (``label_mask``).
 
 On the pre-training split it is the unimodal baseline of "A Reality Check of Vision-Language
 Pre-training in Radiology"; with ``method.init_from=WORKDIR`` and ``train.train_split="train"`` it
-is full fine-tuning of that pre-trained encoder (configs/finetune_synth.py)."""
+is full fine-tuning of that pre-trained encoder (configs/finetune_synth.py).
+
+Batches that carry ``teacher_logits`` [B, K] (a report-seeing teacher's logits for these examples;
+the study's ``full_distill`` cells attach them) train the student by generalized distillation,
+:func:`radjax.losses.distillation_loss` with ``method.distill_lambda`` and
+``method.distill_temperature``."""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from radjax.losses import multilabel_bce
+from radjax.losses import distillation_loss, multilabel_bce
 from radjax.methods import base
 from radjax.models.heads import ClassifierHead
 
@@ -39,6 +44,8 @@ class Classifier(nnx.Module):
       load_encoder_into(self.image_encoder, config, config.method.init_from)
     self.head = ClassifierHead(self.image_encoder.embed_dim, base.num_labels(config), rngs=rngs,
                                dtype=config.model.dtype)
+    self.distill_lambda = float(config.method.distill_lambda)
+    self.distill_temperature = float(config.method.distill_temperature)
 
   def __call__(self, images):
     """[B, H, W, C] -> float32 logits [B, K]."""
@@ -54,9 +61,15 @@ class Supervised(base.Method):
 
   def loss(self, model, batch, key, train):
     logits = model(batch["image"])
-    loss = multilabel_bce(logits, batch["labels"], batch["label_mask"])
+    bce = multilabel_bce(logits, batch["labels"], batch["label_mask"])
     hits = ((logits > 0) == (batch["labels"] > 0.5)) * batch["label_mask"]
-    return loss, {"bce": loss, "accuracy": hits.sum() / jnp.maximum(batch["label_mask"].sum(), 1.0)}
+    metrics = {"bce": bce, "accuracy": hits.sum() / jnp.maximum(batch["label_mask"].sum(), 1.0)}
+    if "teacher_logits" not in batch:
+      return bce, metrics
+    loss = distillation_loss(logits, batch["teacher_logits"], batch["labels"], model.distill_lambda,
+                             model.distill_temperature, multilabel=True,
+                             label_mask=batch["label_mask"])
+    return loss, {**metrics, "distillation": loss}
 
 
 class ImageOnly(nnx.Module):
