@@ -25,6 +25,9 @@ def synth_cxr_config() -> ml_collections.ConfigDict:
   c.text_leak = 0.0
   # Per-finding rate at which the radiologist misses a present finding or mentions an absent one.
   c.report_error_rate = 0.05
+  # Probability that the report remarks on each notable prognostic film feature it otherwise
+  # leaves out (aortic calcification, osteopenia, body habitus): 0 = never.
+  c.report_image_evidence = 0.0
   # Prevalence overrides, finding name -> probability; empty keeps the built-in values.
   c.prevalence = ml_collections.ConfigDict()
   return c

@@ -153,6 +153,34 @@ def test_reports_never_mention_unreported_features_or_age():
   assert not re.search(r"\d+[- ]year", text)  # ages are de-identified ("___-year-old")
 
 
+def test_report_image_evidence_remarks_on_prognostic_film_features_only():
+  """The knob adds remarks on calcification, osteopenia and habitus, read from the latents the
+  renderer draws, and changes nothing else: films, labels and the rest of every report."""
+  n = 400
+  plain = SynthCXR({"n_train": n, "image_size": 32})
+  told = SynthCXR({"n_train": n, "image_size": 32, "report_image_evidence": 1.0})
+  mentioned = {"calcif": [], "osteopen": [], "habitus": []}
+  for i in range(n):
+    assert told.labels("train", i) == plain.labels("train", i)
+    case = told.case("train", i)
+    report, before = told.report("train", i), plain.report("train", i)
+    assert report.split("FINDINGS:")[0] == before.split("FINDINGS:")[0]
+    assert report.split("IMPRESSION:")[1] == before.split("IMPRESSION:")[1] or any(case.evidence.values())
+    text = report.lower()
+    for word in mentioned:
+      mentioned[word].append(word in text)
+    assert ("calcif" in text) == (case.latents["calc"] > 1.0)
+    assert ("osteopen" in text or "demineral" in text) == (case.latents["bone"] < -1.0)
+    assert ("habitus" in text) == (abs(case.latents["habitus"]) > 1.0)
+  assert all(np.array_equal(told.image("train", i), plain.image("train", i)) for i in range(5))
+  for word, hits in mentioned.items():
+    assert 0.05 < np.mean(hits) < 0.4, (word, np.mean(hits))  # notable: about one film in six
+  half = SynthCXR({"n_train": n, "image_size": 32, "report_image_evidence": 0.5})
+  rate = np.mean([any(half.case("train", i).evidence.values()) for i in range(n)])
+  full_rate = np.mean([any(told.case("train", i).evidence.values()) for i in range(n)])
+  assert 0.3 * full_rate < rate < 0.7 * full_rate, (rate, full_rate)
+
+
 def test_render_speed_224():
   s = SynthCXR({"image_size": 224})
   s.example("train", 0)

@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 import toy
+from radjax import defaults
 from radjax.parallel import distributed, mesh as mesh_lib
 from radjax.train import checkpoint, loop, metrics as metrics_lib, optim, state as state_lib
 
@@ -158,10 +159,21 @@ def test_config_diff_accepts_a_knob_added_later_at_its_default():
   assert checkpoint.config_diff(saved, {"method": {"name": "clip", "siglip_bias": -4.0}}) == ["method.siglip_bias"]
 
 
-def test_with_schema_defaults_fills_knobs_added_later_inside_saved_sections():
+def test_with_schema_defaults_fills_knobs_and_sections_added_later():
   saved = {"method": {"name": "mrm", "text_mask_ratio": 0.5}, "extra": 1, "custom": {"a": 2}}
   filled = checkpoint.with_schema_defaults(saved)
   assert filled["method"]["text_mask_ratio"] == 0.5  # saved values win
   assert filled["method"]["text_mask_every_occurrence"] is False  # added later: its default
   assert filled["extra"] == 1 and filled["custom"] == {"a": 2}
-  assert "optim" not in filled  # sections the run did not save are not invented
+  assert filled["optim"] == defaults.pretrain_config().optim.to_dict()  # a section it lacked
+
+
+def test_config_diff_treats_a_missing_knob_or_section_as_its_default():
+  current = defaults.pretrain_config().to_dict()
+  assert checkpoint.config_diff({"method": {"name": current["method"]["name"]}}, current) == []
+  assert checkpoint.config_diff({}, current) == []
+  changed = {**current, "optim": {**current["optim"], "lr": current["optim"]["lr"] * 2}}
+  assert checkpoint.config_diff({}, changed) == ["optim.lr"]
+  # Absent on both sides is no difference; outside the schema, absent on one side is.
+  assert checkpoint.config_diff({"study": {"a": 1}}, {"study": {"a": 1}}) == []
+  assert checkpoint.config_diff({"study": {"a": 1}}, {"study": {}}) == ["study.a"]

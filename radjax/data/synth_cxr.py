@@ -10,15 +10,18 @@ Causal structure (all latents are unit-variance linear combinations of independe
 standard normals, so finding/outcome prevalences are exact via Gaussian thresholds):
 
   age, severity, cardiac, infection ──> 8 findings ──> image + report (with radiologist error)
-  age ──> calcification, bone density   (rendered, never reported)
-  habitus                               (rendered as body width / soft tissue, never reported)
+  age ──> calcification, bone density   (rendered; reported only with report_image_evidence > 0)
+  habitus                               (rendered as body width / soft tissue; likewise)
   hidden risk h1, h2                    (neither shown nor reported)
   severity, age, calcification, bone, habitus, h1, h2 ──> readmission_12m, mortality_12m
 
 The report's prognostic content is a set of clinical-history phrases whose
 correlation with the outcome's risk signal is ``sqrt(text_label_association)``
 (the phrase frequencies do not depend on the knob, only their fidelity), plus,
-with probability ``text_leak``, a statement that nearly determines the outcome.
+with probability ``text_leak``, a statement that nearly determines the outcome. With
+probability ``report_image_evidence`` the radiologist also remarks on each notable film feature
+that drives the outcomes and that the default reports leave out: aortic calcification,
+osteopenia, body habitus (read from the same latents the renderer draws).
 """
 
 from __future__ import annotations
@@ -81,6 +84,20 @@ _OUTCOME_SIGNAL_R2 = 0.75
 _SIDES = ("right", "left", "bilateral")
 
 
+def _level(x: float, at: float = 1.0, strong: float = 1.8) -> int:
+  """0 unremarkable, 1 notable (x > at, ~16 %), 2 marked (x > strong, ~4 %)."""
+  return 2 if x > strong else 1 if x > at else 0
+
+
+# Film features the outcomes depend on and a report may remark on (report_image_evidence):
+# name -> (latent, its level). Habitus is notable either way: -1 thin, 1 large.
+_EVIDENCE_LEVELS = {
+    "aortic_calcification": ("calc", _level),
+    "osteopenia": ("bone", lambda x: _level(-x)),
+    "habitus": ("habitus", lambda x: 1 if x > 1.0 else -1 if x < -1.0 else 0),
+}
+
+
 def label_names(kind: str = "all") -> tuple[str, ...]:
   """Label names of SynthCXR: ``kind`` in {"diagnostic", "prognostic", "all"}."""
   if kind == "diagnostic":
@@ -121,6 +138,7 @@ class SynthParams:
   text_label_association: float = 0.0
   text_leak: float = 0.0
   report_error_rate: float = 0.05
+  report_image_evidence: float = 0.0
   prevalence: tuple[tuple[str, float], ...] = ()
 
   @classmethod
@@ -148,7 +166,7 @@ class SynthParams:
     for f in ("n_pretrain", "n_train", "n_validation", "n_test"):
       if vals[f] < 0:
         raise ValueError(f"{prefix}.{f} must be >= 0, got {vals[f]}")
-    for f in ("text_label_association", "text_leak", "report_error_rate"):
+    for f in ("text_label_association", "text_leak", "report_error_rate", "report_image_evidence"):
       v = get(f, getattr(defaults, f))
       try:
         v = float(v)
@@ -218,6 +236,7 @@ class Case:
   text_levels: dict[str, int]      # outcome -> -1 reassuring, 0 none, 1 mild, 2 strong phrase
   leaks: dict[str, int]            # outcome -> -1 none, else the outcome value the leak states
   comparison: bool
+  evidence: dict[str, int]         # film feature -> level the report states (0 = not mentioned)
   outcomes: dict[str, float]       # readmission_12m, mortality_12m (0/1)
 
   def labels(self) -> dict[str, float]:
@@ -318,13 +337,17 @@ class SynthCXR:
       else:
         leaks[o] = -1
     comparison = bool(u[62] < 0.4)
+    # Drawn last, so that the knob changes no other part of the case.
+    u3 = rng.random(len(_EVIDENCE_LEVELS))
+    evidence = {name: level(lat[latent]) if u3[k] < p.report_image_evidence else 0
+                for k, (name, (latent, level)) in enumerate(_EVIDENCE_LEVELS.items())}
     age = float(np.clip(62 + 15 * lat["age"], 18, 98))
     sex = "F" if u[63] < 0.5 else "M"
     return Case(age=age, sex=sex, latents={k: float(v) for k, v in lat.items()}, findings=findings,
                 grade=grade, visibility=visibility, side=side, pos=pos, devices=devices, view=view,
                 rotation=rotation, shift=shift, zoom=zoom, exposure=exposure, contrast=contrast,
                 noise=noise, reported=reported, hedged=hedged, text_levels=text_levels, leaks=leaks,
-                comparison=comparison, outcomes=outcomes)
+                comparison=comparison, evidence=evidence, outcomes=outcomes)
 
   # ---------------------------------------------------------------- public API
   def labels(self, split: str, i: int) -> dict[str, float]:
@@ -725,8 +748,9 @@ def render(case: Case, rng: np.random.Generator, size: int) -> np.ndarray:
 
 # ==================================================================== reports
 # Reports are written from ``Case.reported`` (the radiologist's reading, with errors), never
-# from the ground-truth labels directly. They never mention habitus, bone density or
-# calcification (the unreported prognostic image features) or the patient's age.
+# from the ground-truth labels directly. They never mention the patient's age, and mention
+# habitus, bone density or calcification (the prognostic film features) only with
+# report_image_evidence > 0.
 
 def _pick(rng: np.random.Generator, options):
   return options[int(rng.integers(len(options)))]
@@ -875,6 +899,17 @@ _LEAK = {
                         0: ("Discharged home with no further admissions anticipated.",
                             "Care transferred to outpatient clinic, no readmission expected.")},
 }
+# Remarks on film features the outcomes depend on (report_image_evidence), keyed by Case.evidence level.
+_EVIDENCE = {
+    "aortic_calcification": {1: ("Atherosclerotic calcification of the aortic knob.",
+                                 "Calcified aortic arch."),
+                             2: ("Dense calcification of the aortic arch and descending aorta.",
+                                 "Extensive aortic atherosclerotic calcification.")},
+    "osteopenia": {1: ("The bones are osteopenic.", "Diffuse osteopenia."),
+                   2: ("Marked osteopenia.", "Severe demineralization of the osseous structures.")},
+    "habitus": {1: ("Large body habitus limits evaluation.", "Large body habitus."),
+                -1: ("Thin body habitus.", "Cachectic habitus with little soft tissue.")},
+}
 _REASONS = ("shortness of breath", "cough", "chest pain", "fever", "evaluate for pneumonia", "dyspnea",
             "pre-operative evaluation", "hypoxia", "follow-up")
 
@@ -920,6 +955,7 @@ def write_report(case: Case, rng: np.random.Generator) -> str:
     findings.append(_pick(rng, ("The lungs are clear.", "Lungs are well expanded and clear.")))
   if rep[FINDINGS.index("pleural_effusion")] == 0 and rep[FINDINGS.index("pneumothorax")] == 0 and rng.random() < 0.4:
     findings.append("No pleural effusion or pneumothorax.")
+  findings += [_pick(rng, _EVIDENCE[name][level]) for name, level in case.evidence.items() if level]
   lines.append("FINDINGS: " + " ".join(findings))
 
   if not positives or positives == [FINDINGS.index("support_device")] and rng.random() < 0.5:

@@ -410,7 +410,7 @@ def run_study(config, workdir: str, workers: int = 1) -> list[dict[str, Any]]:
   for method in config.study.pretrain:
     pretrain(config, workdir, method)
     extract_features(config, workdir, method)
-  if "distill" in config.study.finetune:
+  if set(config.study.finetune) & set(report_lib.DISTILL_FINETUNES):
     report_feature_cache(config, workdir)
 
   done = {}

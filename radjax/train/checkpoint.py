@@ -17,6 +17,8 @@ process 0, so per-process iterator states are all-gathered into ``meta`` first.
 
 from __future__ import annotations
 
+import copy
+
 import json
 import logging
 import os
@@ -59,11 +61,13 @@ def dict_to_config(d: Mapping[str, Any]) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(d))
 
 
-def with_schema_defaults(saved: Mapping[str, Any]) -> dict:
-  """``saved`` with the knobs a later radjax added filled in at their defaults (``radjax.defaults``).
+def with_schema_defaults(config: Mapping[str, Any]) -> dict:
+  """``config`` with every knob (or section) of the schema (``radjax.defaults``) it lacks filled in
+  at its default; its own values and keys outside the schema are kept.
 
-  Only sections the saved config has are filled: a run saved before a knob existed was made
-  with what is now its default (as ``config_diff`` assumes), so it loads under today's code.
+  A run saved before a later radjax added a knob was made with what is now its default, so it
+  loads under today's code (``load_pretrained``), and resumes unless the knob has been changed
+  (``config_diff``).
   """
   from radjax import defaults  # pylint: disable=import-outside-toplevel
 
@@ -71,14 +75,12 @@ def with_schema_defaults(saved: Mapping[str, Any]) -> dict:
     out = dict(have)
     for k, v in schema.items():
       if k not in out:
-        out[k] = v
+        out[k] = copy.deepcopy(v)
       elif isinstance(v, Mapping) and isinstance(out[k], Mapping):
         out[k] = fill(out[k], v)
     return out
 
-  schema = defaults.pretrain_config().to_dict()
-  return {k: fill(v, schema[k]) if isinstance(v, Mapping) and isinstance(schema.get(k), Mapping) else v
-          for k, v in saved.items()}
+  return fill(config, defaults.pretrain_config().to_dict())
 
 
 def flatten_dict(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -97,23 +99,13 @@ def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any],
                 ignore: tuple[str, ...] = OPERATIONAL_KEYS) -> list[str]:
   """Dotted keys whose values differ (or exist on one side only), minus ``ignore`` prefixes.
 
-  A key the saved config lacks but whose current value is the schema's default
-  (``radjax.defaults``) is no difference: a later radjax added that knob, and the
-  run was made with what is now its default.
+  Both sides are compared with the schema's defaults filled in (:func:`with_schema_defaults`): a
+  knob the saved config lacks is no difference while its current value is the default.
   """
-  from radjax import defaults  # pylint: disable=import-outside-toplevel
-  a, b = flatten_dict(saved), flatten_dict(current)
-  schema = flatten_dict(defaults.pretrain_config().to_dict())
-  keys = sorted(set(a) | set(b))
-  diff = []
-  for k in keys:
-    if any(k == p or k.startswith(p) for p in ignore):
-      continue
-    if k not in a and k in schema and b.get(k) == schema[k]:
-      continue
-    if a.get(k, "<missing>") != b.get(k, "<missing>"):
-      diff.append(k)
-  return diff
+  a, b = flatten_dict(with_schema_defaults(saved)), flatten_dict(with_schema_defaults(current))
+  return [k for k in sorted(set(a) | set(b))
+          if not any(k == p or k.startswith(p) for p in ignore)
+          and a.get(k, "<missing>") != b.get(k, "<missing>")]
 
 
 # ----------------------------------------------------------------------------- PRNG keys
