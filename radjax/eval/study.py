@@ -244,7 +244,7 @@ def run_cell(cell: Cell, config_json: str, workdir: str) -> dict[str, Any]:
                              pretrain=cell.pretrain, finetune=cell.finetune, n_train=cell.n_train,
                              seed=cell.seed, n_train_actual=len(idx))
   soft = None
-  if cell.finetune in ("distill", "full_distill"):
+  if cell.finetune in report_lib.DISTILL_FINETUNES:
     text = np.load(os.path.join(workdir, "features", "report_tfidf.npz"))
     t_tr, t_te = text["train"], text["test"]
     teacher = fit_teacher(x_tr[idx], t_tr[idx], y_tr[idx], m_tr[idx], config=head_cfg)

@@ -32,6 +32,18 @@ from etils import epath
 
 log = logging.getLogger(__name__)
 
+
+class _DropReadOnlyNotices(logging.Filter):
+  """Orbax logs two warnings each time a read-only CheckpointManager opens (every
+  ``load_pretrained``: a study prints them for every cell); they say nothing the caller lacks."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(("Given directory is read only",
+                                           "CheckpointManagerOptions.read_only=True"))
+
+
+logging.getLogger("absl").addFilter(_DropReadOnlyNotices())
+
 ARRAY_ITEMS = ("params", "model_state", "opt_state", "ema", "train")
 
 # Config keys that may change between a run and its resumption without changing the
