@@ -7,6 +7,7 @@
 #   data     the SynthCXR loader at 224 px with 0, 8 and 16 workers
 #   large    ViT-B/16 at batch 1024 and 2048 with the faster attention at batch 256
 #   rn50     RN50 CLIP bf16 batch 256
+#   profile  a jax.profiler trace of 3 ViT-B/16 b256 steps (faster attention) -> $OUT/trace.tgz
 # The CUDA image has jax/flax/optax/orbax but not ml_collections or grain: they travel as
 # cp312 wheels in .whl/ (see BUILD_NOTES, "GPU"). Everything is written under $OUT as it goes,
 # so a run cut off at its limit still returns what it measured. Most important first.
@@ -59,6 +60,12 @@ part_data() {
     --steps 16 2>"$OUT/data.err" | tee "$OUT/data.txt"
 }
 part_large() { local a; a=$(faster); step vit_b1024_$a 150 "$a" $V 1024; step vit_b2048_$a 150 "$a" $V 2048; }
+part_profile() {
+  rm -rf /tmp/trace
+  RADJAX_BENCH_PROFILE_DIR=/tmp/trace step vit_b256_profile "${LIMIT:-150}" "$(faster)" $V 256 \
+    --steps 3 --repeats 1
+  tar czf "$OUT/trace.tgz" -C /tmp trace && echo "trace: $(du -h "$OUT/trace.tgz" | cut -f1)"
+}
 part_rn50() { step rn50_b256 120 "$(faster)" ${R:-configs/bench/clip_rn50.py} 256; }
 
 for part in "${@:-test b256 data large rn50}"; do

@@ -197,3 +197,19 @@ def test_show_and_bench(tmp_path):
   assert os.path.getsize(out) > 10_000
   res = bench_data(cfg, batch_size=4, workers_list=(0,), steps=2, warmup=1)
   assert res[0]["workers"] == 0 and res[0]["examples_per_s"] > 0
+
+
+def test_synth_dataset_names_survive_knobs_added_later():
+  """A knob added to SynthCXR after datasets were built leaves their names (and so the built
+  data a run finds) unchanged while it is at its default."""
+  import dataclasses
+  import hashlib
+  from radjax.data import synth_cxr
+  from radjax.data.builders import synth_cxr as synth_builder
+  params = synth_cxr.SynthParams(text_label_association=0.5)
+  before = {k: v for k, v in dataclasses.asdict(params).items() if k != "report_image_evidence"}
+  digest = hashlib.sha1(json.dumps(before, sort_keys=True).encode()).hexdigest()[:8]
+  assert synth_builder.config_from_params(params).name == f"px64_tla0p5_leak0_err0p05_s0_{digest}"
+  told = dataclasses.replace(params, report_image_evidence=1.0)
+  assert synth_builder.config_from_params(told).name != synth_builder.config_from_params(params).name
+  assert synth_builder.config_from_params(told).params() == told

@@ -43,16 +43,22 @@ class SynthCXRConfig(tfds.core.BuilderConfig):
   text_label_association: float = 0.0
   text_leak: float = 0.0
   report_error_rate: float = 0.05
+  report_image_evidence: float = 0.0
   prevalence: tuple[tuple[str, float], ...] = ()
 
   def params(self) -> synth_cxr.SynthParams:
     return synth_cxr.SynthParams(**{f: getattr(self, f) for f in _FIELDS})
 
 
+# Knobs added after datasets were first built: left out of the name's digest while at their
+# default, so that those datasets keep their names.
+_ADDED_LATER = {"report_image_evidence": 0.0}
+
+
 def _name_for(params: synth_cxr.SynthParams) -> str:
   if params == synth_cxr.SynthParams():
     return "default"
-  d = dataclasses.asdict(params)
+  d = {k: v for k, v in dataclasses.asdict(params).items() if _ADDED_LATER.get(k, None) != v}
   digest = hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
   tag = lambda x: f"{x:g}".replace(".", "p").replace("-", "m")
   return (f"px{params.image_size}_tla{tag(params.text_label_association)}_leak{tag(params.text_leak)}"
