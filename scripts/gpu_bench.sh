@@ -4,7 +4,8 @@
 # PARTs, run in the order given (default: all of them; LIMIT / TEST_LIMIT cap each step / the tests):
 #   test     tests/test_gpu.py (cuDNN attention against a float32 reference)
 #   b256     ViT-B/16 CLIP bf16 batch 256 with XLA and with cuDNN attention (b256_xla, b256_cudnn)
-#   data     the SynthCXR loader at 224 px with 0, 8 and 16 workers
+#   data     the SynthCXR loader at 224 px with 0, 8 and 16 workers: rendering on the fly, then
+#            from a dataset built once (radjax data build, ArrayRecord)
 #   large    ViT-B/16 at batch 1024 and 2048 with the faster attention at batch 256
 #   rn50     RN50 CLIP bf16 batch 256
 #   profile  a jax.profiler trace of 3 ViT-B/16 b256 steps (faster attention) -> $OUT/trace.tgz
@@ -58,6 +59,10 @@ part_b256() { part_b256_xla; part_b256_cudnn; }
 part_data() {
   timeout 150 $PY "${RADJAX[@]}" bench data --image_size 224 --batch 256 --workers 0,8,16 \
     --steps 16 2>"$OUT/data.err" | tee "$OUT/data.txt"
+  timeout 120 $PY "${RADJAX[@]}" data build --config $V --dataset synth_cxr --data_dir /tmp/tfds224 \
+    --num_workers 16 >/dev/null 2>>"$OUT/data.err"
+  timeout 150 $PY "${RADJAX[@]}" bench data --config $V --data_dir /tmp/tfds224 --image_size 224 \
+    --batch 256 --workers 0,8,16 --steps 16 2>>"$OUT/data.err" | tee -a "$OUT/data.txt"
 }
 part_large() { local a; a=$(faster); step vit_b1024_$a 150 "$a" $V 1024; step vit_b2048_$a 150 "$a" $V 2048; }
 part_profile() {
