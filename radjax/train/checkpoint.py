@@ -18,7 +18,6 @@ process 0, so per-process iterator states are all-gathered into ``meta`` first.
 from __future__ import annotations
 
 import copy
-
 import json
 import logging
 import os
