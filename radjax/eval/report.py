@@ -63,6 +63,8 @@ IMAGE_ONLY_PRETRAINS: tuple[str, ...] = ("none", "ssl", "supervised")
 PRETRAIN_ORDER: tuple[str, ...] = ("none", "supervised", "ssl", "clip", "siglip", "mrm", "clip_ssl", "caption", "unicl")
 FINETUNE_ORDER: tuple[str, ...] = ("linear", "full", "distill", "full_distill", "zero_shot")
 DISTILL_FINETUNES: tuple[str, ...] = ("distill", "full_distill")
+# Fine-tunings that train the encoder end to end (the others fit a head on frozen features).
+FULL_FINETUNES: tuple[str, ...] = ("full", "full_distill")
 # Fine-tunings that use the report (distillation) or no labels (zero-shot) do not isolate the
 # effect of pre-training, so pre-training comparisons use the others.
 _NOT_PRETRAIN_COMPARABLE = DISTILL_FINETUNES + ("zero_shot",)

@@ -32,7 +32,9 @@ from radjax.eval import report as report_lib
 
 log = logging.getLogger(__name__)
 
-FINETUNES = ("linear", "distill", "full", "full_distill")
+# What a study cell can run: every fine-tuning the report knows except zero-shot, which is a column
+# of the text-aligned pre-trainings' linear cells, not a cell of its own.
+FINETUNES = tuple(f for f in report_lib.FINETUNE_ORDER if f != "zero_shot")
 TEXT_ALIGNED = ("clip", "siglip", "clip_ssl", "unicl")
 FEATURE_SPLITS = ("train", "test")
 
@@ -251,7 +253,7 @@ def run_cell(cell: Cell, config_json: str, workdir: str) -> dict[str, Any]:
     soft = crossfit_teacher_logits(x_tr[idx], t_tr[idx], y_tr[idx], m_tr[idx],
                                    folds=s.teacher_folds, l2=teacher.l2, config=head_cfg)
     row["teacher_auroc"] = _macro(teacher_logits(teacher, x_te, t_te), y_te, m_te)
-  if cell.finetune in ("full", "full_distill"):
+  if cell.finetune in report_lib.FULL_FINETUNES:
     test_logits = full_finetune_logits(config, workdir, cell, idx, labels_of_task,
                                        teacher_logits=soft)
   else:
