@@ -139,8 +139,6 @@ def method_config() -> ml_collections.ConfigDict:
   c.mask_ratio = 0.75  # image patches masked (MAE / MRM)
   c.text_mask_ratio = 0.15  # report tokens masked (MRM)
   c.text_mask_every_occurrence = False  # MRM: mask every mention of a selected token (base.mask_tokens)
-  # MRM: patches masked in the film its token predictor reads (None: the reconstruction's view; 0: all).
-  c.text_branch_mask_ratio = ml_collections.FieldReference(None, field_type=float)
   c.ssl_weight = 1.0  # weight of the SSL term in clip_ssl
   c.decoder_dim = 128
   c.decoder_layers = 2

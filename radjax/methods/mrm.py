@@ -6,12 +6,6 @@ masked tokens are predicted from a text encoder whose input embeddings carry the
 visible image's global representation (as MRM adds it to the masked report's
 embeddings), followed by a block that cross-attends to the visible patches: each
 modality must use the other to fill its gaps.
-
-``method.text_branch_mask_ratio`` (default None: MRM as published) lets that last block read a
-less-masked view of the film (0: all of it) from a second encoder pass, while reconstruction still
-sees only the report encoded with the masked view, so no masked pixel leaks into it. Masking hides
-the very evidence a masked finding word describes (BUILD_NOTES.md, "Making encoders learn on a
-CPU").
 """
 
 from __future__ import annotations
@@ -24,7 +18,6 @@ from radjax.methods import base
 from radjax.methods.ssl import MAE, mae_encode, mae_reconstruction_loss
 from radjax.models.decoders import MLMHead
 from radjax.models.layers import linear
-from radjax.models.masking import random_masking
 from radjax.models.transformer import Block
 
 
@@ -46,7 +39,6 @@ class MaskedImageText(MAE):
     self.vocab_size = tok.vocab_size
     self.text_mask_ratio = config.method.text_mask_ratio
     self.mask_every_occurrence = config.method.text_mask_every_occurrence
-    self.text_branch_mask_ratio = config.method.text_branch_mask_ratio
 
 
 def token_predictions(model: MaskedImageText, batch, key):
@@ -67,16 +59,8 @@ def token_predictions(model: MaskedImageText, batch, key):
   image_loss = mae_reconstruction_loss(model, batch["image"], image_tokens, patch_mask, restore,
                                        text_tokens=text, text_mask=batch["text_mask"])
   metrics = {"reconstruction_loss": image_loss}
-  # Masked tokens are predicted from the report's features attending to the visible patches (or to a
-  # second, less-masked view, added after reconstruction has read the report).
-  film = image_tokens
-  if model.text_branch_mask_ratio is not None:
-    enc = model.image_encoder
-    keep, _, _ = random_masking(jax.random.fold_in(key, 2), batch["image"].shape[0], enc.num_patches,
-                                model.text_branch_mask_ratio)
-    film = enc(batch["image"], keep_ids=keep)["tokens"]
-    text = text + model.image_to_text(film.mean(axis=1, keepdims=True))
-  fused = model.fusion(text, batch["text_mask"], context=film.astype(text.dtype))
+  # Masked tokens are predicted from the report's features attending to the visible patches.
+  fused = model.fusion(text, batch["text_mask"], context=image_tokens.astype(text.dtype))
   logits = base.f32(model.mlm_head(fused))
   return image_loss, metrics, logits, predict
 
