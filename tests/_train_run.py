@@ -68,7 +68,7 @@ def main() -> int:
     if jax.process_index() == 0:
       import numpy as np  # pylint: disable=import-outside-toplevel
       from flax import nnx  # pylint: disable=import-outside-toplevel
-      flat = nnx.state(model, nnx.Param).flat_state()
+      flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
       np.savez(args.dump, **{"/".join(map(str, k)): np.asarray(v.get_value()) for k, v in flat})
   if jax.process_index() == 0:
     from radjax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel

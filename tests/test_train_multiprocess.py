@@ -68,7 +68,7 @@ def test_eight_device_checkpoint_restores_on_one_device(eight_devices):
   # Weights only (what fine-tuning uses) ...
   model, config = checkpoint.load_pretrained(workdir, method=toy.ToyMethod())
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  flat = nnx.state(model, nnx.Param).flat_state()
+  flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
   got = {"/".join(map(str, k)): np.asarray(v.get_value()) for k, v in flat}
   assert got.keys() == ref_params.keys()
   for k in ref_params:
