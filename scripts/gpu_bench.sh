@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue #9's GPU checks in one call of the device tool (an H100/H200 lent for ~15 minutes):
 #   run(command="bash scripts/gpu_bench.sh [PART...]", carry=[".whl"], timeout_s=...)
-# PARTs, run in the order given (default: all of them; LIMIT / TEST_LIMIT cap each step / the tests):
+# PARTs, run in the order given (default: all but profile; LIMIT / TEST_LIMIT cap each step / the tests):
 #   test     tests/test_gpu.py (cuDNN attention against a float32 reference)
 #   b256     ViT-B/16 CLIP bf16 batch 256 with XLA and with cuDNN attention (b256_xla, b256_cudnn)
 #   data     the SynthCXR loader at 224 px with 0, 8 and 16 workers: rendering on the fly, then
@@ -73,6 +73,6 @@ part_profile() {
 }
 part_rn50() { step rn50_b256 120 "$(faster)" ${R:-configs/bench/clip_rn50.py} 256; }
 
-for part in "${@:-test b256 data large rn50}"; do
-  for p in $part; do "part_$p"; done
-done
+parts=("$@")
+(( ${#parts[@]} )) || parts=(test b256 data large rn50)
+for p in "${parts[@]}"; do "part_$p"; done
