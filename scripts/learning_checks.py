@@ -14,9 +14,9 @@ finished runs), then measures, on held-out splits the pre-training never saw:
   same steps on the same reports with every image replaced by zeros (so the image path carries
   no information), evaluated with zero images. (c) is the honest baseline: it is what a model
   that was *trained* to do its best from the report context alone reaches; (b) only says how
-  much this MRM model relies on its image input. Accuracy is given over all masked tokens and
-  over the masked "finding words" (finding names, laterality, size/degree, normal/clear/no),
-  the tokens the surrounding text cannot determine;
+  much this MRM model relies on its image input. Accuracy is given over all masked tokens, over
+  the masked "finding words" (finding names, normal/clear/no, laterality, size/degree, devices:
+  what the film shows) and per class of them;
 * captioning (caption): greedy reports for validation films; a finding counts as mentioned when
   one of its keywords appears in the generated IMPRESSION section (where SynthCXR reports list
   only positive, possibly hedged, findings). Per finding, balanced accuracy of "mentioned" as a
@@ -76,11 +76,16 @@ KEYWORDS = {
     "nodule": ("nodule", "nodular"),
     "support_device": ("support device", "tube", "catheter", "pacemaker", "line", "leads"),
 }
-# Report words the rest of the report cannot determine: what is seen, where, how much.
-FINDING_WORDS = ("cardiomegaly", "enlarged", "effusion", "effusions", "pneumothorax", "consolidation",
-                 "edema", "atelectasis", "nodule", "opacity", "pneumonia", "congestion", "normal",
-                 "clear", "no", "right", "left", "bilateral", "small", "moderate", "large", "mild",
-                 "severe", "tube", "catheter", "pacemaker", "leads")
+# Report words the rest of the report cannot determine (what is seen, where, how much), by class:
+# which of them the film helps to predict says what the model reads in it.
+FINDING_WORD_CLASSES = {
+    "name": ("cardiomegaly", "enlarged", "effusion", "effusions", "pneumothorax", "consolidation", "edema",
+             "atelectasis", "nodule", "opacity", "pneumonia", "congestion"),
+    "normal": ("normal", "clear", "no"),
+    "side": ("right", "left", "bilateral"),
+    "grade": ("small", "moderate", "large", "mild", "severe"),
+    "device": ("tube", "catheter", "pacemaker", "leads"),
+}
 
 log = logging.getLogger("learning_checks")
 
@@ -153,28 +158,34 @@ def retrieval(model, config, batch_size: int) -> dict:
           "chance@1": 1.0 / n, "chance@5": 5.0 / n}
 
 
-def _finding_token_ids(tok) -> np.ndarray:
-  ids = []
-  for w in FINDING_WORDS:
-    pieces = tok.backend.encode(w, add_special_tokens=False).ids
-    if len(pieces) == 1:
-      ids.append(pieces[0])
-  return np.asarray(sorted(set(ids)), np.int32)
+def _finding_token_ids(tok) -> dict[str, np.ndarray]:
+  """Single-piece token ids of each class of FINDING_WORD_CLASSES."""
+  out = {}
+  for name, words in FINDING_WORD_CLASSES.items():
+    pieces = [tok.backend.encode(w, add_special_tokens=False).ids for w in words]
+    out[name] = np.asarray(sorted({p[0] for p in pieces if len(p) == 1}), np.int32)
+  return out
 
 
 def masked_tokens(model, config, batch_size: int, image_mode: str, repeats: int = 4) -> dict:
-  """Masked-token accuracy of an MRM model on validation reports; image_mode: paired|shuffled|zeros."""
+  """Masked-token accuracy of an MRM model on validation reports; image_mode: paired|shuffled|zeros.
+
+  Over all masked tokens, over the masked finding words, and per class of finding word
+  (``by_class``: accuracy and count)."""
   tok = get_tokenizer(config.data)
-  finding_ids = jnp.asarray(_finding_token_ids(tok))
+  class_ids = {k: jnp.asarray(v) for k, v in _finding_token_ids(tok).items()}
 
   def acc(m, batch, key):
     _, _, logits, predict = mrm_lib.token_predictions(m, batch, key)
     correct = (logits.argmax(-1) == batch["text_ids"]) * predict
-    is_finding = jnp.isin(batch["text_ids"], finding_ids) * predict
-    return correct.sum(), predict.sum(), (correct * is_finding).sum(), is_finding.sum()
+    counts = [correct.sum(), predict.sum()]
+    for ids in class_ids.values():
+      in_class = jnp.isin(batch["text_ids"], ids) * predict
+      counts += [(correct * in_class).sum(), in_class.sum()]
+    return jnp.stack(counts)
 
   fn = _split_jit(acc, model)
-  totals = np.zeros(4)
+  totals = np.zeros(2 + 2 * len(class_ids))
   for i, b in enumerate(batches(config, "validation", batch_size)):
     image = jnp.asarray(b["image"])
     if image_mode == "shuffled":
@@ -183,9 +194,12 @@ def masked_tokens(model, config, batch_size: int, image_mode: str, repeats: int 
       image = jnp.zeros_like(image)
     batch = {"image": image, "text_ids": jnp.asarray(b["text_ids"]), "text_mask": jnp.asarray(b["text_mask"])}
     for r in range(repeats):  # several maskings of the same reports: more masked tokens to count
-      totals += np.asarray([float(x) for x in fn(batch, jax.random.key(1000 * i + r))])
-  return {"token_accuracy": totals[0] / totals[1], "finding_token_accuracy": totals[2] / max(totals[3], 1),
-          "n_masked": int(totals[1]), "n_finding_masked": int(totals[3])}
+      totals += np.asarray(fn(batch, jax.random.key(1000 * i + r)), np.float64)
+  correct, count = totals[2::2], totals[3::2]
+  return {"token_accuracy": totals[0] / totals[1],
+          "finding_token_accuracy": correct.sum() / max(count.sum(), 1),
+          "by_class": {k: {"accuracy": c / max(n, 1), "n": int(n)} for k, c, n in zip(class_ids, correct, count)},
+          "n_masked": int(totals[1]), "n_finding_masked": int(count.sum())}
 
 
 def _impression(text: str) -> str | None:
@@ -342,6 +356,10 @@ def table(results: dict) -> str:
                      f"{mt['paired']['finding_token_accuracy']:.3f}",
                      f"text-only {mt['text_only']['finding_token_accuracy']:.3f}; shuffled image "
                      f"{mt['shuffled']['finding_token_accuracy']:.3f}"))
+      for word_class, paired in mt["paired"]["by_class"].items():
+        checks.append((f"... {word_class} words (n={paired['n']})", f"{paired['accuracy']:.3f}",
+                       f"text-only {mt['text_only']['by_class'][word_class]['accuracy']:.3f}; shuffled image "
+                       f"{mt['shuffled']['by_class'][word_class]['accuracy']:.3f}"))
     if "captioning" in r:
       c = r["captioning"]
       checks.append((f"caption finding mentions, balanced acc. (n={c['n']})", f"{c['balanced_accuracy']:.3f}",

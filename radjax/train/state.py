@@ -155,11 +155,21 @@ def setup(method: Any, config: Any, mesh: Mesh, tx: optax.GradientTransformation
   init = make_init_fn(method, config, tx, ema)
   abstract = jax.eval_shape(init)
   shardings = state_shardings(abstract, param_sh, rest_sh, tx, mesh)
-  if jax.default_backend() == "gpu":
+  jitted_init = jax.jit(init, out_shardings=shardings)
+
+  def sharded_init() -> dict:
+    if jax.default_backend() != "gpu":
+      return jitted_init()
     # XLA inlines a copy of threefry for every parameter initialiser: the ViT-B/16 CLIP init
     # took minutes to compile on an H200 (jax 0.11.2). JAX's CUDA kernel computes the same bits.
+    # Set for this compilation only: the flag is process-wide and the caller's to choose.
+    before = jax.config.jax_threefry_gpu_kernel_lowering
     jax.config.update("jax_threefry_gpu_kernel_lowering", True)
-  sharded_init = jax.jit(init, out_shardings=shardings)
+    try:
+      return jitted_init()
+    finally:
+      jax.config.update("jax_threefry_gpu_kernel_lowering", before)
+
   return graphdef, with_shardings(abstract, shardings), shardings, sharded_init
 
 
