@@ -139,7 +139,6 @@ def method_config() -> ml_collections.ConfigDict:
   c.mask_ratio = 0.75  # image patches masked (MAE / MRM)
   c.text_mask_ratio = 0.15  # report tokens masked (MRM)
   c.text_mask_every_occurrence = False  # MRM: mask every mention of a selected token (base.mask_tokens)
-  c.text_mask_sentences = False  # MRM: mask whole sentences, text_mask_ratio of them (base.mask_tokens)
   c.ssl_weight = 1.0  # weight of the SSL term in clip_ssl
   c.decoder_dim = 128
   c.decoder_layers = 2

@@ -116,46 +116,6 @@ def test_mask_tokens_every_occurrence_masks_each_mention_of_a_selected_token_ali
   assert 0.6 < (new[sel] == MASK).mean() < 0.95
 
 
-def _sentences(row_ids: np.ndarray, row_mask: np.ndarray, ends, specials=(PAD, CLS, SEP)) -> list[list[int]]:
-  """Positions of each sentence's maskable tokens (a sentence closes at one of ``ends``)."""
-  sentences, current = [], []
-  for pos, (tid, real) in enumerate(zip(row_ids.tolist(), row_mask.tolist())):
-    if not real or tid in specials:
-      continue
-    if tid in ends:
-      sentences.append(current)
-      current = []
-    else:
-      current.append(pos)
-  return [s for s in sentences + [current] if s]
-
-
-def test_mask_tokens_sentences_masks_whole_sentences_at_the_ratio():
-  rng = np.random.default_rng(0)
-  b, ends = 400, (5, 6)
-  ids, mask = _reports(rng, b, rng.integers(3, 41, b))
-  ids = np.asarray(ids)
-  words = (ids >= 7) & (rng.random(ids.shape) < 0.2)  # about one word in five ends its sentence
-  ids = jnp.asarray(np.where(words, rng.choice(ends, ids.shape), ids))
-  kw = dict(mask_id=MASK, vocab_size=VOCAB, special_ids=(PAD, CLS, SEP))
-  new, predict = base.mask_tokens(jax.random.key(2), ids, mask, 0.3, sentence_end_ids=ends, **kw)
-  ids, mask, sel = np.asarray(ids), np.asarray(mask), np.asarray(predict) > 0
-  assert not (sel & np.isin(ids, ends)).any(), "an end mark was selected"
-  n_sentences = n_selected = 0
-  for i in range(b):
-    sentences = _sentences(ids[i], mask[i], ends)
-    chosen = [s for s in sentences if sel[i, s].any()]
-    for s in chosen:
-      assert sel[i, s].all(), f"row {i}: a sentence was selected in part"
-    in_sentences = sorted(p for s in sentences for p in s)
-    assert sorted(np.flatnonzero(sel[i]).tolist()) == sorted(p for s in chosen for p in s)
-    assert chosen or not in_sentences, f"row {i}: no sentence to predict"
-    n_sentences += len(sentences)
-    n_selected += len(chosen)
-  assert 0.28 < n_selected / n_sentences < 0.40, n_selected / n_sentences  # 0.3 + one per row
-  np.testing.assert_array_equal(np.asarray(new)[~sel], ids[~sel])
-
-
 # ----------------------------------------------------------------------------- UniCL
 
 
@@ -283,22 +243,6 @@ def test_mrm_uses_both_modalities():
   rec3, _, _, _ = forward(model, shuffled_text, key)
   assert float(rec) != float(rec3)
 
-
-def test_mrm_sentence_masking_predicts_whole_sentences_of_real_reports():
-  config = load_config("configs/pretrain_synth.py:mrm,tiny", ["--config.method.text_mask_sentences=True"])
-  model = get_method("mrm").build(config, nnx.Rngs(0))
-  tok = base.tokenizer(config)
-  ends = {tok.backend.token_to_id(m) for m in (".", ";", ":")}
-  assert set(model.sentence_end_ids) == ends and None not in ends
-  batch = synth_batch(config, b=8)
-  _, _, _, predict = nnx.jit(mrm_lib.token_predictions)(model, batch, jax.random.key(0))
-  ids, mask, sel = np.asarray(batch["text_ids"]), np.asarray(batch["text_mask"]), np.asarray(predict) > 0
-  assert not (sel & np.isin(ids, list(ends))).any(), "an end mark was selected"
-  for i in range(len(ids)):
-    sentences = _sentences(ids[i], mask[i], ends, specials=(tok.pad_id, tok.cls_id, tok.sep_id))
-    assert any(sel[i, s].all() for s in sentences), f"report {i}: no whole sentence to predict"
-    for s in sentences:
-      assert sel[i, s].all() or not sel[i, s].any(), f"report {i}: a sentence masked in part"
 
 def test_clip_ssl_is_alignment_plus_weighted_ssl():
   config = tiny("clip_ssl")

@@ -84,44 +84,27 @@ def f32(x: jax.Array) -> jax.Array:
 
 def mask_tokens(key: jax.Array, ids: jax.Array, attention_mask: jax.Array, ratio: float, *,
                 mask_id: int, vocab_size: int, special_ids: tuple[int, ...],
-                every_occurrence: bool = False,
-                sentence_end_ids: tuple[int, ...] = ()) -> tuple[jax.Array, jax.Array]:
+                every_occurrence: bool = False) -> tuple[jax.Array, jax.Array]:
   """BERT-style masking of report tokens, on device.
 
   ids, attention_mask: int [B, L]. Returns (masked ids [B, L], float mask [B, L] with 1 at the
   positions to predict). Of the selected positions 80% become [MASK], 10% a random vocabulary
-  token, 10% stay. At least one real token (sentence) per report is selected, so the loss is
-  defined.
+  token, 10% stay. At least one real token per report is selected, so the loss is defined.
 
   every_occurrence: a selected token is selected wherever it occurs in its report, and all its
   occurrences get the same treatment. Reports restate their findings (FINDINGS, then IMPRESSION),
   so with per-position masking a masked finding word is usually copied from its other mention;
   masking every mention leaves the image as the only source.
-
-  sentence_end_ids: when given, the unit of selection is the sentence instead of the token: a
-  sentence (the tokens up to and including one of these ids, e.g. ".", ";", ":") is selected with
-  probability ``ratio`` and all its tokens but the end mark are predicted. Single masked words are
-  told by their sentence ("small left pleural [MASK]"); a masked sentence has to be told by the
-  rest of the report or by the image.
   """
   k_select, k_kind, k_swap = jax.random.split(key, 3)
   maskable = attention_mask.astype(bool)
   for special in special_ids:
     maskable &= ids != special
-  positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
-  if sentence_end_ids:
-    ends = jnp.isin(ids, jnp.asarray(sentence_end_ids, ids.dtype))
-    unit = jnp.cumsum(ends, axis=1) - ends  # an end mark belongs to the sentence it closes
-    maskable &= ~ends
-  else:
-    unit = positions
-  # One draw per unit (per token, or per sentence: its tokens share their sentence's draw).
-  noise = jnp.take_along_axis(jax.random.uniform(k_select, ids.shape), unit, axis=1)
+  noise = jax.random.uniform(k_select, ids.shape)
   noise = jnp.where(maskable, noise, 2.0)
-  # Guarantee one selected unit per row: the one of the lowest-noise maskable position.
+  # Guarantee one selected token per row: the lowest-noise maskable position.
   first = jnp.argmin(noise, axis=1)
-  first_unit = jnp.take_along_axis(unit, first[:, None], axis=1)
-  selected = (noise < ratio) | (unit == first_unit)
+  selected = (noise < ratio) | (jnp.arange(ids.shape[1])[None] == first[:, None])
   selected &= maskable
   kind = jax.random.uniform(k_kind, ids.shape)
   swapped = jax.random.randint(k_swap, ids.shape, 0, vocab_size, dtype=ids.dtype)

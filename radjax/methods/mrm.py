@@ -39,15 +39,6 @@ class MaskedImageText(MAE):
     self.vocab_size = tok.vocab_size
     self.text_mask_ratio = config.method.text_mask_ratio
     self.mask_every_occurrence = config.method.text_mask_every_occurrence
-    self.sentence_end_ids = sentence_end_ids(tok) if config.method.text_mask_sentences else ()
-
-
-def sentence_end_ids(tok) -> tuple[int, ...]:
-  """Ids of the marks that end a sentence or clause (".", ";", ":"), for sentence masking."""
-  ids = {tok.backend.token_to_id(mark) for mark in (".", ";", ":")} - {None}
-  if not ids:
-    raise ValueError(f"method.text_mask_sentences: the tokenizer {tok!r} has no '.', ';' or ':' token")
-  return tuple(sorted(ids))
 
 
 def token_predictions(model: MaskedImageText, batch, key):
@@ -61,8 +52,7 @@ def token_predictions(model: MaskedImageText, batch, key):
   ids, predict = base.mask_tokens(k_txt, batch["text_ids"], batch["text_mask"],
                                   model.text_mask_ratio, mask_id=model.mask_id,
                                   vocab_size=model.vocab_size, special_ids=model.special_ids,
-                                  every_occurrence=model.mask_every_occurrence,
-                                  sentence_end_ids=model.sentence_end_ids)
+                                  every_occurrence=model.mask_every_occurrence)
   image_tokens, patch_mask, restore = mae_encode(model, batch["image"], k_img)
   image_global = model.image_to_text(image_tokens.mean(axis=1, keepdims=True))
   text = model.text_encoder(ids, batch["text_mask"], input_bias=image_global)["tokens"]
