@@ -131,6 +131,27 @@ def test_gradient_accumulation_matches_full_batch():
   assert int(s4["step"]) == 3
 
 
+def test_gpu_threefry_lowering_is_set_for_the_init_only(monkeypatch):
+  config = toy.toy_config()
+  tx, _ = optim.make_optimizer(config.optim, 10)
+  _, _, _, init = state_lib.setup(_Regression(), config, mesh_lib.make_mesh(config.mesh), tx, ema=False)
+  seen = []
+  original_update = jax.config.update
+
+  def recording_update(name, value):
+    if name == "jax_threefry_gpu_kernel_lowering":
+      seen.append(value)
+    original_update(name, value)
+
+  monkeypatch.setattr(state_lib.jax, "default_backend", lambda: "gpu")  # the flag only changes GPU lowering
+  monkeypatch.setattr(state_lib.jax.config, "update", recording_update)
+  before = jax.config.jax_threefry_gpu_kernel_lowering
+  state = init()
+  assert seen == [True, before], "set for the init's compilation, then put back"
+  assert jax.config.jax_threefry_gpu_kernel_lowering == before
+  assert int(state["step"]) == 0
+
+
 def test_ema_eval_and_load_pretrained(tmp_path):
   config = toy.toy_config(**{"train.steps": 4, "train.eval_every": 2, "train.eval_batches": 2,
                              "optim.ema_decay": 0.5, "train.best_metric": "eval/loss"})
