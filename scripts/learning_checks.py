@@ -76,8 +76,9 @@ KEYWORDS = {
     "nodule": ("nodule", "nodular"),
     "support_device": ("support device", "tube", "catheter", "pacemaker", "line", "leads"),
 }
-# Report words the rest of the report cannot determine (what is seen, where, how much), by class:
-# which of them the film helps to predict says what the model reads in it.
+# Report words about what the film shows (what is seen, where, how much), by class. The rest of a
+# SynthCXR report often gives names and normal words; side and grade mostly only the film does
+# (BUILD_NOTES.md), so which classes the film helps to predict says what the model reads in it.
 FINDING_WORD_CLASSES = {
     "name": ("cardiomegaly", "enlarged", "effusion", "effusions", "pneumothorax", "consolidation", "edema",
              "atelectasis", "nodule", "opacity", "pneumonia", "congestion"),
