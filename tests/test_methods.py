@@ -99,6 +99,11 @@ def test_pretrain_config_variants():
   assert (cpu.model.image.name, cpu.model.image.width, cpu.model.image.depth, cpu.model.image.patch_size) == \
       ("vit", 128, 4, 16)
   assert cpu.data.image_size == cpu.data.synth.image_size == 64 and cpu.data.max_text_len == 128
+  # MRM's SynthCXR masking and length (it reads the film only so: BUILD_NOTES.md) are MRM's alone.
+  assert (cpu.train.steps, cpu.method.mask_ratio, cpu.method.text_mask_ratio, cpu.method.text_mask_every_occurrence) \
+      == (4000, 0.5, 0.5, True)
+  ssl = load_config("configs/pretrain_synth.py:ssl", [])
+  assert (ssl.train.steps, ssl.method.mask_ratio, ssl.method.text_mask_every_occurrence) == (400, 0.75, False)
 
   vitb = load_config("configs/pretrain_synth.py:clip,vitb16", [])
   assert vitb.method.name == "clip" and vitb.model.image.variant == "b" and vitb.model.image.patch_size == 16
