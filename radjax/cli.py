@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 
+from radjax import xla_flags
 from radjax.config import ConfigError, load_config, parse_overrides
 
 
@@ -164,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+  xla_flags.apply_default_xla_flags()  # before any command imports jax
   parser = build_parser()
   args, extra = parser.parse_known_args(argv)
   unknown = [a for a in extra if not a.startswith("--config.")]

@@ -47,6 +47,32 @@ def test_bench_step_json(capsys):
   assert "examples/s" in text and "MFU" in text and "data wait" in text
 
 
+def test_default_xla_flags_reach_every_radjax_command():
+  """radjax's CPU XLA flags are appended before jax starts, never over the user's own value of a
+  flag, not with RADJAX_XLA_DEFAULTS=0 or off CPU; cli.main applies them before any command runs
+  (a fresh process each)."""
+  from radjax import xla_flags
+  (flag, value), = xla_flags.CPU_DEFAULTS.items()
+  ours = f"--{flag}={value}"
+
+  def run(code: str, **env) -> list[str]:
+    clean = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "RADJAX_XLA_DEFAULTS", "JAX_PLATFORMS")}
+    return subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
+                          check=True).stdout.splitlines()
+
+  apply = ("import os; from radjax import xla_flags; print(xla_flags.apply_default_xla_flags()); "
+           "print(os.environ.get('XLA_FLAGS', ''))")
+  assert run(apply) == [f"['{ours}']", ours]
+  many = "--xla_force_host_platform_device_count=8"
+  assert run(apply, XLA_FLAGS=many) == [f"['{ours}']", f"{many} {ours}"]
+  assert run(apply, XLA_FLAGS=f"--{flag}=true") == ["[]", f"--{flag}=true"]
+  assert run(apply, RADJAX_XLA_DEFAULTS="0") == ["[]", ""]
+  assert run(apply, JAX_PLATFORMS="cuda") == ["[]", ""]
+  via_cli = ("import os; from radjax import cli\ntry:\n  cli.main(['--help'])\nexcept SystemExit:\n  pass\n"
+             "print(os.environ.get('XLA_FLAGS', ''))")
+  assert run(via_cli)[-1] == ours
+
+
 def test_rn50_config_flops():
   # configs/bench/clip_rn50.py builds (abstractly) and its FLOP count is ResNet-50's (~4.1 GMAC).
   import jax

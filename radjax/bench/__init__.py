@@ -18,8 +18,6 @@ import os
 import sys
 from typing import Any
 
-from radjax.bench import flags as flags_lib
-
 
 def _config(args: Any, extra: list[str]):
   from radjax.config import load_config, parse_overrides  # pylint: disable=import-outside-toplevel
@@ -89,8 +87,6 @@ def main(args: Any, extra: list[str]) -> int:
   """Entry point of ``radjax bench {step,data,compare}`` (args from radjax/cli.py)."""
   command = args.bench_command
   if command == "step":
-    # Must happen before jax creates its CPU client (nothing here has imported jax yet).
-    flags_lib.apply_default_xla_flags()
     code = main_step(args, extra)
   elif command == "data":
     code = main_data(args, extra)

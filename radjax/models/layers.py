@@ -50,13 +50,17 @@ def as_dtype(dtype: str | Dtype | None) -> Dtype | None:
     raise ValueError(f"unknown dtype {dtype!r} (expected 'float32' or 'bfloat16')") from e
 
 
-# ----------------------------------------------------------------------------- bf16 matmuls on CPU
+# ----------------------------------------------------------------------------- matmuls on CPU
 # XLA:CPU (jaxlib 0.10) runs a bf16 x bf16 -> bf16 dot by converting both operands to float32
 # and calling the f32 kernel, while bf16 x bf16 -> f32 (preferred_element_type) goes to the
 # native bf16 kernel (AVX512-BF16 / AMX): ~3x faster on a 2048^3 matmul. Dense layers therefore
 # multiply with float32 accumulation, add the bias in float32 and round once to bf16, in the
 # forward pass and (custom VJP) in the backward pass, whose weight gradients come out in float32
 # directly. Same numerics as GPU/TPU bf16 matmuls (f32 accumulation), one rounding fewer.
+# float32 layers take the same path for its backward pass: autodiff's weight gradient x^T g
+# contracts the major dim of both operands, which XLA:CPU leaves to a plain (Eigen) dot outside
+# its YNNPACK fusions; from a materialised x^T it is a YNNPACK dot like the others (ViT-B/16 CLIP
+# float32 step +7 % with the scheduler flag of radjax/xla_flags.py; BUILD_NOTES.md).
 
 
 def _dims(contract_lhs: int, contract_rhs: int):
@@ -114,22 +118,24 @@ def _dense_bwd(res, g):
 _dense_f32acc.defvjp(_dense_fwd, _dense_bwd)
 
 
-def use_f32_accumulation(dtype: Dtype) -> bool:
-  """True where :class:`Linear` takes the bf16 x bf16 -> f32 path (bf16 compute on CPU)."""
-  return as_dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu"
+def use_cpu_dense(dtype: Dtype) -> bool:
+  """True where :class:`Linear` takes its own CPU path (bf16 or f32 compute on CPU)."""
+  return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)) and jax.default_backend() == "cpu"
 
 
 class Linear(nnx.Linear):
-  """nnx.Linear (same parameters, same results up to bf16 rounding) whose bf16 matmuls on CPU
-  accumulate in float32 in forward and backward (see the note above). Elsewhere: nnx.Linear."""
+  """nnx.Linear (same parameters, same results up to rounding) whose matmuls on CPU accumulate
+  in float32 and whose weight gradients come from a materialised x^T (see the note above).
+  Elsewhere: nnx.Linear."""
 
   def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
-    if out_sharding is not None or not use_f32_accumulation(self.dtype):
-      return super().__call__(inputs, out_sharding)
     kernel = self.kernel[...]
+    dtype = jnp.promote_types(inputs.dtype, kernel.dtype) if self.dtype is None else jnp.dtype(self.dtype)
+    if out_sharding is not None or not use_cpu_dense(dtype):
+      return super().__call__(inputs, out_sharding)
     bias = self.bias[...] if self.bias is not None else jnp.zeros((kernel.shape[-1],), jnp.float32)
     lead = inputs.shape[:-1]
-    x = inputs.reshape(-1, inputs.shape[-1]).astype(as_dtype(self.dtype))
+    x = inputs.reshape(-1, inputs.shape[-1]).astype(dtype)
     return _dense_f32acc(x, kernel, bias).reshape(lead + (kernel.shape[-1],))
 
 
@@ -137,7 +143,7 @@ def linear(din: int, dout: int, names: Sequence[str | None], *, rngs: nnx.Rngs,
            dtype: Dtype = None, use_bias: bool = True, kernel_init=default_kernel_init,
            bias_init=zeros) -> nnx.Linear:
   """nnx.Linear with kernel [din, dout] named ``names`` and bias [dout] named ``names[-1]``
-  (a :class:`Linear`: bf16 matmuls accumulate in float32 on CPU)."""
+  (a :class:`Linear`: its own matmul path on CPU)."""
   return Linear(
       din, dout, use_bias=use_bias, dtype=dtype, rngs=rngs,
       kernel_init=partitioned(kernel_init, *names),

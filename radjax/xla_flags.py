@@ -1,13 +1,15 @@
-"""XLA flags that ``radjax bench`` sets for its own process (CPU only; never for training).
+"""XLA flags that radjax sets for its own processes on CPU: every ``radjax`` command (train,
+study, bench, ...) and scripts/learning_checks.py, so a benchmark measures what training runs.
 
 They are appended to ``$XLA_FLAGS`` unless that already names the flag, and only before jax
-creates its CPU client. ``RADJAX_BENCH_XLA_DEFAULTS=0`` disables them.
+creates its CPU client. ``RADJAX_XLA_DEFAULTS=0`` disables them. Tests (pytest) do not set them.
 
-Measured on jaxlib 0.10.2, 2-core AMD Zen 5 (AVX512-BF16), bf16 matmuls [3152 x 768 x {768,3072}]
-and the ViT-B/16 CLIP step: none of the CPU library flags beats the default (YNNPACK dot
-fusions), so the set is empty and the speed comes from the model code instead (float32
-accumulation of bf16 matmuls, materialised transposes for weight gradients, CPU attention; see
-radjax/models/layers.py and transformer.py):
+Measured on jaxlib 0.10.2, 2-core AMD Zen 5 (AVX512-BF16), ViT-B/16 CLIP train step at batch 16
+(`radjax bench step`; BUILD_NOTES.md, "CPU step performance"):
+  --xla_cpu_enable_concurrency_optimized_scheduler=false                    kept: float32 +8 %,
+      bfloat16 +6.5 %. XLA's default schedule runs independent ops side by side on the thread
+      pool; on two cores two concurrent matmuls each get one core and both run slower.
+The CPU library flags do not beat the default (YNNPACK dot fusions):
   --xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_custom_call=true   no change
   --xla_cpu_experimental_onednn_fusion_type=dot                             no change
   --xla_cpu_experimental_xnn_fusion_type=dot --xla_cpu_experimental_ynn_fusion_type=
@@ -21,13 +23,13 @@ import os
 import sys
 
 # flag (without --) -> value.
-CPU_DEFAULTS: dict[str, str] = {}
+CPU_DEFAULTS: dict[str, str] = {"xla_cpu_enable_concurrency_optimized_scheduler": "false"}
 
 
 def apply_default_xla_flags(defaults: dict[str, str] | None = None) -> list[str]:
   """Appends ``defaults`` (default :data:`CPU_DEFAULTS`) to ``$XLA_FLAGS``; returns what it added."""
   defaults = CPU_DEFAULTS if defaults is None else defaults
-  if not defaults or os.environ.get("RADJAX_BENCH_XLA_DEFAULTS", "1") == "0":
+  if not defaults or os.environ.get("RADJAX_XLA_DEFAULTS", "1") == "0":
     return []
   if "jax" in sys.modules:
     try:
