@@ -57,7 +57,7 @@ def as_dtype(dtype: str | Dtype | None) -> Dtype | None:
 # multiply with float32 accumulation, add the bias in float32 and round once to bf16, in the
 # forward pass and (custom VJP) in the backward pass, whose weight gradients come out in float32
 # directly. Same numerics as GPU/TPU bf16 matmuls (f32 accumulation), one rounding fewer.
-# float32 layers take the same path for its backward pass: autodiff's weight gradient x^T g
+# float32 layers take the same path for their backward pass: autodiff's weight gradient x^T g
 # contracts the major dim of both operands, which XLA:CPU leaves to a plain (Eigen) dot outside
 # its YNNPACK fusions; from a materialised x^T it is a YNNPACK dot like the others (ViT-B/16 CLIP
 # float32 step +7 % with the scheduler flag of radjax/xla_flags.py; BUILD_NOTES.md).
@@ -120,7 +120,8 @@ _dense_f32acc.defvjp(_dense_fwd, _dense_bwd)
 
 def use_cpu_dense(dtype: Dtype) -> bool:
   """True where :class:`Linear` takes its own CPU path (bf16 or f32 compute on CPU)."""
-  return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)) and jax.default_backend() == "cpu"
+  on_cpu = jax.default_backend() == "cpu"
+  return on_cpu and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 
 
 class Linear(nnx.Linear):
