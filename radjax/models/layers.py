@@ -121,7 +121,7 @@ _dense_f32acc.defvjp(_dense_fwd, _dense_bwd)
 def use_cpu_dense(dtype: Dtype) -> bool:
   """True where :class:`Linear` takes its own CPU path (bf16 or f32 compute on CPU)."""
   on_cpu = jax.default_backend() == "cpu"
-  return on_cpu and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+  return on_cpu and jnp.dtype(as_dtype(dtype)) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 
 
 class Linear(nnx.Linear):
@@ -131,7 +131,7 @@ class Linear(nnx.Linear):
 
   def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
     kernel = self.kernel[...]
-    dtype = jnp.promote_types(inputs.dtype, kernel.dtype) if self.dtype is None else jnp.dtype(self.dtype)
+    dtype = jnp.promote_types(inputs.dtype, kernel.dtype) if self.dtype is None else jnp.dtype(as_dtype(self.dtype))
     if out_sharding is not None or not use_cpu_dense(dtype):
       return super().__call__(inputs, out_sharding)
     bias = self.bias[...] if self.bias is not None else jnp.zeros((kernel.shape[-1],), jnp.float32)
