@@ -117,6 +117,33 @@ def test_linear_cpu_path_matches_nnx_linear(dtype, tol):
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol * 10)
 
 
+@pytest.mark.parametrize("dtype,tol", [(None, 1e-5), ("bfloat16", 2e-2)])
+@pytest.mark.parametrize("stride,padding", [(1, "VALID"), (2, [(0, 0), (0, 0)]), (1, "SAME")])
+def test_pointwise_conv_cpu_path_matches_nnx_conv(dtype, tol, stride, padding):
+  """layers.Conv runs 1x1 unpadded convolutions as dots on CPU (3x3 and padded ones as nnx.Conv):
+  the same outputs and gradients as flax's nnx.Conv, strided included."""
+  from radjax.models import layers
+  for k in (1, 3):
+    ours = layers.Conv(6, 10, (k, k), strides=stride, padding=padding, dtype=dtype, rngs=nnx.Rngs(0))
+    ref = nnx.Conv(6, 10, (k, k), strides=stride, padding=padding, dtype=dtype, rngs=nnx.Rngs(1))
+    ref.kernel[...] = ours.kernel[...]
+    ref.bias[...] = ours.bias[...] = jax.random.normal(jax.random.key(2), (10,))
+    x = jax.random.normal(jax.random.key(3), (2, 8, 6, 6))
+    assert ours._is_pointwise(x) == (k == 1 and padding != "SAME")  # "SAME": nnx.Conv
+    g = jax.random.normal(jax.random.key(4), ref(x).shape)
+
+    def grads(layer):
+      graphdef, params = nnx.split(layer)
+      f = lambda x, p: jnp.vdot(nnx.merge(graphdef, p)(x).astype(jnp.float32), g)
+      dx, dp = jax.grad(f, argnums=(0, 1))(x, params)
+      return dx, dp["kernel"][...], dp["bias"][...]
+
+    np.testing.assert_allclose(np.asarray(ours(x), np.float32), np.asarray(ref(x), np.float32), rtol=tol, atol=tol)
+    for a, b in zip(grads(ours), grads(ref)):
+      assert a.dtype == b.dtype
+      np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol * 10)
+
+
 # ---------------------------------------------------------------- image encoders
 
 @pytest.mark.parametrize("pool,posemb", [("cls", "learned"), ("gap", "sincos2d")])

@@ -140,6 +140,34 @@ class Linear(nnx.Linear):
     return _dense_f32acc(x, kernel, bias).reshape(lead + (kernel.shape[-1],))
 
 
+class Conv(nnx.Conv):
+  """nnx.Conv (same parameters, same results up to rounding) whose 1x1 convolutions without
+  padding take :class:`Linear`'s CPU path: XLA:CPU runs them as convolutions at 25-145 GFLOP/s
+  on ResNet-50's shapes, against 180-280 GFLOP/s as dots (BUILD_NOTES.md, "RN50").
+  Elsewhere, and for every other convolution: nnx.Conv."""
+
+  def _is_pointwise(self, inputs: jax.Array) -> bool:
+    ones = (1,) * len(self.kernel_size)
+    unit = lambda v: v in (None, 1) or tuple(v) == ones
+    padding = self.padding
+    no_padding = padding == "VALID" or (
+        not isinstance(padding, str) and all(tuple(p) == (0, 0) for p in padding))
+    return (tuple(self.kernel_size) == ones and no_padding and unit(self.input_dilation)
+            and unit(self.kernel_dilation) and self.feature_group_count == 1
+            and self.mask is None and inputs.ndim == len(self.kernel_size) + 2)
+
+  def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+    kernel = self.kernel[...]
+    dtype = jnp.promote_types(inputs.dtype, kernel.dtype) if self.dtype is None else jnp.dtype(as_dtype(self.dtype))
+    if out_sharding is not None or not use_cpu_dense(dtype) or not self._is_pointwise(inputs):
+      return super().__call__(inputs, out_sharding)
+    strides = self.strides if isinstance(self.strides, Sequence) else (self.strides or 1,) * len(self.kernel_size)
+    x = inputs[(slice(None),) + tuple(slice(None, None, s) for s in strides)]
+    bias = self.bias[...] if self.bias is not None else jnp.zeros((kernel.shape[-1],), jnp.float32)
+    y = _dense_f32acc(x.reshape(-1, x.shape[-1]).astype(dtype), kernel.reshape(-1, kernel.shape[-1]), bias)
+    return y.reshape(x.shape[:-1] + (kernel.shape[-1],))
+
+
 def linear(din: int, dout: int, names: Sequence[str | None], *, rngs: nnx.Rngs,
            dtype: Dtype = None, use_bias: bool = True, kernel_init=default_kernel_init,
            bias_init=zeros) -> nnx.Linear:

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import jax
 from flax import nnx
 
-from radjax.models.layers import as_dtype, ones, partitioned, zeros
+from radjax.models.layers import Conv, as_dtype, ones, partitioned, zeros
 from radjax.parallel.rules import constrain_batch
 
 # variant -> (block type, blocks per stage)
@@ -58,7 +58,7 @@ def resnet_variant(variant: str) -> tuple[str, tuple[int, ...]]:
 def conv(cin: int, cout: int, k: int, stride: int = 1, *, rngs: nnx.Rngs, dtype=None) -> nnx.Conv:
   # Explicit k//2 padding matches torchvision (XLA "SAME" pads stride-2 convs asymmetrically).
   init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
-  return nnx.Conv(cin, cout, (k, k), strides=stride, padding=[(k // 2, k // 2)] * 2,
+  return Conv(cin, cout, (k, k), strides=stride, padding=[(k // 2, k // 2)] * 2,
                   use_bias=False, dtype=dtype, rngs=rngs,
                   kernel_init=partitioned(init, None, None, "conv_in", "conv_out"))
 
