@@ -59,10 +59,13 @@ def data_config() -> ml_collections.ConfigDict:
 def model_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # ViT: variant ti/s/m/b/l/h sets width/depth/mlp_dim/num_heads unless they are > 0.
-  # ResNet: name="resnet", variant "18"/"50", norm "group" (no batch statistics) or "batch".
+  # ResNet: name="resnet", variant "18"/"50", norm "group" (no batch statistics) or "batch";
+  # style "torchvision" or "clip" (open_clip's ModifiedResNet, attention pool of attn_heads);
+  # blocks per stage when not the variant's.
   c.image = ml_collections.ConfigDict(dict(
       name="vit", variant="ti", patch_size=8, pool="cls", posemb="learned",
-      width=0, depth=0, mlp_dim=0, num_heads=0, norm="group", dropout=0.0))
+      width=0, depth=0, mlp_dim=0, num_heads=0, norm="group", dropout=0.0,
+      style="torchvision", blocks=(), attn_heads=0))
   # name "bert" (post-LN, HF layout) or "clip_text" (open_clip's causal text tower).
   c.text = ml_collections.ConfigDict(dict(
       name="bert", hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512,

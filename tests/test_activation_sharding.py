@@ -66,6 +66,8 @@ _SCRIPT = textwrap.dedent("""
                    out_shardings=(shardings, mesh_lib.replicated(mesh)))
       hlo = fn.lower(abstract, batch).compile().as_text()
       params = {tuple(x.shape) for x in jax.tree.leaves(abstract["params"])}
+      # A 1x1 convolution's kernel [1, 1, I, O] is gathered as the [I, O] of its dot.
+      params |= {tuple(d for d in p if d != 1) for p in params}
       gathers = [s for op, s in step.collective_shapes(hlo) if op == "all-gather"]
       out[name] = {"mesh": {k: int(v) for k, v in mesh.shape.items()}, "all_gathers": gathers,
                    "param_gathers": [s for s in gathers if all(tuple(t) in params for t in s)]}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -190,6 +192,48 @@ def test_resnet50_embed_dim():
   net = nnx.eval_shape(lambda: ResNet(ResNetConfig("50", image_size=64, channels=1),
                                       rngs=nnx.Rngs(0)))
   assert net.embed_dim == 2048
+
+
+OPEN_CLIP_FIXTURE = Path(__file__).parent / "data" / "open_clip_modified_resnet.npz"
+
+
+def _open_clip_resnet():
+  """radjax's ResNet(style="clip") holding the fixture's open_clip ModifiedResNet weights."""
+  from radjax.models.open_clip_port import load_open_clip_resnet
+  data = dict(np.load(OPEN_CLIP_FIXTURE))
+  weights = {k[2:]: v for k, v in data.items() if k.startswith("w/")}
+  net = ResNet(ResNetConfig("50", blocks=(2, 1, 1, 1), width=4, attn_heads=2, image_size=64,
+                            channels=3, style="clip", norm="batch"), rngs=nnx.Rngs(0))
+  return net, weights, data
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_clip_resnet_matches_open_clip(mode):
+  """ResNet(style="clip") with open_clip ModifiedResNet weights gives open_clip's feature map and
+  attention-pool output (c_proj applied after radjax's "pooled"), with BatchNorm's running
+  statistics (eval) and batch statistics (train). Fixture: scripts/open_clip_resnet_fixture.py."""
+  from radjax.models.open_clip_port import load_open_clip_resnet
+  net, weights, data = _open_clip_resnet()
+  c_kernel, c_bias = load_open_clip_resnet(net, weights)
+  net.eval() if mode == "eval" else net.train()
+  out = net(jnp.asarray(data["image"]))
+  assert out["tokens"].shape == (3, 4, 128) and net.grid_size == 2 and net.embed_dim == 128
+  np.testing.assert_allclose(np.asarray(out["tokens"]).reshape(3, 2, 2, 128),
+                             data[f"features_{mode}"], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(out["pooled"]) @ c_kernel + c_bias, data[f"pooled_{mode}"],
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_open_clip_resnet_port_names_bad_weights():
+  from radjax.models.open_clip_port import load_open_clip_resnet
+  net, weights, _ = _open_clip_resnet()
+  bad = dict(weights, **{"layer2.0.conv2.weight": weights["layer2.0.conv2.weight"][:, :-1]})
+  with pytest.raises(ValueError, match=r"layer2\.0\.conv2\.weight has shape"):
+    load_open_clip_resnet(net, bad)
+  with pytest.raises(KeyError, match="attnpool.q_proj.bias"):
+    load_open_clip_resnet(net, {k: v for k, v in weights.items() if k != "attnpool.q_proj.bias"})
+  with pytest.raises(ValueError, match="not used"):
+    load_open_clip_resnet(net, dict(weights, **{"layer5.0.conv1.weight": np.zeros(1)}))
 
 
 # ---------------------------------------------------------------- text encoders

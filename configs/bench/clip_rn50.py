@@ -7,17 +7,13 @@ open_clip RN50 (model_configs/RN50.json): embed_dim 1024; vision ``ModifiedResNe
 (3, 4, 6, 3), width 64, image 224; text as ViT-B-16's (context 77, vocabulary 49408, width 512,
 8 heads, 12 layers).
 
-The image towers differ, so this is NOT the same model; count FLOPs for each side:
-  * open_clip ModifiedResNet: 3-conv stem (3x3 s2 3->32, 3x3 32->32, 3x3 32->64, avgpool 2),
-    anti-aliased downsampling (avgpool before the stride-1 convolutions), BatchNorm, and an
-    attention-pooling head (AttentionPool2d: 7x7+1 tokens, 32 heads, width 2048 -> 1024, ~14.8 M
-    params) instead of global average pooling. ~38.3 M image params; ~5.4 GMAC forward.
-  * radjax ResNet-50: torchvision v1.5 layout (7x7 s2 stem + max-pool, stride in the 3x3 conv),
-    GroupNorm(32) (stateless; see radjax/models/resnet.py), global average pooling and a linear
-    projection 2048 -> 1024 (no bias). ~25.6 M image params; ~4.1 GMAC forward.
-``radjax bench step`` reports the analytic FLOPs of the radjax model; ``radjax bench compare``
-also counts the peer's FLOPs with torch's FlopCounterMode, so MFU and FLOP/s are comparable even
-though examples/s is not a like-for-like ratio here.
+radjax mirrors it with ``ResNet(style="clip", norm="batch")``: the 3-convolution stem,
+anti-aliased downsampling, BatchNorm with batch statistics in training, and attention pooling
+with 32 heads (radjax/models/resnet.py; tests/test_models.py checks it against open_clip's own
+ModifiedResNet, weights ported). One difference: open_clip's attention-pool output projection
+``c_proj`` (2048 -> 1024, with a bias) is radjax's CLIP image projection (no bias), so radjax has
+1024 parameters fewer. radjax computes the attention pool's query for the mean token only, the
+one whose output is used; open_clip computes all 50 (0.4 GFLOP more per forward).
 """
 
 from radjax import defaults
@@ -36,7 +32,7 @@ def get_config(arg=None):
 
   m = config.model
   # width is shared with the ViT fields of model.image (0 there means "from the variant").
-  m.image.update(dict(name="resnet", variant="50", norm="group", width=64))
+  m.image.update(dict(name="resnet", variant="50", style="clip", norm="batch", width=64))
   m.text.update(dict(name="clip_text", hidden_size=512, num_layers=12, num_heads=8,
                      intermediate_size=2048, vocab_size=49408, pool="argmax"))
   m.embed_dim = 1024
@@ -55,7 +51,7 @@ def get_config(arg=None):
   if arg == "tiny":
     d.image_size = d.synth.image_size = 32
     d.max_text_len = 16
-    m.image.update(dict(variant="18", width=8))
+    m.image.update(dict(blocks=(1, 1, 1, 1), width=8))
     m.text.update(dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
                        vocab_size=512))
     m.embed_dim = 16

@@ -242,8 +242,12 @@ def run(config: Any, *, steps: int = 10, warmup: int = 2, repeats: int = 3,
   per_repeat = []
   profile_dir = os.environ.get("RADJAX_BENCH_PROFILE_DIR", "")
   if profile_dir:
-    # A jax.profiler trace of the timed steps (view in Perfetto / TensorBoard / xprof).
-    jax.profiler.start_trace(profile_dir)
+    # A jax.profiler trace of the timed steps (view in Perfetto / TensorBoard / xprof), with a
+    # host event for every XLA:CPU op (host tracer level 3); the Python tracer stays off, as its
+    # frames otherwise fill the trace's event buffer before the ops do.
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level, options.host_tracer_level = 0, 3
+    jax.profiler.start_trace(profile_dir, create_perfetto_trace=True, profiler_options=options)
   for _ in range(repeats):
     data_s = 0.0
     t0 = time.perf_counter()

@@ -44,15 +44,24 @@ def _conv(h: int, cin: int, cout: int, k: int, stride: int) -> tuple[int, int]:
 
 
 def resnet_flops(config: ResNetConfig | Mapping[str, Any]) -> int:
-  """Forward FLOPs of one (square) image: the convolutions."""
+  """Forward FLOPs of one (square) image: the convolutions (and style "clip"'s attention pool)."""
   c = config if isinstance(config, ResNetConfig) else ResNetConfig.from_mapping(config)
-  total, h = _conv(c.image_size, c.channels, c.width, 7, 2)
-  h = -(-h // 2)  # max pool
+  clip = c.style == "clip"
+  if clip:  # three 3x3 convs, the first strided, then a 2x2 average pool
+    total, h = _conv(c.image_size, c.channels, c.width // 2, 3, 2)
+    total += _conv(h, c.width // 2, c.width // 2, 3, 1)[0] + _conv(h, c.width // 2, c.width, 3, 1)[0]
+    h //= 2
+  else:  # 7x7 s2, then a 3x3 s2 max pool
+    total, h = _conv(c.image_size, c.channels, c.width, 7, 2)
+    h = -(-h // 2)
   for kind, cin, width, stride in stage_specs(c):
     if kind == "bottleneck":
       cout = 4 * width
       f1, _ = _conv(h, cin, width, 1, 1)
-      f2, ho = _conv(h, width, width, 3, stride)
+      if clip:  # stride-1 3x3, then an average pool
+        f2, ho = _conv(h, width, width, 3, 1)[0], h // stride
+      else:
+        f2, ho = _conv(h, width, width, 3, stride)
       f3, _ = _conv(ho, width, cout, 1, 1)
       total += f1 + f2 + f3
     else:
@@ -61,8 +70,11 @@ def resnet_flops(config: ResNetConfig | Mapping[str, Any]) -> int:
       f2, _ = _conv(ho, width, width, 3, 1)
       total += f1 + f2
     if stride != 1 or cin != cout:
-      total += _conv(h, cin, cout, 1, stride)[0]
+      total += _conv(ho if clip else h, cin, cout, 1, 1 if clip else stride)[0]
     h = ho
+  if clip:  # attention pool: k, v of the mean + h*w tokens, q of the mean, one query's attention
+    tokens, d = h * h + 1, cout
+    total += 2 * 2 * tokens * d * d + 2 * d * d + 4 * tokens * d
   return total
 
 

@@ -1,4 +1,12 @@
-"""ResNet-18/34/50/101 (torchvision v1.5 layout) image encoder.
+"""ResNet-18/34/50/101 image encoder: torchvision's v1.5 layout, or CLIP's ModifiedResNet.
+
+``style="clip"`` is open_clip's / OpenAI CLIP's ModifiedResNet (open_clip ``RN50`` etc.): a
+3-convolution stem ending in a 2x2 average pool, anti-aliased downsampling (a 2x2 average pool
+before the stride-1 1x1 convolution, in the residual and the shortcut branch), and attention
+pooling (the mean token attends over itself and the final feature map, with a learned position
+embedding). Its "pooled" output is the attention output before open_clip's ``c_proj``: that output
+projection is the linear head that follows (CLIP's image projection, a classifier), as a second
+linear map after it would add nothing.
 
 Normalisation is GroupNorm(32) by default, BatchNorm on request (``norm="batch"``).
 Why GroupNorm by default: it is stateless, so losses stay pure functions of the
@@ -16,9 +24,11 @@ import dataclasses
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
-from radjax.models.layers import Conv, as_dtype, ones, partitioned, zeros
+from radjax.models.layers import Conv, as_dtype, linear, ones, param, partitioned, zeros
+from radjax.models.transformer import dot_product_attention
 from radjax.parallel.rules import constrain_batch
 
 # variant -> (block type, blocks per stage)
@@ -37,7 +47,10 @@ class ResNetConfig:
   channels: int = 3
   norm: str = "group"        # "group" (GroupNorm, 32 groups) or "batch"
   width: int = 64            # channels of the stem / first stage
+  blocks: tuple[int, ...] = ()  # blocks per stage, if not the variant's (open_clip RN50x4: 4,6,10,6)
   zero_init_residual: bool = True
+  style: str = "torchvision"  # or "clip" (ModifiedResNet: see the module docstring)
+  attn_heads: int = 0        # style "clip": attention-pool heads (0: feature width / 64, as CLIP)
   dtype: Any = "float32"
 
   @classmethod
@@ -46,6 +59,9 @@ class ResNetConfig:
     kw = {k: v for k, v in dict(cfg).items() if k in names}
     kw.update(overrides)
     return cls(**kw)
+
+
+STYLES = ("torchvision", "clip")
 
 
 def resnet_variant(variant: str) -> tuple[str, tuple[int, ...]]:
@@ -75,15 +91,30 @@ def norm_layer(kind: str, c: int, *, rngs: nnx.Rngs, dtype=None, zero: bool = Fa
   raise ValueError(f"ResNet norm must be 'group' or 'batch', got {kind!r}")
 
 
+def avg_pool(x: jax.Array, k: int) -> jax.Array:
+  """[B, H, W, C] -> [B, H//k, W//k, C]: k x k average pooling with stride k (torch's
+  AvgPool2d(k), which drops a remainder), as a reshape and a mean: cheaper than reduce_window."""
+  b, h, w, c = x.shape
+  x = x[:, :h // k * k, :w // k * k]
+  return x.reshape(b, h // k, k, w // k, k, c).mean((2, 4), dtype=jnp.float32).astype(x.dtype)
+
+
 class ResidualBlock(nnx.Module):
-  """Basic (3x3, 3x3) or bottleneck (1x1, 3x3 strided, 1x1 x4) residual block."""
+  """Basic (3x3, 3x3) or bottleneck (1x1, 3x3 strided, 1x1 x4) residual block. With
+  ``antialias`` (CLIP's ModifiedResNet, bottleneck only) every convolution has stride 1 and a
+  ``stride`` x ``stride`` average pool downsamples: after the 3x3 convolution, and before the
+  shortcut's 1x1 convolution."""
 
   def __init__(self, kind: str, cin: int, width: int, stride: int, *, norm: str, zero_init: bool,
-               rngs: nnx.Rngs, dtype=None):
+               rngs: nnx.Rngs, dtype=None, antialias: bool = False):
     expansion = 4 if kind == "bottleneck" else 1
     cout = width * expansion
+    if antialias and kind != "bottleneck":
+      raise ValueError("anti-aliased downsampling (style 'clip') needs bottleneck blocks (ResNet-50/101)")
+    self.pool = stride if antialias else 1
+    conv_stride = 1 if antialias else stride
     if kind == "bottleneck":
-      specs = [(cin, width, 1, 1), (width, width, 3, stride), (width, cout, 1, 1)]
+      specs = [(cin, width, 1, 1), (width, width, 3, conv_stride), (width, cout, 1, 1)]
     else:
       specs = [(cin, width, 3, stride), (width, cout, 3, 1)]
     self.convs = nnx.List([conv(i, o, k, s, rngs=rngs, dtype=dtype) for i, o, k, s in specs])
@@ -91,7 +122,7 @@ class ResidualBlock(nnx.Module):
         norm_layer(norm, o, rngs=rngs, dtype=dtype, zero=zero_init and j == len(specs) - 1)
         for j, (_, o, _, _) in enumerate(specs)])
     if stride != 1 or cin != cout:
-      self.proj = conv(cin, cout, 1, stride, rngs=rngs, dtype=dtype)
+      self.proj = conv(cin, cout, 1, conv_stride, rngs=rngs, dtype=dtype)
       self.proj_norm = norm_layer(norm, cout, rngs=rngs, dtype=dtype)
     else:
       self.proj = self.proj_norm = None
@@ -100,17 +131,54 @@ class ResidualBlock(nnx.Module):
     # Every conv output is pinned to the batch axes on a mesh: with FSDP-sharded kernels XLA
     # otherwise computes small-spatial convs channel-split on an all-gathered batch.
     y = x
+    last = len(self.convs) - 1
     for j, (c, n) in enumerate(zip(self.convs, self.norms)):
+      if j == last and self.pool > 1:
+        y = avg_pool(y, self.pool)
       y = n(constrain_batch(c(y)))
-      if j < len(self.convs) - 1:
+      if j < last:
         y = jax.nn.relu(y)
-    shortcut = x if self.proj is None else self.proj_norm(constrain_batch(self.proj(x)))
+    shortcut = x
+    if self.proj is not None:
+      shortcut = avg_pool(x, self.pool) if self.pool > 1 else x
+      shortcut = self.proj_norm(constrain_batch(self.proj(shortcut)))
     return jax.nn.relu(y + shortcut)
+
+
+class AttentionPool(nnx.Module):
+  """CLIP's attention pooling: [B, h, w, D] -> [B, D], the output of multi-head attention whose
+  one query is the mean feature, over the mean and every position, with a learned position
+  embedding [1 + h*w, D]. No output projection (see the module docstring)."""
+
+  def __init__(self, grid: int, dim: int, num_heads: int, *, rngs: nnx.Rngs, dtype=None):
+    if dim % num_heads:
+      raise ValueError(f"attention-pool width {dim} is not divisible by attn_heads {num_heads}")
+    self.num_heads = num_heads
+    self.pos_embed = param(rngs, nnx.initializers.normal(dim ** -0.5), (grid * grid + 1, dim),
+                           ("pos", "embed"))
+    init = nnx.initializers.normal(dim ** -0.5)
+    self.query, self.key, self.value = (
+        linear(dim, dim, ("embed", "heads"), rngs=rngs, dtype=dtype, kernel_init=init)
+        for _ in range(3))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, h, w, d = x.shape
+    x = x.reshape(b, h * w, d)
+    x = jnp.concatenate([x.mean(1, keepdims=True, dtype=jnp.float32).astype(x.dtype), x], axis=1)
+    # Pinned: the sum would otherwise take the FSDP-sharded position embedding's layout.
+    x = constrain_batch(x + self.pos_embed[...].astype(x.dtype))
+    names = (None, "heads", None)
+    heads = lambda t: constrain_batch(t.reshape(t.shape[:2] + (self.num_heads, d // self.num_heads)), names)
+    # Only the mean token's output is kept, so only its query is computed.
+    out = dot_product_attention(heads(self.query(constrain_batch(x[:, :1]))), heads(self.key(x)),
+                                heads(self.value(x)))
+    return constrain_batch(out, names).reshape(b, d)
 
 
 def stage_specs(config: ResNetConfig) -> list[tuple[str, int, int, int]]:
   """[(kind, cin, width, stride)] for every residual block (shared with the FLOP counter)."""
   kind, counts = resnet_variant(config.variant)
+  counts = tuple(config.blocks) or counts
   expansion = 4 if kind == "bottleneck" else 1
   specs, cin = [], config.width
   for i, n in enumerate(counts):
@@ -121,40 +189,66 @@ def stage_specs(config: ResNetConfig) -> list[tuple[str, int, int, int]]:
   return specs
 
 
+def clip_grid(image_size: int) -> int:
+  """Side of the final feature map of style "clip": the stride-2 stem conv rounds up, the
+  average pools (stem and three stages) round down."""
+  return -(-image_size // 2) // 16
+
+
 class ResNet(nnx.Module):
   """ResNet image encoder.
 
   ``__call__(images [B, H, W, C])`` -> {"tokens": [B, h*w, C_out], "pooled": [B, C_out]}: the
-  flattened final feature map (h = ceil(H/32)) and its global average. C_out = 512 (18/34) or
-  2048 (50/101). ``keep_ids`` is not supported (patch dropping is a ViT feature).
+  flattened final feature map (h = ceil(H/32); style "clip": :func:`clip_grid`) and its global
+  average (style "clip": its attention pool). C_out = 512 (18/34) or 2048 (50/101). ``keep_ids``
+  is not supported (patch dropping is a ViT feature).
   """
 
   def __init__(self, config: ResNetConfig | Mapping[str, Any], *, rngs: nnx.Rngs):
     if not isinstance(config, ResNetConfig):
       config = ResNetConfig.from_mapping(config)
     c = config
+    if c.style not in STYLES:
+      raise ValueError(f"ResNet style must be one of {STYLES}, got {c.style!r}")
     dtype = as_dtype(c.dtype)
     self.config = c
     specs = stage_specs(c)
-    self.stem = conv(c.channels, c.width, 7, 2, rngs=rngs, dtype=dtype)
-    self.stem_norm = norm_layer(c.norm, c.width, rngs=rngs, dtype=dtype)
+    clip = c.style == "clip"
+    if clip:  # 3x3 s2 C -> w/2, 3x3 w/2 -> w/2, 3x3 w/2 -> w, then a 2x2 average pool
+      stem = [(c.channels, c.width // 2, 2), (c.width // 2, c.width // 2, 1), (c.width // 2, c.width, 1)]
+      self.stem = nnx.List([conv(i, o, 3, s, rngs=rngs, dtype=dtype) for i, o, s in stem])
+      self.stem_norm = nnx.List([norm_layer(c.norm, o, rngs=rngs, dtype=dtype) for _, o, _ in stem])
+    else:  # 7x7 s2 C -> w, then a 3x3 s2 max pool (single modules: the parameter paths of before)
+      self.stem = conv(c.channels, c.width, 7, 2, rngs=rngs, dtype=dtype)
+      self.stem_norm = norm_layer(c.norm, c.width, rngs=rngs, dtype=dtype)
     self.blocks = nnx.List([
         ResidualBlock(kind, cin, width, stride, norm=c.norm, zero_init=c.zero_init_residual,
-                      rngs=rngs, dtype=dtype) for kind, cin, width, stride in specs])
+                      rngs=rngs, dtype=dtype, antialias=clip)
+        for kind, cin, width, stride in specs])
     kind, _ = resnet_variant(c.variant)
     self.embed_dim = specs[-1][2] * (4 if kind == "bottleneck" else 1)
     self.patch_size = 32  # total stride: one token per 32x32 pixels
-    self.grid_size = -(-c.image_size // 32)
+    self.grid_size = clip_grid(c.image_size) if clip else -(-c.image_size // 32)
     self.num_patches = self.grid_size ** 2
     self.num_prefix_tokens = 0
+    self.attn_pool = nnx.data(AttentionPool(
+        self.grid_size, self.embed_dim, c.attn_heads or self.embed_dim // 64, rngs=rngs,
+        dtype=dtype) if clip else None)
 
   def __call__(self, images: jax.Array, keep_ids: jax.Array | None = None) -> dict[str, jax.Array]:
     if keep_ids is not None:
       raise ValueError("ResNet does not support keep_ids (patch dropping needs a ViT)")
-    x = jax.nn.relu(self.stem_norm(constrain_batch(self.stem(images))))
-    x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = images
+    if self.attn_pool is not None:
+      for c, n in zip(self.stem, self.stem_norm):
+        x = jax.nn.relu(n(constrain_batch(c(x))))
+      x = avg_pool(x, 2)
+    else:
+      x = jax.nn.relu(self.stem_norm(constrain_batch(self.stem(x))))
+      x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for block in self.blocks:
       x = block(constrain_batch(x))
     b, h, w, ch = x.shape
     tokens = x.reshape(b, h * w, ch)
-    return {"tokens": tokens, "pooled": tokens.mean(axis=1)}
+    pooled = tokens.mean(axis=1) if self.attn_pool is None else self.attn_pool(x)
+    return {"tokens": tokens, "pooled": pooled}
