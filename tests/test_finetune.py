@@ -25,6 +25,22 @@ def _leaves(module):
   return jax.tree.leaves(nnx.state(module, nnx.Param))
 
 
+def test_init_from_accepts_a_run_saved_before_new_image_keys():
+  """A pre-training run saved before model.image gained keys (style, blocks, attn_heads) used
+  their defaults; a saved config holds lists where the live one has tuples. Neither is a
+  difference, a changed value is."""
+  import ml_collections
+  from radjax.methods.supervised import _image_model
+  config = load_config("configs/pretrain_synth.py:clip", [])
+  old = config.model.image.to_dict()
+  for key in ("style", "blocks", "attn_heads"):
+    del old[key]
+  saved = ml_collections.ConfigDict({"model": {"image": old}})
+  assert _image_model(saved) == _image_model(config)
+  saved.model.image.width = config.model.image.width + 1
+  assert _image_model(saved) != _image_model(config)
+
+
 def test_full_finetuning_starts_from_the_pretrained_encoder(tmp_path):
   pre = load_config("configs/clip_synth.py", TINY + ["--config.train.steps=2"])
   loop.train(pre, str(tmp_path / "clip"))

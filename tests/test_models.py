@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -186,6 +187,22 @@ def test_resnet_forward(norm):
   assert net(jnp.ones((2, 64, 64, 1)))["pooled"].shape == (2, 512)
   with pytest.raises(ValueError, match="keep_ids"):
     net(jnp.ones((2, 64, 64, 1)), keep_ids=jnp.zeros((2, 1), jnp.int32))
+
+
+@pytest.mark.parametrize("size", [64, 72, 100])
+def test_clip_style_resnet_grid_and_errors(size):
+  """style "clip" on sizes that are not multiples of 32: the attention pool's position embedding
+  has one row per token the network really produces (average pools round down)."""
+  c = ResNetConfig("50", blocks=(1, 1, 1, 1), width=8, image_size=size, channels=1, style="clip")
+  net = ResNet(c, rngs=nnx.Rngs(0))
+  out = net(jnp.ones((2, size, size, 1)))
+  assert out["tokens"].shape == (2, net.num_patches, 256) and out["pooled"].shape == (2, 256)
+  assert net.attn_pool.pos_embed.shape == (net.num_patches + 1, 256)
+  assert F.resnet_flops(c) > F.resnet_flops(dataclasses.replace(c, style="torchvision"))
+  with pytest.raises(ValueError, match="bottleneck"):
+    ResNet(dataclasses.replace(c, variant="18"), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="style"):
+    ResNet(dataclasses.replace(c, style="timm"), rngs=nnx.Rngs(0))
 
 
 def test_resnet50_embed_dim():

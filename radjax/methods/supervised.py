@@ -12,13 +12,24 @@ the study's ``full_distill`` cells attach them) train the student by generalized
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from radjax import defaults
 from radjax.losses import distillation_loss, multilabel_bce
 from radjax.methods import base
 from radjax.models.heads import ClassifierHead
+
+
+def _image_model(config) -> dict:
+  """config.model.image as saved: keys added since filled with their defaults (a run saved before
+  them used those), tuples as the lists a saved config holds."""
+  spec = defaults.model_config().image.to_dict()
+  spec.update(config.model.image.to_dict())
+  return json.loads(json.dumps(spec))
 
 
 def load_encoder_into(encoder: nnx.Module, config, workdir: str) -> None:
@@ -31,9 +42,9 @@ def load_encoder_into(encoder: nnx.Module, config, workdir: str) -> None:
     if saved.data[key] != config.data[key]:
       raise ValueError(f"method.init_from={workdir}: it was trained with data.{key}={saved.data[key]}, "
                        f"this run has {config.data[key]}")
-  if saved.model.image.to_dict() != config.model.image.to_dict():
-    raise ValueError(f"method.init_from={workdir}: its model.image {saved.model.image.to_dict()} differs "
-                     f"from this run's {config.model.image.to_dict()}")
+  if _image_model(saved) != _image_model(config):
+    raise ValueError(f"method.init_from={workdir}: its model.image {_image_model(saved)} differs "
+                     f"from this run's {_image_model(config)}")
   nnx.update(encoder, nnx.state(pretrained.image_encoder))
 
 
