@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--profile", default=None, metavar="DIR",
+                 help="trace the timed steps into DIR and print where the time goes, op by op")
   p.add_argument("--json", action="store_true")
   p.set_defaults(func=cmd_bench)
   p = with_config(bench.add_parser("data", help="loader examples/s per worker count"), required=False)

@@ -8,7 +8,7 @@
 #            from a dataset built once (radjax data build, ArrayRecord)
 #   large    ViT-B/16 at batch 1024 and 2048 with the faster attention at batch 256
 #   rn50     RN50 CLIP bf16 batch 256
-#   profile  a jax.profiler trace of 3 ViT-B/16 b256 steps (faster attention) -> $OUT/trace.tgz
+#   profile  3 ViT-B/16 b256 steps (faster attention) traced: op table in the JSON, trace -> $OUT/trace.tgz
 # The CUDA image has jax/flax/optax/orbax but not ml_collections or grain: they travel as
 # cp312 wheels in .whl/ (see BUILD_NOTES, "GPU"). Everything is written under $OUT as it goes,
 # so a run cut off at its limit still returns what it measured. Most important first.
@@ -67,7 +67,7 @@ part_data() {
 part_large() { local a; a=$(faster); step vit_b1024_$a 150 "$a" $V 1024; step vit_b2048_$a 150 "$a" $V 2048; }
 part_profile() {
   rm -rf /tmp/trace
-  RADJAX_BENCH_PROFILE_DIR=/tmp/trace step vit_b256_profile "${LIMIT:-150}" "$(faster)" $V 256 \
+  step vit_b256_profile "${LIMIT:-150}" "$(faster)" $V 256 --profile /tmp/trace \
     --steps 3 --repeats 1
   tar czf "$OUT/trace.tgz" -C /tmp trace && echo "trace: $(du -h "$OUT/trace.tgz" | cut -f1)"
 }

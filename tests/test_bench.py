@@ -47,6 +47,48 @@ def test_bench_step_json(capsys):
   assert "examples/s" in text and "MFU" in text and "data wait" in text
 
 
+def test_bench_step_profile_names_the_ops(tmp_path, capsys):
+  """--profile: a trace in DIR and an op table whose rows are the step's HLO ops (dots and
+  convolutions of the forward and backward pass, with their shapes)."""
+  code = cli.main(["bench", "step", "--config", TINY, "--steps", "1", "--warmup", "1",
+                   "--repeats", "1", "--profile", str(tmp_path), "--json"])
+  assert code == 0
+  r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  ops = r["ops"]
+  assert ops and r["profile_dir"] == str(tmp_path)
+  assert abs(sum(o["share"] for o in ops) - 1) < 1e-6
+  dots = {o["pass"] for o in ops if o["primitive"] == "dot_general"}
+  assert dots == {"fwd", "bwd"}
+  assert all(o["shape"].startswith(("f32[", "s32[", "pred[", "u32[", "(", "bf16[")) for o in ops
+             if o["shape"] != "?")
+  from radjax.bench import step
+  assert "ms/step" in step.format_result(r)
+
+
+def test_op_table_times_and_overlap():
+  """op_table on a hand-made trace: per-step times, grouping of one op kind, and the share of an
+  op's time that another thread ran beside it."""
+  from radjax.bench import profile
+  hlo = textwrap.dedent("""\
+      %ynn_fusion.1 = f32[8,4]{1,0} fusion(%a, %b), kind=kCustom, metadata={op_name="jit(step)/jvp()/dot_general"}
+      %ynn_fusion.2 = f32[4,4]{1,0} fusion(%c, %d), kind=kCustom, metadata={op_name="jit(step)/transpose(jvp())/dot_general"}
+      %copy.3 = f32[4,8]{1,0} copy(%e)
+  """)
+  ev = lambda op, tid, ts, dur: {"ph": "X", "name": op, "tid": tid, "ts": ts, "dur": dur,
+                                  "args": {"hlo_op": op}}
+  events = [ev("ynn_fusion.1", 1, 0, 100), ev("ynn_fusion.2", 2, 50, 100),
+            ev("copy.3", 1, 200, 40), ev("ynn_fusion.1", 1, 300, 60),
+            {"ph": "X", "name": "ThunkExecutor::Execute", "tid": 3, "ts": 0, "dur": 400}]
+  rows = {(r["kind"], r["pass"]): r for r in profile.op_table(events, hlo, steps=2)}
+  fwd, bwd, copy = rows[("ynn_fusion", "fwd")], rows[("ynn_fusion", "bwd")], rows[("copy", "?")]
+  assert (fwd["shape"], fwd["count_per_step"], fwd["ms_per_step"]) == ("f32[8,4]{1,0}", 1, 0.08)
+  assert (bwd["shape"], bwd["primitive"], bwd["ms_per_step"]) == ("f32[4,4]{1,0}", "dot_general", 0.05)
+  # ynn_fusion.2 [50, 150) overlaps the first ynn_fusion.1 [0, 100) for 50 of its 100 us; the
+  # fwd row's 160 us overlap it for the same 50.
+  assert bwd["overlap"] == 0.5 and fwd["overlap"] == 50 / 160 and copy["overlap"] == 0
+  assert abs(fwd["share"] - 160 / 300) < 1e-12
+
+
 def test_default_xla_flags_reach_every_radjax_command():
   """radjax's CPU XLA flags are appended before jax starts, never over the user's own value of a
   flag, not with RADJAX_XLA_DEFAULTS=0 or off CPU; cli.main applies them before any command runs

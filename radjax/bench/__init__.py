@@ -2,6 +2,7 @@
 side-by-side against a PyTorch peer (open_clip).
 
     radjax bench step    --config configs/bench/clip_vitb16.py --batch 16 --dtype bfloat16 [--json]
+                         [--profile DIR]
     radjax bench data    --image_size 224 --batch 64 --workers 0,1,2 --steps 20
     radjax bench compare --config configs/bench/clip_vitb16.py --peer open_clip --batch 16 \
         --dtype bfloat16 --repeats 5
@@ -28,7 +29,8 @@ def main_step(args: Any, extra: list[str]) -> int:
   from radjax.bench import step  # pylint: disable=import-outside-toplevel
   config = step.prepare_config(_config(args, extra), batch=args.batch, dtype=args.dtype,
                                method=args.method)
-  result = step.run(config, steps=args.steps, warmup=args.warmup, repeats=args.repeats)
+  result = step.run(config, steps=args.steps, warmup=args.warmup, repeats=args.repeats,
+                    profile_dir=args.profile)
   result["xla_flags"] = os.environ.get("XLA_FLAGS", "")
   if args.json:
     print(json.dumps(result, sort_keys=True))

@@ -170,11 +170,14 @@ def _host_peak_rss() -> int:
 
 
 def run(config: Any, *, steps: int = 10, warmup: int = 2, repeats: int = 3,
-        measure_peak: bool = True, keep_hlo: bool = False) -> dict[str, Any]:
+        measure_peak: bool = True, keep_hlo: bool = False,
+        profile_dir: str | None = None) -> dict[str, Any]:
   """Builds the method's state and jitted step on ``config.mesh`` and times it.
 
   Returns a JSON-serialisable dict (see ``format_result`` for what each figure means).
   ``keep_hlo`` adds the compiled step's optimised HLO text under "hlo" (tests).
+  ``profile_dir``: a jax.profiler trace of the timed steps goes there, and the result gains
+  "ops", the op table of :mod:`radjax.bench.profile`.
   """
   import jax  # pylint: disable=import-outside-toplevel
   from radjax import methods  # pylint: disable=import-outside-toplevel
@@ -183,6 +186,7 @@ def run(config: Any, *, steps: int = 10, warmup: int = 2, repeats: int = 3,
   from radjax.train import loop, optim  # pylint: disable=import-outside-toplevel
   from radjax.train import state as state_lib  # pylint: disable=import-outside-toplevel
   from radjax.bench import peak as peak_lib  # pylint: disable=import-outside-toplevel
+  from radjax.bench import profile as profile_lib  # pylint: disable=import-outside-toplevel
 
   if steps < 1 or repeats < 1 or warmup < 0:
     raise ValueError(f"bench step: need steps >= 1, repeats >= 1, warmup >= 0; got steps={steps}, "
@@ -240,14 +244,8 @@ def run(config: Any, *, steps: int = 10, warmup: int = 2, repeats: int = 3,
   t_warm = time.perf_counter()
 
   per_repeat = []
-  profile_dir = os.environ.get("RADJAX_BENCH_PROFILE_DIR", "")
   if profile_dir:
-    # A jax.profiler trace of the timed steps (view in Perfetto / TensorBoard / xprof), with a
-    # host event for every XLA:CPU op (host tracer level 3); the Python tracer stays off, as its
-    # frames otherwise fill the trace's event buffer before the ops do.
-    options = jax.profiler.ProfileOptions()
-    options.python_tracer_level, options.host_tracer_level = 0, 3
-    jax.profiler.start_trace(profile_dir, create_perfetto_trace=True, profiler_options=options)
+    profile_lib.start(profile_dir)
   for _ in range(repeats):
     data_s = 0.0
     t0 = time.perf_counter()
@@ -261,7 +259,7 @@ def run(config: Any, *, steps: int = 10, warmup: int = 2, repeats: int = 3,
     per_repeat.append({"wall_s": wall, "data_s": data_s,
                        "examples_per_s": global_batch * steps / wall})
   if profile_dir:
-    jax.profiler.stop_trace()
+    profile_lib.stop()
   loss = float(jax.device_get(metrics["loss"]))
   if not math.isfinite(loss):
     raise FloatingPointError(f"bench step: non-finite loss {loss} (config.optim.lr too high?)")
@@ -320,6 +318,9 @@ def run(config: Any, *, steps: int = 10, warmup: int = 2, repeats: int = 3,
       "warmup_s": t_warm - t_compile,
       "final_loss": loss,
   }
+  if profile_dir:
+    result["profile_dir"] = profile_dir
+    result["ops"] = profile_lib.op_table(profile_lib.load_events(profile_dir), hlo, steps * repeats)
   if keep_hlo:
     result["hlo"] = hlo
     result["param_shapes"] = sorted({tuple(x.shape) for x in jax.tree.leaves(abstract_state["params"])})
@@ -370,4 +371,8 @@ def format_result(r: dict[str, Any]) -> str:
   ]
   if r.get("collectives"):
     lines.append("  collectives     " + ", ".join(f"{k} x{v}" for k, v in sorted(r["collectives"].items())))
+  if r.get("ops"):
+    from radjax.bench import profile as profile_lib  # pylint: disable=import-outside-toplevel
+    lines.append(profile_lib.format_op_table(r["ops"]))
+    lines.append(f"  trace           {r['profile_dir']} (Perfetto / TensorBoard / xprof)")
   return "\n".join(lines)
