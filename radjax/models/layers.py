@@ -131,9 +131,17 @@ _dense_f32acc.defvjp(_dense_fwd, _dense_bwd)
 
 
 def use_cpu_dense(dtype: Dtype) -> bool:
-  """True where :class:`Linear` takes its own CPU path (bf16 or f32 compute on CPU)."""
+  """True where :class:`Linear` (and :class:`Conv`'s 1x1 case) takes its own CPU path (bf16 or
+  f32 compute on CPU)."""
   on_cpu = jax.default_backend() == "cpu"
   return on_cpu and jnp.dtype(as_dtype(dtype)) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+
+
+def _compute_dtype(module_dtype: Dtype, inputs: jax.Array, kernel: jax.Array):
+  """The dtype flax computes a layer in: its ``dtype``, else the promotion of input and kernel."""
+  if module_dtype is None:
+    return jnp.promote_types(inputs.dtype, kernel.dtype)
+  return jnp.dtype(as_dtype(module_dtype))
 
 
 class Linear(nnx.Linear):
@@ -143,7 +151,7 @@ class Linear(nnx.Linear):
 
   def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
     kernel = self.kernel[...]
-    dtype = jnp.promote_types(inputs.dtype, kernel.dtype) if self.dtype is None else jnp.dtype(as_dtype(self.dtype))
+    dtype = _compute_dtype(self.dtype, inputs, kernel)
     if out_sharding is not None or not use_cpu_dense(dtype):
       return super().__call__(inputs, out_sharding)
     bias = self.bias[...] if self.bias is not None else jnp.zeros((kernel.shape[-1],), jnp.float32)
@@ -155,7 +163,7 @@ class Linear(nnx.Linear):
 class Conv(nnx.Conv):
   """nnx.Conv (same parameters, same results up to rounding) whose 1x1 convolutions without
   padding take :class:`Linear`'s CPU path: XLA:CPU runs them as convolutions at 25-145 GFLOP/s
-  on ResNet-50's shapes, against 180-280 GFLOP/s as dots (BUILD_NOTES.md, "RN50").
+  on ResNet-50's shapes, against 72-416 GFLOP/s as the same matmuls (BUILD_NOTES.md, "RN50").
   Elsewhere, and for every other convolution: nnx.Conv."""
 
   def _is_pointwise(self, inputs: jax.Array) -> bool:
@@ -170,10 +178,12 @@ class Conv(nnx.Conv):
 
   def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
     kernel = self.kernel[...]
-    dtype = jnp.promote_types(inputs.dtype, kernel.dtype) if self.dtype is None else jnp.dtype(as_dtype(self.dtype))
+    dtype = _compute_dtype(self.dtype, inputs, kernel)
     if out_sharding is not None or not use_cpu_dense(dtype) or not self._is_pointwise(inputs):
       return super().__call__(inputs, out_sharding)
-    strides = self.strides if isinstance(self.strides, Sequence) else (self.strides or 1,) * len(self.kernel_size)
+    strides = self.strides
+    if not isinstance(strides, Sequence):
+      strides = (strides or 1,) * len(self.kernel_size)
     x = inputs[(slice(None),) + tuple(slice(None, None, s) for s in strides)]
     bias = self.bias[...] if self.bias is not None else jnp.zeros((kernel.shape[-1],), jnp.float32)
     y = _dense_f32acc(x.reshape(-1, x.shape[-1]).astype(dtype), kernel.reshape(-1, kernel.shape[-1]),

@@ -71,12 +71,12 @@ def resnet_variant(variant: str) -> tuple[str, tuple[int, ...]]:
   return RESNET_VARIANTS[v]
 
 
-def conv(cin: int, cout: int, k: int, stride: int = 1, *, rngs: nnx.Rngs, dtype=None) -> nnx.Conv:
+def conv(cin: int, cout: int, k: int, stride: int = 1, *, rngs: nnx.Rngs, dtype=None) -> Conv:
   # Explicit k//2 padding matches torchvision (XLA "SAME" pads stride-2 convs asymmetrically).
   init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
   return Conv(cin, cout, (k, k), strides=stride, padding=[(k // 2, k // 2)] * 2,
-                  use_bias=False, dtype=dtype, rngs=rngs,
-                  kernel_init=partitioned(init, None, None, "conv_in", "conv_out"))
+              use_bias=False, dtype=dtype, rngs=rngs,
+              kernel_init=partitioned(init, None, None, "conv_in", "conv_out"))
 
 
 def norm_layer(kind: str, c: int, *, rngs: nnx.Rngs, dtype=None, zero: bool = False):
@@ -168,10 +168,13 @@ class AttentionPool(nnx.Module):
     # Pinned: the sum would otherwise take the FSDP-sharded position embedding's layout.
     x = constrain_batch(x + self.pos_embed[...].astype(x.dtype))
     names = (None, "heads", None)
-    heads = lambda t: constrain_batch(t.reshape(t.shape[:2] + (self.num_heads, d // self.num_heads)), names)
+
+    def heads(t):  # [B, T, D] -> [B, T, N, D/N], pinned like the transformer's q/k/v
+      return constrain_batch(t.reshape(t.shape[:2] + (self.num_heads, d // self.num_heads)), names)
+
     # Only the mean token's output is kept, so only its query is computed.
-    out = dot_product_attention(heads(self.query(constrain_batch(x[:, :1]))), heads(self.key(x)),
-                                heads(self.value(x)))
+    q = heads(self.query(constrain_batch(x[:, :1])))
+    out = dot_product_attention(q, heads(self.key(x)), heads(self.value(x)))
     return constrain_batch(out, names).reshape(b, d)
 
 
