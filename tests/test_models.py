@@ -94,19 +94,9 @@ def test_bfloat16_compute_float32_params():
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(vit, nnx.Param)))
 
 
-@pytest.mark.parametrize("dtype,tol", [(None, 1e-5), ("float32", 1e-5), ("bfloat16", 2e-2)])
-def test_linear_cpu_path_matches_nnx_linear(dtype, tol):
-  """layers.Linear's own CPU matmuls (custom VJP, materialised x^T) against flax's nnx.Linear:
-  the same outputs and gradients for x, kernel and bias, on an input with leading batch dims."""
-  from radjax.models import layers
-  assert layers.use_cpu_dense(dtype or "float32") and not layers.use_cpu_dense("float16")
-  ours = layers.linear(24, 40, ("embed", "mlp"), rngs=nnx.Rngs(0), dtype=dtype)
-  ref = nnx.Linear(24, 40, dtype=dtype, rngs=nnx.Rngs(1))
-  ref.kernel[...] = ours.kernel[...]
-  ref.bias[...] = jax.random.normal(jax.random.key(2), (40,))
-  ours.bias[...] = ref.bias[...]
-  x = jax.random.normal(jax.random.key(3), (2, 7, 24))
-  g = jax.random.normal(jax.random.key(4), (2, 7, 40))
+def assert_same_layer(ours: nnx.Module, ref: nnx.Module, x: jax.Array, tol: float) -> None:
+  """Same outputs, and gradients for x, kernel and bias of the same dtype and values."""
+  g = jax.random.normal(jax.random.key(4), ref(x).shape)
 
   def grads(layer):
     graphdef, params = nnx.split(layer)
@@ -118,6 +108,20 @@ def test_linear_cpu_path_matches_nnx_linear(dtype, tol):
   for a, b in zip(grads(ours), grads(ref)):
     assert a.dtype == b.dtype
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol * 10)
+
+
+@pytest.mark.parametrize("dtype,tol", [(None, 1e-5), ("float32", 1e-5), ("bfloat16", 2e-2)])
+def test_linear_cpu_path_matches_nnx_linear(dtype, tol):
+  """layers.Linear's own CPU matmuls (custom VJP, materialised x^T) against flax's nnx.Linear:
+  the same outputs and gradients for x, kernel and bias, on an input with leading batch dims."""
+  from radjax.models import layers
+  assert layers.use_cpu_dense(dtype or "float32") and not layers.use_cpu_dense("float16")
+  ours = layers.linear(24, 40, ("embed", "mlp"), rngs=nnx.Rngs(0), dtype=dtype)
+  ref = nnx.Linear(24, 40, dtype=dtype, rngs=nnx.Rngs(1))
+  ref.kernel[...] = ours.kernel[...]
+  ref.bias[...] = jax.random.normal(jax.random.key(2), (40,))
+  ours.bias[...] = ref.bias[...]
+  assert_same_layer(ours, ref, jax.random.normal(jax.random.key(3), (2, 7, 24)), tol)
 
 
 @pytest.mark.parametrize("dtype,tol", [(None, 1e-5), ("bfloat16", 2e-2)])
@@ -133,18 +137,7 @@ def test_pointwise_conv_cpu_path_matches_nnx_conv(dtype, tol, stride, padding):
     ref.bias[...] = ours.bias[...] = jax.random.normal(jax.random.key(2), (10,))
     x = jax.random.normal(jax.random.key(3), (2, 8, 6, 6))
     assert ours._is_pointwise(x) == (k == 1 and padding != "SAME")  # "SAME": nnx.Conv
-    g = jax.random.normal(jax.random.key(4), ref(x).shape)
-
-    def grads(layer):
-      graphdef, params = nnx.split(layer)
-      f = lambda x, p: jnp.vdot(nnx.merge(graphdef, p)(x).astype(jnp.float32), g)
-      dx, dp = jax.grad(f, argnums=(0, 1))(x, params)
-      return dx, dp["kernel"][...], dp["bias"][...]
-
-    np.testing.assert_allclose(np.asarray(ours(x), np.float32), np.asarray(ref(x), np.float32), rtol=tol, atol=tol)
-    for a, b in zip(grads(ours), grads(ref)):
-      assert a.dtype == b.dtype
-      np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol * 10)
+    assert_same_layer(ours, ref, x, tol)
 
 
 # ---------------------------------------------------------------- image encoders
