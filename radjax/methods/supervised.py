@@ -42,9 +42,10 @@ def load_encoder_into(encoder: nnx.Module, config, workdir: str) -> None:
     if saved.data[key] != config.data[key]:
       raise ValueError(f"method.init_from={workdir}: it was trained with data.{key}={saved.data[key]}, "
                        f"this run has {config.data[key]}")
-  if _image_model(saved) != _image_model(config):
-    raise ValueError(f"method.init_from={workdir}: its model.image {_image_model(saved)} differs "
-                     f"from this run's {_image_model(config)}")
+  saved_image, run_image = _image_model(saved), _image_model(config)
+  if saved_image != run_image:
+    raise ValueError(f"method.init_from={workdir}: its model.image {saved_image} differs "
+                     f"from this run's {run_image}")
   nnx.update(encoder, nnx.state(pretrained.image_encoder))
 
 

@@ -242,7 +242,7 @@ class ResNet(nnx.Module):
     if keep_ids is not None:
       raise ValueError("ResNet does not support keep_ids (patch dropping needs a ViT)")
     x = images
-    if self.attn_pool is not None:
+    if self.config.style == "clip":
       for c, n in zip(self.stem, self.stem_norm):
         x = jax.nn.relu(n(constrain_batch(c(x))))
       x = avg_pool(x, 2)
