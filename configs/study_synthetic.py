@@ -27,6 +27,10 @@ def study_config() -> ml_collections.ConfigDict:
   # L-BFGS. head_l2: () = scikit-learn's default penalty (C = 1); one value = that penalty (on the
   # mean loss); several = cross-validated with head_cv_folds folds (slower: a fit per value and fold).
   s.head_l2 = ()
+  # The teacher's penalty, cross-validated over this grid on the cell's labelled examples (same
+  # form as head_l2). Its soft targets are only as good as its fit, and at C = 1 a teacher on
+  # ~2800 image + report columns overfits them (BUILD_NOTES.md, "The teacher's penalty").
+  s.teacher_l2 = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
   s.head_cv_folds = 3
   s.head_steps = 100
   # "full" fine-tuning: steps (batch train.batch_size) and peak learning rate.

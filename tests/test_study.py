@@ -56,6 +56,10 @@ def test_study_writes_results_summary_report_and_plots(finished):
   for r in rows:
     assert 0.0 <= float(r["auroc"]) <= 1.0
   assert all(r["teacher_auroc"] for r in rows if r["finetune"] == "distill")
+  # The teacher's penalty is cross-validated over study.teacher_l2, not the heads' C = 1.
+  from radjax.config import load_config
+  grid = load_config(f"{ROOT}/configs/study_synthetic.py:quick", []).study.teacher_l2
+  assert all(float(r["teacher_l2"]) in grid for r in rows if r["finetune"] == "distill")
   assert all(r["zero_shot_auroc"] for r in rows if r["pretrain"] == "clip")
   assert (workdir / "summary.csv").exists()
   report = (workdir / "report.md").read_text()
