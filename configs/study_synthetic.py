@@ -14,7 +14,9 @@ def study_config() -> ml_collections.ConfigDict:
   s.pretrain = ("none", "ssl", "clip", "mrm", "clip_ssl")
   # linear and distill fit heads on frozen features (seconds a cell); "full" fine-tunes the whole
   # encoder per cell (a training run each: for accelerators, or few cells on a CPU).
-  s.finetune = ("linear", "distill")
+  # self_distill is distill with an image-only teacher: the control that shows how much of
+  # distillation's gain is the report's.
+  s.finetune = ("linear", "self_distill", "distill")
   # A label group ("diagnostic", "prognostic") or a single label name.
   s.tasks = ("diagnostic", "mortality_12m")
   s.n_train = (50, 200, 1000, -1)  # -1 = every labelled training example

@@ -172,3 +172,26 @@ def test_write_report_md(tmp_path):
   assert "### Teacher AUROC" in md and "### AUPRC" in md and "Zero-shot" not in md
   assert "reports in pre-training appear to help here" in md
   assert "```\nconfig.data.name = 'synth_cxr'\n```" in md
+
+
+@pytest.mark.parametrize("own_gain, expected", [
+    (0.04, "not clearly the report's doing"),     # an image-only teacher does as well
+    (-0.01, "the report itself appears to add to it for 5 of 5"),
+])
+def test_answers_separate_the_report_from_self_distillation(own_gain, expected):
+  """self_distill rows (distillation with an image-only teacher) decide how much of distill's gain
+  the answer attributes to the report."""
+  rows = _grid(tasks=("prognostic",))
+  own = []
+  for r in rows:
+    if r["finetune"] == "distill":
+      gain = own_gain if r["n_train"] == 10 else 0.0
+      base = r["auroc"] - (FT_EFFECT["distill"] if r["n_train"] == 10 else 0.0)
+      own.append({k: v for k, v in r.items() if k != "teacher_auroc"} |
+                 {"finetune": "self_distill", "auroc": base + gain, "auroc_lo": base + gain - 0.02,
+                  "auroc_hi": base + gain + 0.02})
+  text = R.answer_questions(R.summarise(rows + own))["prognostic"]
+  small = text.split("Did distillation help?")[1].split("At n = all")[0]
+  assert "Against self-distillation" in small and expected in small
+  # self_distill is a fine-tuning control, never a pre-training comparison's best cell.
+  assert "+ self_distill fine-tuning" not in text.split("Did distillation help?")[0]

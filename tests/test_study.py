@@ -49,21 +49,27 @@ def test_study_writes_results_summary_report_and_plots(finished):
   with open(workdir / "results.csv") as f:
     rows = list(csv.DictReader(f))
   assert list(rows[0])[:8] == COLUMNS
-  # 2 tasks x 2 pre-trainings x 2 fine-tunings x 2 sizes x 1 seed
-  assert len(rows) == 16
+  # 2 tasks x 2 pre-trainings x 3 fine-tunings x 2 sizes x 1 seed
+  assert len(rows) == 24
   assert {r["task_kind"] for r in rows} == {"diagnostic", "prognostic"}
-  assert {r["finetune"] for r in rows} == {"linear", "distill"}
+  assert {r["finetune"] for r in rows} == {"linear", "self_distill", "distill"}
+  # The self-distillation control has a teacher (its penalty is recorded) that never sees a report,
+  # so it reports no report-teacher AUROC, and its students are not the linear heads.
+  own = {(r["task"], r["pretrain"], r["n_train"]): r for r in rows if r["finetune"] == "self_distill"}
+  assert all(r["teacher_l2"] and not r["teacher_auroc"] for r in own.values())
+  linear = {(r["task"], r["pretrain"], r["n_train"]): r for r in rows if r["finetune"] == "linear"}
+  assert any(own[k]["auroc"] != linear[k]["auroc"] for k in own)
   for r in rows:
     assert 0.0 <= float(r["auroc"]) <= 1.0
   assert all(r["teacher_auroc"] for r in rows if r["finetune"] == "distill")
   # The teacher's penalty is cross-validated over study.teacher_l2, not the heads' C = 1.
   from radjax.config import load_config
   grid = load_config(f"{ROOT}/configs/study_synthetic.py:quick", []).study.teacher_l2
-  assert all(float(r["teacher_l2"]) in grid for r in rows if r["finetune"] == "distill")
+  assert all(float(r["teacher_l2"]) in grid for r in rows if "distill" in r["finetune"])
   assert all(r["zero_shot_auroc"] for r in rows if r["pretrain"] == "clip")
   assert (workdir / "summary.csv").exists()
   report = (workdir / "report.md").read_text()
-  assert "Did distillation help" in report
+  assert "Did distillation help" in report and "Against self-distillation" in report
   assert len(list((workdir / "plots").glob("*.png"))) == 2
   assert "Did reports help" in result.stdout
 

@@ -61,13 +61,16 @@ SUMMARY_COLUMNS: tuple[str, ...] = ("dataset", "task", "task_kind", "pretrain", 
 REPORT_PRETRAINS: tuple[str, ...] = ("clip", "siglip", "mrm", "clip_ssl", "caption", "unicl")
 IMAGE_ONLY_PRETRAINS: tuple[str, ...] = ("none", "ssl", "supervised")
 PRETRAIN_ORDER: tuple[str, ...] = ("none", "supervised", "ssl", "clip", "siglip", "mrm", "clip_ssl", "caption", "unicl")
-FINETUNE_ORDER: tuple[str, ...] = ("linear", "full", "distill", "full_distill", "zero_shot")
+FINETUNE_ORDER: tuple[str, ...] = ("linear", "full", "self_distill", "distill", "full_distill", "zero_shot")
 DISTILL_FINETUNES: tuple[str, ...] = ("distill", "full_distill")
+# distill with an image-only teacher: the control that tells the report's share of distillation's
+# gain from what soft targets do on their own (smoothing, self-distillation).
+SELF_DISTILL = "self_distill"
 # Fine-tunings that train the encoder end to end (the others fit a head on frozen features).
 FULL_FINETUNES: tuple[str, ...] = ("full", "full_distill")
 # Fine-tunings that use the report (distillation) or no labels (zero-shot) do not isolate the
 # effect of pre-training, so pre-training comparisons use the others.
-_NOT_PRETRAIN_COMPARABLE = DISTILL_FINETUNES + ("zero_shot",)
+_NOT_PRETRAIN_COMPARABLE = DISTILL_FINETUNES + (SELF_DISTILL, "zero_shot")
 _ALIGNMENT = ("clip", "siglip")
 
 _TEXT_KEYS = frozenset({"report", "reports", "report_text", "text", "impression", "impressions", "findings",
@@ -377,9 +380,9 @@ def plot_auroc_vs_n(summary: Sequence[Mapping[str, Any]], out_dir: str, dpi: int
   os.makedirs(out_dir, exist_ok=True)
   cmap = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
           "#17becf"]
-  styles = {"linear": "--", "full": "-", "distill": "-.", "full_distill": (0, (5, 1, 1, 1)),
-            "zero_shot": ":"}
-  markers = {"linear": "s", "full": "o", "distill": "^", "full_distill": "v", "zero_shot": "x"}
+  styles = {"linear": "--", "full": "-", "self_distill": (0, (1, 2)), "distill": "-.",
+            "full_distill": (0, (5, 1, 1, 1)), "zero_shot": ":"}
+  markers = {"linear": "s", "full": "o", "self_distill": "d", "distill": "^", "full_distill": "v", "zero_shot": "x"}
   paths = []
   for (dataset, task), rows in _by_task(summary).items():
     pos, all_label = _x_positions(rows)
@@ -553,9 +556,7 @@ def _answer_distillation(rows, sizes) -> str:
         comps.append((p, base, diff, ov, _direction(diff, ov)))
     if not comps:
       continue
-    detail = "; ".join(f"{p}: {diff:+.3f} vs {base['finetune']} (CIs "
-                       f"{'overlap' if ov else 'do not overlap' if ov is False else 'unavailable'})"
-                       for p, base, diff, ov, _ in comps)
+    detail = "; ".join(f"{p}: {diff:+.3f} vs {base['finetune']} (CIs {_ci_word(ov)})" for p, base, diff, ov, _ in comps)
     helped = [c for c in comps if c[4] > 0]
     hurt = [c for c in comps if c[4] < 0]
     if helped and len(helped) >= len(hurt):
@@ -568,9 +569,37 @@ def _answer_distillation(rows, sizes) -> str:
       verdict = "distillation shows no clear benefit"
     parts.append(f"At {_n_text(n)}, distillation vs the better of linear / full fine-tuning with the same "
                  f"pre-training: {detail}; so {verdict}.")
+    own = _report_share(rows, n)
+    if own:
+      parts.append(own)
   if not parts:
     return "Did distillation help? Not answerable: no distill runs with a linear or full fine-tuning counterpart."
   return "Did distillation help? " + " ".join(parts)
+
+
+def _ci_word(ov: bool | None) -> str:
+  return "overlap" if ov else "do not overlap" if ov is False else "unavailable"
+
+
+def _report_share(rows, n) -> str | None:
+  """distill vs self_distill (the same soft-target objective with an image-only teacher) at ``n``:
+  how much of distillation's effect the report itself brings."""
+  comps = []
+  for p in sorted({r["pretrain"] for r in rows}, key=lambda p: _order_key(p, PRETRAIN_ORDER)):
+    dist, own = _best(rows, (p,), n, finetunes=("distill",)), _best(rows, (p,), n, finetunes=(SELF_DISTILL,))
+    if dist is not None and own is not None:
+      diff, ov, _ = _diff_text(dist, own)
+      comps.append((p, diff, ov, _direction(diff, ov)))
+  if not comps:
+    return None
+  detail = "; ".join(f"{p}: {diff:+.3f} (CIs {_ci_word(ov)})" for p, diff, ov, _ in comps)
+  helped = sum(c[3] > 0 for c in comps)
+  hurt = sum(c[3] < 0 for c in comps)
+  verdict = (f"the report itself appears to add to it for {helped} of {len(comps)}" if helped > hurt else
+             f"the report itself appears to take away from it for {hurt} of {len(comps)}" if hurt else
+             "what distillation changes is not clearly the report's doing: an image-only teacher does about as well")
+  return (f"Against self-distillation (the same objective with an image-only teacher), the report-seeing "
+          f"teacher's students differ by {detail}; so {verdict}.")
 
 
 def _teacher_note(rows, near_perfect: float) -> str | None:

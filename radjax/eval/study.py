@@ -246,15 +246,19 @@ def run_cell(cell: Cell, config_json: str, workdir: str) -> dict[str, Any]:
                              pretrain=cell.pretrain, finetune=cell.finetune, n_train=cell.n_train,
                              seed=cell.seed, n_train_actual=len(idx))
   soft = None
-  if cell.finetune in report_lib.DISTILL_FINETUNES:
-    text = np.load(os.path.join(workdir, "features", "report_tfidf.npz"))
-    t_tr, t_te = text["train"], text["test"]
+  if cell.finetune in report_lib.DISTILL_FINETUNES + (report_lib.SELF_DISTILL,):
+    if cell.finetune == report_lib.SELF_DISTILL:  # the teacher sees the image features only
+      t_tr, t_te = np.zeros((len(x_tr), 0), np.float32), np.zeros((len(x_te), 0), np.float32)
+    else:
+      text = np.load(os.path.join(workdir, "features", "report_tfidf.npz"))
+      t_tr, t_te = text["train"], text["test"]
     teacher_cfg = dataclasses.replace(head_cfg, l2=tuple(s.teacher_l2))
     teacher = fit_teacher(x_tr[idx], t_tr[idx], y_tr[idx], m_tr[idx], config=teacher_cfg)
     soft = crossfit_teacher_logits(x_tr[idx], t_tr[idx], y_tr[idx], m_tr[idx],
                                    folds=s.teacher_folds, l2=teacher.l2, config=teacher_cfg)
-    row["teacher_auroc"] = _macro(teacher_logits(teacher, x_te, t_te), y_te, m_te)
     row["teacher_l2"] = teacher.l2
+    if cell.finetune != report_lib.SELF_DISTILL:
+      row["teacher_auroc"] = _macro(teacher_logits(teacher, x_te, t_te), y_te, m_te)
   if cell.finetune in report_lib.FULL_FINETUNES:
     test_logits = full_finetune_logits(config, workdir, cell, idx, labels_of_task,
                                        teacher_logits=soft)
