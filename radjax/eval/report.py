@@ -68,8 +68,8 @@ DISTILL_FINETUNES: tuple[str, ...] = ("distill", "full_distill")
 SELF_DISTILL = "self_distill"
 # Fine-tunings that train the encoder end to end (the others fit a head on frozen features).
 FULL_FINETUNES: tuple[str, ...] = ("full", "full_distill")
-# Fine-tunings that use the report (distillation) or no labels (zero-shot) do not isolate the
-# effect of pre-training, so pre-training comparisons use the others.
+# Fine-tunings that use the report (distillation), a teacher (self-distillation) or no labels
+# (zero-shot) do not isolate the effect of pre-training, so pre-training comparisons use the others.
 _NOT_PRETRAIN_COMPARABLE = DISTILL_FINETUNES + (SELF_DISTILL, "zero_shot")
 _ALIGNMENT = ("clip", "siglip")
 
