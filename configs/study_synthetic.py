@@ -12,8 +12,8 @@ from radjax import defaults
 def study_config() -> ml_collections.ConfigDict:
   s = ml_collections.ConfigDict()
   s.pretrain = ("none", "ssl", "clip", "mrm", "clip_ssl")
-  # linear, self_distill and distill fit heads on frozen features (seconds a cell); "full" fine-tunes the whole
-  # encoder per cell (a training run each: for accelerators, or few cells on a CPU).
+  # linear, self_distill and distill fit heads on frozen features (seconds a cell); "full" fine-tunes
+  # the whole encoder per cell (a training run each: for accelerators, or few cells on a CPU).
   # self_distill is distill with an image-only teacher: the control that shows how much of
   # distillation's gain is the report's.
   s.finetune = ("linear", "self_distill", "distill")
