@@ -544,16 +544,22 @@ def _answer_alignment(rows, sizes) -> str:
   return "Did alignment hurt compared with self-supervision? " + " ".join(parts)
 
 
+def _paired(rows, n, treated: Sequence[str], control: Sequence[str]) -> list[tuple]:
+  """Per pre-training at ``n``: the best of ``treated`` fine-tunings against the best of
+  ``control`` -> [(pretrain, control row, difference, CIs overlap, direction)]."""
+  comps = []
+  for p in sorted({r["pretrain"] for r in rows}, key=lambda p: _order_key(p, PRETRAIN_ORDER)):
+    a, b = _best(rows, (p,), n, finetunes=treated), _best(rows, (p,), n, finetunes=control)
+    if a is not None and b is not None:
+      diff, ov, _ = _diff_text(a, b)
+      comps.append((p, b, diff, ov, _direction(diff, ov)))
+  return comps
+
+
 def _answer_distillation(rows, sizes) -> str:
   parts = []
   for n in sizes:
-    comps = []
-    for p in sorted({r["pretrain"] for r in rows}, key=lambda p: _order_key(p, PRETRAIN_ORDER)):
-      dist = _best(rows, (p,), n, finetunes=DISTILL_FINETUNES)
-      base = _best(rows, (p,), n, finetunes=("linear", "full"))
-      if dist is not None and base is not None:
-        diff, ov, _ = _diff_text(dist, base)
-        comps.append((p, base, diff, ov, _direction(diff, ov)))
+    comps = _paired(rows, n, DISTILL_FINETUNES, ("linear", "full"))
     if not comps:
       continue
     detail = "; ".join(f"{p}: {diff:+.3f} vs {base['finetune']} (CIs {_ci_word(ov)})" for p, base, diff, ov, _ in comps)
@@ -584,17 +590,12 @@ def _ci_word(ov: bool | None) -> str:
 def _report_share(rows, n) -> str | None:
   """distill vs self_distill (the same soft-target objective with an image-only teacher) at ``n``:
   how much of distillation's effect the report itself brings."""
-  comps = []
-  for p in sorted({r["pretrain"] for r in rows}, key=lambda p: _order_key(p, PRETRAIN_ORDER)):
-    dist, own = _best(rows, (p,), n, finetunes=("distill",)), _best(rows, (p,), n, finetunes=(SELF_DISTILL,))
-    if dist is not None and own is not None:
-      diff, ov, _ = _diff_text(dist, own)
-      comps.append((p, diff, ov, _direction(diff, ov)))
+  comps = _paired(rows, n, ("distill",), (SELF_DISTILL,))
   if not comps:
     return None
-  detail = "; ".join(f"{p}: {diff:+.3f} (CIs {_ci_word(ov)})" for p, diff, ov, _ in comps)
-  helped = sum(c[3] > 0 for c in comps)
-  hurt = sum(c[3] < 0 for c in comps)
+  detail = "; ".join(f"{p}: {diff:+.3f} (CIs {_ci_word(ov)})" for p, _, diff, ov, _ in comps)
+  helped = sum(c[4] > 0 for c in comps)
+  hurt = sum(c[4] < 0 for c in comps)
   verdict = (f"the report itself appears to add to it for {helped} of {len(comps)}" if helped > hurt else
              f"the report itself appears to take away from it for {hurt} of {len(comps)}" if hurt else
              "what distillation changes is not clearly the report's doing: an image-only teacher does about as well")
