@@ -75,11 +75,11 @@ def test_hidden_states_match_torch(ported, reference):
   assert isinstance(model, BertEncoder) and model.pooler is not None
   assert ours.shape == reference.shape
   # Padding positions are outputs nobody reads (every pooling masks them); their float32 rounding
-  # drifts further from torch's (up to 1e-4 of values near 5), so they get a relative bound and
-  # the real tokens a tight one.
+  # drifts further from torch's (1.03e-4 with transformers 5.24), so they get a looser bound than
+  # the real tokens.
   real = enc["attention_mask"].astype(bool)
   np.testing.assert_allclose(ours[real], reference[real], atol=2e-5)
-  np.testing.assert_allclose(ours[~real], reference[~real], rtol=1e-4, atol=1e-4 * np.abs(reference).max())
+  np.testing.assert_allclose(ours[~real], reference[~real], atol=2e-4)
 
 
 def test_sentence_similarity_ranking_matches(ported, reference):
