@@ -10,9 +10,19 @@ paper's findings turn their AUROCs into a recommendation:
   self-supervision (or self-supervision), and a report-seeing teacher has nothing
   to add;
 * the report represents it well but does not give it away: alignment helps, and
-  distillation from a report-seeing teacher can help more;
+  distillation from a report-seeing teacher can help more, if the student can learn
+  what the teacher knows beyond the label;
 * the report nearly determines it (text AUROC >= ``overly_predictive``): alignment
   helps, but distillation's gain vanishes (the teacher's soft targets are the labels).
+
+What the student can learn is measured by ``text_image_r``: the correlation, within each
+class, of the text-only and image-only probes' scores. A teacher helps a student through
+how its soft targets rank examples *within* a class (which positives are clear-cut,
+which negatives are at risk); that helps only where the film shows the same ranking.
+Phrases that describe an image-visible risk give r well above zero; a report that states
+the outcome moves the score by class membership and leaves r near zero, as does a report
+unrelated to the label. On the SynthCXR sweep the study measured a report's own share of
+distillation's gain only where r was about 0.4 (BUILD_NOTES.md, "radjax advise").
 """
 
 from __future__ import annotations
@@ -26,6 +36,8 @@ from radjax.eval.metrics import auroc
 
 WEAK_TEXT = 0.65
 OVERLY_PREDICTIVE = 0.97
+LEARNABLE = 0.3
+MIN_GAIN = 0.02
 
 
 @dataclasses.dataclass
@@ -34,31 +46,64 @@ class Advice:
   text_auroc: float
   image_auroc: float
   both_auroc: float
+  text_image_r: float
   pretrain: str
   distill: bool
   reason: str
 
 
-def recommend(label: str, text_auroc: float, image_auroc: float, both_auroc: float, *,
-              weak_text: float = WEAK_TEXT, overly_predictive: float = OVERLY_PREDICTIVE) -> Advice:
+def within_class_correlation(a, b, labels, mask=None) -> float:
+  """Pearson correlation of ``a`` and ``b`` within each class, averaged weighted by class size.
+
+  Args:
+    a, b: float [N] scores of the same examples.
+    labels: 0/1 [N].
+    mask: 1 = observed, 0 = ignore; [N] or None (all observed).
+  Returns:
+    The weighted mean of the per-class correlations; a class with fewer than 3 examples or
+    a constant score contributes 0 (its ranking says nothing), with its weight.
+  """
+  a, b, labels = (np.asarray(v, np.float64).ravel() for v in (a, b, labels))
+  keep = np.ones_like(a, bool) if mask is None else np.asarray(mask).ravel() > 0
+  total, weight = 0.0, 0
+  for c in (0.0, 1.0):
+    x, z = a[keep & (labels == c)], b[keep & (labels == c)]
+    weight += len(x)
+    if len(x) >= 3 and x.std() > 0 and z.std() > 0:
+      total += len(x) * float(np.mean((x - x.mean()) * (z - z.mean())) / (x.std() * z.std()))
+  return total / weight if weight else 0.0
+
+
+def recommend(label: str, text_auroc: float, image_auroc: float, both_auroc: float,
+              text_image_r: float, *, weak_text: float = WEAK_TEXT,
+              overly_predictive: float = OVERLY_PREDICTIVE, learnable: float = LEARNABLE) -> Advice:
   """The decision rule (pure; see module docstring)."""
-  if text_auroc < weak_text and text_auroc <= image_auroc + 0.02:
-    return Advice(label, text_auroc, image_auroc, both_auroc, "clip_ssl", False,
+  numbers = (label, text_auroc, image_auroc, both_auroc, text_image_r)
+  if text_auroc < weak_text and text_auroc <= image_auroc + MIN_GAIN:
+    return Advice(*numbers, "clip_ssl", False,
                   f"the report barely represents {label} (text-only AUROC {text_auroc:.3f} vs image-only "
                   f"{image_auroc:.3f}): alignment alone risks discarding the image signal, so add "
                   "self-supervision; a report-seeing teacher adds little")
   if text_auroc >= overly_predictive:
-    return Advice(label, text_auroc, image_auroc, both_auroc, "clip", False,
+    return Advice(*numbers, "clip", False,
                   f"the report nearly determines {label} (text-only AUROC {text_auroc:.3f}): alignment "
                   "uses it well, but a teacher that sees it only repeats the labels, so distillation "
                   "is not expected to help")
   gain = both_auroc - image_auroc
-  return Advice(label, text_auroc, image_auroc, both_auroc, "clip" if text_auroc >= 0.8 else "clip_ssl",
-                gain > 0.02,
-                f"the report represents {label} (text-only AUROC {text_auroc:.3f}) without giving it away; "
+  if gain <= MIN_GAIN:
+    verdict = "a teacher adds little over the image"
+  elif text_image_r < learnable:
+    verdict = (f"but within each class the report's score barely follows the image's (r = "
+               f"{text_image_r:.2f} < {learnable}): what the teacher knows beyond the label is not "
+               "on the film, so a student cannot learn it and distillation is not expected to help")
+  else:
+    verdict = (f"and within each class the report's score follows the image's (r = {text_image_r:.2f}): "
+               "distill from a report-seeing teacher")
+  return Advice(*numbers, "clip" if text_auroc >= 0.8 else "clip_ssl",
+                gain > MIN_GAIN and text_image_r >= learnable,
+                f"the report represents {label} (text-only AUROC {text_auroc:.3f}); "
                 f"image + report reaches {both_auroc:.3f} vs image alone {image_auroc:.3f} "
-                f"({gain:+.3f}), so " + ("distill from a report-seeing teacher" if gain > 0.02 else
-                                        "a teacher adds little over the image"))
+                f"({gain:+.3f}), {verdict}")
 
 
 def _pixel_features(source, size: int = 16) -> np.ndarray:
@@ -109,9 +154,12 @@ def advise(data_cfg, labels: list[str], *, train_split: str = "train", eval_spli
   for k, name in enumerate(labels):
     def probe(xtr, xev):
       scores = linear_probe(xtr, y_tr[:, k:k + 1], m_tr[:, k:k + 1], xev, task_kind="binary")
-      return auroc(np.asarray(scores).reshape(len(xev), -1)[:, -1], y_ev[:, k], m_ev[:, k])
-    out.append(recommend(name, probe(text_tr, text_ev), probe(img_tr, img_ev),
-                         probe(np.hstack([img_tr, text_tr]), np.hstack([img_ev, text_ev]))))
+      return np.asarray(scores).reshape(len(xev), -1)[:, -1]
+    text, image = probe(text_tr, text_ev), probe(img_tr, img_ev)
+    both = probe(np.hstack([img_tr, text_tr]), np.hstack([img_ev, text_ev]))
+    score = lambda p: auroc(p, y_ev[:, k], m_ev[:, k])
+    out.append(recommend(name, score(text), score(image), score(both),
+                         within_class_correlation(text, image, y_ev[:, k], m_ev[:, k])))
   return out
 
 
@@ -119,9 +167,10 @@ def main(config, task: str | None = None) -> list[Advice]:
   from radjax.data.pipeline import label_names
   names = [task] if task else list(label_names(config.data))
   advice = advise(config.data, names)
-  print(f"{'label':<20} {'text':>6} {'image':>6} {'both':>6}  pre-train   distill")
+  print(f"{'label':<20} {'text':>6} {'image':>6} {'both':>6} {'r':>6}  pre-train   distill")
   for a in advice:
-    print(f"{a.label:<20} {a.text_auroc:6.3f} {a.image_auroc:6.3f} {a.both_auroc:6.3f}  "
+    print(f"{a.label:<20} {a.text_auroc:6.3f} {a.image_auroc:6.3f} {a.both_auroc:6.3f} "
+          f"{a.text_image_r:+6.2f}  "
           f"{a.pretrain:<10}  {'yes' if a.distill else 'no'}")
   for a in advice:
     print(f"\n{a.label}: pre-train with {a.pretrain}; distillation: {'yes' if a.distill else 'no'}. "
