@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from radjax import xla_flags
+from radjax import host_malloc, xla_flags
 from radjax.config import ConfigError, load_config, parse_overrides
 
 
@@ -167,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+  if argv is None:  # the process's own command line: safe to re-execute it
+    host_malloc.reexec_with_malloc_defaults()
   xla_flags.apply_default_xla_flags()  # before any command imports jax
   parser = build_parser()
   args, extra = parser.parse_known_args(argv)

@@ -32,6 +32,7 @@ def main_step(args: Any, extra: list[str]) -> int:
   result = step.run(config, steps=args.steps, warmup=args.warmup, repeats=args.repeats,
                     profile_dir=args.profile)
   result["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+  result["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")
   if args.json:
     print(json.dumps(result, sort_keys=True))
   else:

@@ -141,6 +141,8 @@ def main(args: Any, extra: list[str]) -> int:
       "threads": last_theirs.get("threads"), "peer_versions": {
           "open_clip": last_theirs.get("open_clip_version"), "torch": last_theirs.get("torch_version")},
       "xla_flags": last_ours.get("xla_flags", ""),
+      # Both sides inherit this process's environment, so the same malloc settings.
+      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
   }
   if args.json:
     print(json.dumps(summary, sort_keys=True))
@@ -155,5 +157,6 @@ def main(args: Any, extra: list[str]) -> int:
         f"{gf(summary['peer_flops_per_example'])} GFLOP/example (torch FlopCounterMode), "
         f"{(summary['peer_params'] or 0) / 1e6:.2f} M params "
         f"(open_clip {summary['peer_versions']['open_clip']}, torch {summary['peer_versions']['torch']})")
-  print(f"  ratio radjax / {args.peer} = {summary['ratio']:.2f}x (of medians)")
+  print(f"  ratio radjax / {args.peer} = {summary['ratio']:.2f}x (of medians); both ran with "
+        f"GLIBC_TUNABLES={summary['glibc_tunables'] or '(unset)'}")
   return 0
