@@ -7,8 +7,8 @@ each step faults in, and the kernel zeroes, gigabytes of new 4 KiB pages: ≈ 0.
 (≈ 2.9 GB) per ViT-B/16 CLIP bfloat16 step at batch 16. With these settings big blocks come from the
 heap, which keeps what it has between steps, and the heap asks for transparent huge pages (2 MiB,
 where the kernel's THP mode is ``madvise``). Measured on the 2-core Intel Xeon (AMX) box
-(BUILD_NOTES.md, "Host memory"): that step went from 3.71 to 4.28 examples/s, minor faults for the
-whole bench run from 8.1 M to 61 k, peak RSS +0.1 GiB.
+(BUILD_NOTES.md, "Host memory"): minor faults 729 k -> 1.8 k per step, 2-15 % more examples/s
+(the gain varied with the box's state), peak RSS +0.1 GiB.
 
 Appended to ``$GLIBC_TUNABLES`` for the names it does not already set; ``RADJAX_MALLOC_DEFAULTS=0``
 disables them. Linux with glibc >= 2.35 only (``glibc.malloc.hugetlb``); elsewhere nothing happens.

@@ -37,6 +37,7 @@ def test_bench_step_json(capsys):
   assert 0 < r["mfu"] < 1.5
   assert r["peak_flops_per_s"] > 0 and "measured" in r["peak_source"]
   assert r["host_peak_rss_bytes"] > 2 ** 20
+  assert 0 <= r["host_minor_faults_per_step"] < r["host_peak_rss_bytes"] / 4096  # at most all of it, afresh
   assert r["num_params"] > 0 and r["param_bytes_per_device"] == 4 * r["num_params"]
   # AdamW: two moments per parameter (+ scalars).
   assert r["opt_bytes_per_device"] >= 2 * r["param_bytes_per_device"]
@@ -44,7 +45,7 @@ def test_bench_step_json(capsys):
 
   from radjax.bench import step
   text = step.format_result(r)
-  assert "examples/s" in text and "MFU" in text and "data wait" in text
+  assert "examples/s" in text and "MFU" in text and "data wait" in text and "page faults" in text
 
 
 def test_bench_step_profile_names_the_ops(tmp_path, capsys):

@@ -245,6 +245,7 @@ def run(config: Any, *, steps: int = 10, warmup: int = 2, repeats: int = 3,
   per_repeat = []
   if profile_dir:
     profile_lib.start(profile_dir)
+  faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   for _ in range(repeats):
     data_s = 0.0
     t0 = time.perf_counter()
@@ -257,6 +258,9 @@ def run(config: Any, *, steps: int = 10, warmup: int = 2, repeats: int = 3,
     wall = time.perf_counter() - t0
     per_repeat.append({"wall_s": wall, "data_s": data_s,
                        "examples_per_s": global_batch * steps / wall})
+  # Minor page faults in the timed steps: a step that keeps faulting in fresh pages spends its
+  # time in the kernel (radjax/host_malloc.py).
+  faults_per_step = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / (repeats * steps)
   if profile_dir:
     profile_lib.stop()
   loss = float(jax.device_get(metrics["loss"]))
@@ -310,6 +314,7 @@ def run(config: Any, *, steps: int = 10, warmup: int = 2, repeats: int = 3,
       "state_bytes_per_device": _bytes_per_device(abstract_state),
       "opt_bytes_per_device": _bytes_per_device(opt_abs),
       "host_peak_rss_bytes": _host_peak_rss(),
+      "host_minor_faults_per_step": faults_per_step,
       "device_peak_bytes": _device_peak_bytes(),
       "collectives": collective_counts(hlo),
       "init_s": t_init - t_start,
@@ -362,7 +367,7 @@ def format_result(r: dict[str, Any]) -> str:
                  f"peak {_si(r['measured_matmul_flops_per_s'], 'FLOP/s')}")
   lines += [
       f"  memory          host peak RSS {_gib(r['host_peak_rss_bytes'])}; device peak "
-      f"{_gib(r['device_peak_bytes'])}",
+      f"{_gib(r['device_peak_bytes'])}; host minor page faults {r['host_minor_faults_per_step']:,.0f}/step",
       f"  state           {r['num_params'] / 1e6:.2f} M params; per device: params "
       f"{_gib(r['param_bytes_per_device'])}, optimizer+rest {_gib(r['opt_bytes_per_device'])}",
       f"  time            init {r['init_s']:.1f} s, compile {r['compile_s']:.1f} s, "
