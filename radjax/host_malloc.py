@@ -32,9 +32,9 @@ MALLOC_DEFAULTS: dict[str, str] = {
 def merged_tunables(current: str, defaults: dict[str, str]) -> str:
   """``current`` (a ``$GLIBC_TUNABLES`` value, ``name=value`` joined by ``:``) with each of
   ``defaults`` appended whose name it does not set."""
-  named = {item.split("=", 1)[0] for item in current.split(":") if item}
-  added = [f"{k}={v}" for k, v in defaults.items() if k not in named]
-  return ":".join([item for item in current.split(":") if item] + added)
+  items = [item for item in current.split(":") if item]
+  named = {item.split("=", 1)[0] for item in items}
+  return ":".join(items + [f"{k}={v}" for k, v in defaults.items() if k not in named])
 
 
 def _glibc_supports_hugetlb() -> bool:
