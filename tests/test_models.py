@@ -125,19 +125,44 @@ def test_linear_cpu_path_matches_nnx_linear(dtype, tol):
 
 
 @pytest.mark.parametrize("dtype,tol", [(None, 1e-5), ("bfloat16", 2e-2)])
-@pytest.mark.parametrize("stride,padding", [(1, "VALID"), (2, [(0, 0), (0, 0)]), (1, "SAME")])
-def test_pointwise_conv_cpu_path_matches_nnx_conv(dtype, tol, stride, padding):
-  """layers.Conv runs 1x1 unpadded convolutions as dots on CPU (3x3 and padded ones as nnx.Conv):
-  the same outputs and gradients as flax's nnx.Conv, strided included."""
+@pytest.mark.parametrize("k,stride,padding,bf16_path", [
+    (1, 1, "VALID", "dense"), (1, 2, [(0, 0), (0, 0)], "dense"), (1, 2, "SAME", "dense"),
+    (3, 1, "SAME", "patches"), (3, 1, [(1, 0), (2, 1)], "patches"), (3, 1, "VALID", "patches"),
+    (3, 2, "SAME", None), (3, 1, "CIRCULAR", None), (3, 1, 3, None)])
+def test_conv_cpu_paths_match_nnx_conv(dtype, tol, k, stride, padding, bf16_path):
+  """layers.Conv on CPU: 1x1 unpadded convolutions as dots, other stride-1 bf16 ones as patch
+  matmuls, the rest nnx.Conv's; every path gives flax's nnx.Conv outputs and gradients."""
   from radjax.models import layers
-  for k in (1, 3):
-    ours = layers.Conv(6, 10, (k, k), strides=stride, padding=padding, dtype=dtype, rngs=nnx.Rngs(0))
-    ref = nnx.Conv(6, 10, (k, k), strides=stride, padding=padding, dtype=dtype, rngs=nnx.Rngs(1))
-    ref.kernel[...] = ours.kernel[...]
-    ref.bias[...] = ours.bias[...] = jax.random.normal(jax.random.key(2), (10,))
-    x = jax.random.normal(jax.random.key(3), (2, 8, 6, 6))
-    assert ours._is_pointwise(x) == (k == 1 and padding != "SAME")  # "SAME": nnx.Conv
-    assert_same_layer(ours, ref, x, tol)
+  ours = layers.Conv(6, 10, (k, k), strides=stride, padding=padding, dtype=dtype, rngs=nnx.Rngs(0))
+  ref = nnx.Conv(6, 10, (k, k), strides=stride, padding=padding, dtype=dtype, rngs=nnx.Rngs(1))
+  ref.kernel[...] = ours.kernel[...]
+  ref.bias[...] = ours.bias[...] = jax.random.normal(jax.random.key(2), (10,))
+  x = jax.random.normal(jax.random.key(3), (2, 8, 7, 6))
+  path, _ = ours.cpu_path(x, layers.as_dtype(dtype or "float32"))
+  assert path == (bf16_path if dtype == "bfloat16" or bf16_path == "dense" else None)
+  assert_same_layer(ours, ref, x, tol)
+
+
+@pytest.mark.parametrize("kernel_size,pads", [
+    ((3, 3), ((1, 1), (1, 1))), ((3, 5), ((2, 0), (0, 4))), ((2, 2), ((0, 1), (1, 0)))])
+def test_patch_conv_matches_lax_conv(kernel_size, pads):
+  """The patch-matmul convolution and its hand-written backward (flipped kernel, re-padded
+  cotangent, transposed weight gradient) equal lax.conv_general_dilated's in float32, for
+  non-square kernels, inputs and asymmetric pads."""
+  from radjax.models.layers import _conv_f32acc
+  kx, kk, kb, kg = jax.random.split(jax.random.key(0), 4)
+  x = jax.random.normal(kx, (2, 9, 7, 5))
+  kernel = jax.random.normal(kk, kernel_size + (5, 4))
+  bias = jax.random.normal(kb, (4,))
+  ref = lambda x, k, b: jax.lax.conv_general_dilated(
+      x, k, (1, 1), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision=jax.lax.Precision.HIGHEST) + b
+  y_ref, vjp_ref = jax.vjp(ref, x, kernel, bias)
+  y, vjp = jax.vjp(lambda x, k, b: _conv_f32acc(x, k, b, pads), x, kernel, bias)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  g = jax.random.normal(kg, y.shape)
+  for ours, theirs in zip(vjp(g), vjp_ref(g)):
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-4)
 
 
 # ---------------------------------------------------------------- image encoders

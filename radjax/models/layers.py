@@ -160,32 +160,123 @@ class Linear(nnx.Linear):
     return _dense_f32acc(x, kernel, bias).reshape(lead + (kernel.shape[-1],))
 
 
+def _conv_out_size(x: jax.Array, kernel_size: tuple[int, int], pads) -> tuple[int, int]:
+  return tuple(n + lo + hi - k + 1 for n, k, (lo, hi) in zip(x.shape[1:3], kernel_size, pads))
+
+
+def _patches(x: jax.Array, kernel_size: tuple[int, int], pads) -> jax.Array:
+  """x [B, H, W, C], zero-padded by ``pads`` ((top, bottom), (left, right)) -> [B * H' * W',
+  kh * kw * C]: every stride-1 kh x kw window, columns in (i, j, c) order (an HWIO kernel
+  reshaped to [kh * kw * C, O] multiplies it).
+
+  Built in two stacks (the kw column shifts, then the kh row shifts), on the bits as unsigned
+  integers: XLA:CPU copies bf16 through float conversions, and a single concatenation of the
+  kh * kw slices runs ~4x slower (ResNet's 56x56x128 at batch 16: 78 ms one-shot in bf16,
+  20 ms as here, against 13 ms to copy the 115 MB once)."""
+  (kh, kw), (b, _, _, c) = kernel_size, x.shape
+  out_h, out_w = _conv_out_size(x, kernel_size, pads)
+  bits = jax.lax.bitcast_convert_type(x, {2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize])
+  bits = jnp.pad(bits, ((0, 0), pads[0], pads[1], (0, 0)))
+  cols = jnp.stack([bits[:, :, j:j + out_w] for j in range(kw)], 3)   # [B, H+p, W', kw, C]
+  cols = jnp.stack([cols[:, i:i + out_h] for i in range(kh)], 3)      # [B, H', W', kh, kw, C]
+  return jax.lax.bitcast_convert_type(cols, x.dtype).reshape(b * out_h * out_w, kh * kw * c)
+
+
+def _conv_out(x, kernel, bias, pads):
+  kh, kw, cin, cout = kernel.shape
+  cols = _patches(x, (kh, kw), pads)
+  return _dense_out(cols, kernel.astype(x.dtype).reshape(kh * kw * cin, cout), bias).reshape(
+      (x.shape[0],) + _conv_out_size(x, (kh, kw), pads) + (cout,))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _conv_f32acc(x: jax.Array, kernel: jax.Array, bias: jax.Array, pads) -> jax.Array:
+  """Stride-1 convolution as a matmul of patches: x [B, H, W, C] (compute dtype), kernel
+  [kh, kw, C, O] / bias [O] (params), ``pads`` ((top, bottom), (left, right)), each pad in
+  [0, k - 1] -> [B, H', W', O] in x.dtype, accumulated in float32.
+
+  XLA:CPU has no bf16 convolution kernel (it converts to float32); as bf16 GEMMs with float32
+  accumulation ResNet-50's 3x3 convolutions run 1.1-2.6x faster, forward + backward
+  (BUILD_NOTES.md, "RN50's 3x3 convolutions as patch matmuls"). The residual is x, not its
+  patches (9x its size for a 3x3 kernel): the backward builds them again."""
+  return _conv_out(x, kernel, bias, pads)
+
+
+def _conv_fwd(x, kernel, bias, pads):
+  return _conv_out(x, kernel, bias, pads), (x, kernel, jnp.zeros((0,), bias.dtype))
+
+
+def _conv_bwd(pads, res, g):
+  x, kernel, bias_like = res
+  kh, kw, cin, cout = kernel.shape
+  g = g.astype(x.dtype)
+  # dx is the full correlation of g with the flipped kernel, itself a patch matmul: row h of dx
+  # sums g[h + top - i] k[i] over i, i.e. g padded by (kh - 1 - top, kh - 1 - bottom).
+  g_pads = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip((kh, kw), pads))
+  flipped = kernel.astype(x.dtype)[::-1, ::-1].transpose(0, 1, 3, 2).reshape(kh * kw * cout, cin)
+  dx = _mm(_patches(g, (kh, kw), g_pads), flipped, _dims(1, 0)).astype(x.dtype).reshape(x.shape)
+  # dk^T = g^T patches: [O, M] x [M, kh*kw*C], both contracted on their canonical dims. The
+  # barrier keeps XLA from folding the final transpose into the dot, which would contract the
+  # major dim of both operands: a plain dot outside YNNPACK, which rejects bf16 x bf16 -> f32.
+  g_rows = g.reshape(-1, cout)
+  dk_t = jax.lax.optimization_barrier(_mm(transpose_rowmajor(g_rows), _patches(x, (kh, kw), pads),
+                                          _dims(1, 0)))
+  dk = transpose_rowmajor(dk_t).reshape(kernel.shape).astype(kernel.dtype)
+  db = g_rows.astype(jnp.float32).sum(0).astype(bias_like.dtype)
+  return dx, dk, db
+
+
+_conv_f32acc.defvjp(_conv_fwd, _conv_bwd)
+
+
 class Conv(nnx.Conv):
-  """nnx.Conv (same parameters, same results up to rounding) whose 1x1 convolutions without
-  padding take :class:`Linear`'s CPU path: XLA:CPU runs them as convolutions at 25-145 GFLOP/s
-  on ResNet-50's shapes, against 72-416 GFLOP/s as the same matmuls (BUILD_NOTES.md, "RN50").
+  """nnx.Conv (same parameters, same results up to rounding) with two CPU paths
+  (:meth:`cpu_path`):
+
+  - "dense": 1x1 convolutions without padding take :class:`Linear`'s CPU path. XLA:CPU runs them
+    as convolutions at 25-145 GFLOP/s on ResNet-50's shapes, against 72-416 GFLOP/s as the same
+    matmuls (BUILD_NOTES.md, "RN50").
+  - "patches": other 2-D stride-1 bf16 convolutions, on one device, are matmuls of their
+    patches (:func:`_conv_f32acc`). In float32 that is no faster than XLA's convolution, and on
+    a mesh its row-major transposes would gather the batch, so those stay nnx.Conv's.
+
   Elsewhere, and for every other convolution: nnx.Conv."""
 
-  def _is_pointwise(self, inputs: jax.Array) -> bool:
-    ones = (1,) * len(self.kernel_size)
-    unit = lambda v: v in (None, 1) or tuple(v) == ones
-    padding = self.padding
-    no_padding = padding == "VALID" or (
-        not isinstance(padding, str) and all(tuple(p) == (0, 0) for p in padding))
-    return (tuple(self.kernel_size) == ones and no_padding and unit(self.input_dilation)
-            and unit(self.kernel_dilation) and self.feature_group_count == 1
-            and self.mask is None and inputs.ndim == len(self.kernel_size) + 2)
+  def _strides(self) -> tuple[int, ...]:
+    s = self.strides
+    return tuple(s) if isinstance(s, Sequence) else (s or 1,) * len(self.kernel_size)
+
+  def cpu_path(self, inputs: jax.Array, dtype: Dtype):
+    """("dense", None), ("patches", pads) or (None, None) for this input and compute dtype."""
+    ks, strides = tuple(self.kernel_size), self._strides()
+    unit = lambda v: v in (None, 1) or tuple(v) == (1,) * len(ks)
+    if not (use_cpu_dense(dtype) and unit(self.input_dilation) and unit(self.kernel_dilation)
+            and self.feature_group_count == 1 and self.mask is None
+            and inputs.ndim == len(ks) + 2 and self.padding not in ("CIRCULAR", "REFLECT", "CAUSAL")):
+      return None, None
+    if isinstance(self.padding, str):
+      pads = jax.lax.padtype_to_pads(inputs.shape[1:-1], ks, strides, self.padding)
+    else:
+      pads = nnx.nn.linear.canonicalize_padding(self.padding, len(ks))
+    pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+    if all(k == 1 for k in ks) and all(p == (0, 0) for p in pads):
+      return "dense", None
+    if (len(ks) == 2 and all(s == 1 for s in strides) and jax.device_count() == 1
+        and jnp.dtype(as_dtype(dtype)) == jnp.dtype(jnp.bfloat16)
+        and all(0 <= v < k for k, p in zip(ks, pads) for v in p)):
+      return "patches", pads
+    return None, None
 
   def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
     kernel = self.kernel[...]
     dtype = _compute_dtype(self.dtype, inputs, kernel)
-    if out_sharding is not None or not use_cpu_dense(dtype) or not self._is_pointwise(inputs):
+    path, pads = self.cpu_path(inputs, dtype) if out_sharding is None else (None, None)
+    if path is None:
       return super().__call__(inputs, out_sharding)
-    strides = self.strides
-    if not isinstance(strides, Sequence):
-      strides = (strides or 1,) * len(self.kernel_size)
-    x = inputs[(slice(None),) + tuple(slice(None, None, s) for s in strides)]
     bias = self.bias[...] if self.bias is not None else jnp.zeros((kernel.shape[-1],), jnp.float32)
+    if path == "patches":
+      return _conv_f32acc(inputs.astype(dtype), kernel, bias, pads)
+    x = inputs[(slice(None),) + tuple(slice(None, None, s) for s in self._strides())]
     y = _dense_f32acc(x.reshape(-1, x.shape[-1]).astype(dtype), kernel.reshape(-1, kernel.shape[-1]),
                       bias, True)
     return y.reshape(x.shape[:-1] + (kernel.shape[-1],))
