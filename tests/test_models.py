@@ -223,6 +223,29 @@ def test_clip_style_resnet_grid_and_errors(size):
     ResNet(dataclasses.replace(c, style="timm"), rngs=nnx.Rngs(0))
 
 
+def test_bf16_resnet_step_uses_patch_convolutions():
+  """A jitted bf16 ResNet backward on CPU compiles and runs with every stride-1 convolution as a
+  patch matmul: only the stride-2 stem convolution is left (its forward and weight gradient).
+  Its gradients follow float32's (the same network with float32 compute)."""
+  if jax.default_backend() != "cpu" or jax.device_count() > 1:
+    pytest.skip("the patch path is CPU, single-device only")
+  grads, convs = {}, {}
+  for dtype in ("bfloat16", "float32"):
+    c = ResNetConfig("50", blocks=(1, 1, 1, 1), width=8, image_size=64, channels=1, style="clip",
+                     dtype=dtype)
+    graphdef, params, rest = nnx.split(ResNet(c, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    loss = lambda p, x: jnp.sum(nnx.merge(graphdef, p, rest)(x)["pooled"].astype(jnp.float32) ** 2)
+    x = jax.random.normal(jax.random.key(0), (2, 64, 64, 1))
+    step = jax.jit(jax.grad(loss))
+    convs[dtype] = step.lower(params, x).compile().as_text().count(" convolution(")
+    grads[dtype] = jax.tree.leaves(step(params, x))
+  assert convs == {"bfloat16": 2, "float32": 20}
+  ours, ref = (np.concatenate([np.ravel(g) for g in grads[d]]) for d in ("bfloat16", "float32"))
+  assert np.all(np.isfinite(ours))
+  # bf16 rounding through the network: 3.8 % here, and 3.6 % with nnx.Conv's bf16 convolutions.
+  assert np.linalg.norm(ours - ref) <= 0.05 * np.linalg.norm(ref)
+
+
 def test_resnet50_embed_dim():
   net = nnx.eval_shape(lambda: ResNet(ResNetConfig("50", image_size=64, channels=1),
                                       rngs=nnx.Rngs(0)))
