@@ -165,6 +165,59 @@ def test_patch_conv_matches_lax_conv(kernel_size, pads):
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-4)
 
 
+
+def test_batch_norm_train_matches_numpy():
+  """The hand-written BatchNorm forward and backward against the textbook formulas in float64:
+  y = scale * (x - mean) / sqrt(var + eps) + bias over [N, H, W];
+  dx = scale * rstd / n * (n * g - sum(g) - x_hat * sum(g * x_hat))."""
+  from radjax.models.layers import batch_norm_train
+  kx, ks, kb, kg = jax.random.split(jax.random.key(0), 4)
+  x = jax.random.normal(kx, (3, 5, 4, 6)) * 2 + 3  # a mean far from 0: E[x^2] - E[x]^2 is tested
+  scale, bias = jax.random.normal(ks, (6,)), jax.random.normal(kb, (6,))
+  g = jax.random.normal(kg, x.shape)
+  (y, mean, var), vjp = jax.vjp(lambda x, s, b: batch_norm_train(x, s, b, 1e-5), x, scale, bias)
+  dx, dscale, dbias = vjp((g, jnp.zeros_like(mean), jnp.zeros_like(var)))
+
+  x64, s64, b64, g64 = (np.asarray(a, np.float64) for a in (x, scale, bias, g))
+  n = x64.size // 6
+  mean64, var64 = x64.mean((0, 1, 2)), x64.var((0, 1, 2))
+  rstd = 1 / np.sqrt(var64 + 1e-5)
+  x_hat = (x64 - mean64) * rstd
+  sum_g, sum_gx = g64.sum((0, 1, 2)), (g64 * x_hat).sum((0, 1, 2))
+  for ours, ref in [(y, s64 * x_hat + b64), (mean, mean64), (var, var64),
+                    (dx, s64 * rstd / n * (n * g64 - sum_g - x_hat * sum_gx)),
+                    (dscale, sum_gx), (dbias, sum_g)]:
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype,tol", [(None, 1e-5), ("bfloat16", 2e-2)])
+def test_batch_norm_matches_nnx_batch_norm(dtype, tol):
+  """layers.BatchNorm against flax's nnx.BatchNorm: in training mode the same outputs, gradients
+  for x, scale and bias, and running statistics; in eval mode (nnx's own path) the same outputs."""
+  from radjax.models import layers
+  x = jax.random.normal(jax.random.key(0), (4, 5, 3, 8)) * 3 + 1
+  w = jax.random.normal(jax.random.key(1), x.shape)
+  layers_ = []
+  for cls in (layers.BatchNorm, nnx.BatchNorm):
+    bn = cls(8, momentum=0.9, epsilon=1e-5, dtype=dtype, rngs=nnx.Rngs(0))
+    bn.scale[...], bn.bias[...] = jnp.linspace(0.5, 2, 8), jnp.linspace(-1, 1, 8)
+    layers_.append(bn)
+
+  def loss(bn, x):
+    return jnp.vdot(jax.nn.relu(bn(x, use_running_average=False)).astype(jnp.float32), w)
+
+  results = []
+  for bn in layers_:
+    value, (dbn, dx) = nnx.value_and_grad(loss, argnums=(0, 1))(bn, x)
+    results.append((value, dx, dbn["scale"][...], dbn["bias"][...], bn.mean[...], bn.var[...]))
+  for ours, ref in zip(*results):
+    assert ours.dtype == ref.dtype
+    np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(ref, np.float32),
+                               rtol=tol, atol=tol * 10)
+  assert not np.allclose(layers_[0].mean[...], 0)  # the running mean did move
+  ours, ref = (np.asarray(bn(x, use_running_average=True), np.float32) for bn in layers_)
+  np.testing.assert_allclose(ours, ref, rtol=tol, atol=tol)
+
 # ---------------------------------------------------------------- image encoders
 
 @pytest.mark.parametrize("pool,posemb", [("cls", "learned"), ("gap", "sincos2d")])

@@ -299,6 +299,82 @@ def layer_norm(dim: int, *, rngs: nnx.Rngs, dtype: Dtype = None, eps: float = 1e
                        scale_init=partitioned(ones, name), bias_init=partitioned(zeros, name))
 
 
+# ----------------------------------------------------------------------------- batch norm
+# Autodiff writes BatchNorm's backward as a chain of per-channel vector ops broadcast into the
+# element-wise cotangent; XLA fuses that chain, the ReLU's select and the residual's add into
+# one loop fusion per layer that ran at 40-65 ms for RN50's [16, 14, 14, 1024] in the float32
+# step (BUILD_NOTES.md). The hand-written backward reduces g and g*x once per channel and applies
+# dx = g*a + x*c + d with per-channel a, c, d: 1.5-2.5x faster forward + backward alone.
+
+
+def _batch_moments(xf: jax.Array) -> tuple[jax.Array, jax.Array]:
+  axes = tuple(range(xf.ndim - 1))
+  mean = xf.mean(axes)
+  # E[x^2] - E[x]^2, clipped at 0: flax's use_fast_variance, one pass over x.
+  return mean, jnp.maximum((xf * xf).mean(axes) - mean * mean, 0.0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array,
+                     epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Training-mode BatchNorm over every axis but the last, in float32.
+
+  x: [..., C]; scale, bias: [C]. Returns (y [..., C] in x.dtype, batch mean [C], batch variance
+  [C], both float32). The statistics are outputs for the running averages only: their
+  cotangents are ignored (the caller stops their gradient, as nnx.BatchNorm does).
+  """
+  return _batch_norm_fwd(x, scale, bias, epsilon)[0]
+
+
+def _batch_norm_fwd(x, scale, bias, epsilon):
+  xf = x.astype(jnp.float32)
+  mean, var = _batch_moments(xf)
+  rstd = jax.lax.rsqrt(var + epsilon)
+  a = scale.astype(jnp.float32) * rstd
+  y = (xf * a + (bias.astype(jnp.float32) - mean * a)).astype(x.dtype)
+  return (y, mean, var), (x, scale, bias, mean, rstd)
+
+
+def _batch_norm_bwd(epsilon, res, cotangents):
+  del epsilon
+  x, scale, bias, mean, rstd = res
+  axes = tuple(range(x.ndim - 1))
+  n = x.size // x.shape[-1]
+  gf, xf = cotangents[0].astype(jnp.float32), x.astype(jnp.float32)
+  sum_g = gf.sum(axes)
+  # sum(g * x_hat) with x_hat = (x - mean) * rstd, from the same pass over g and x as sum_g.
+  dscale = rstd * ((gf * xf).sum(axes) - mean * sum_g)
+  a = scale.astype(jnp.float32) * rstd
+  c = -a * rstd * dscale / n
+  d = -a * sum_g / n - c * mean
+  dx = (gf * a + xf * c + d).astype(x.dtype)
+  return dx, dscale.astype(scale.dtype), sum_g.astype(bias.dtype)
+
+
+batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+
+
+class BatchNorm(nnx.BatchNorm):
+  """nnx.BatchNorm (same variables, same results) whose training-mode call over the last axis
+  goes through :func:`batch_norm_train` and its hand-written backward. Running-average mode,
+  masks, ``axis_name`` and other axes take nnx.BatchNorm's own path."""
+
+  def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+    use_running_average = (self.use_running_average if use_running_average is None
+                           else use_running_average)
+    if (use_running_average is not False or mask is not None or self.axis_name is not None
+        or self.scale is None or self.bias is None or not self.use_fast_variance
+        or tuple(self.axis if isinstance(self.axis, (tuple, list)) else (self.axis,))
+        not in ((-1,), (x.ndim - 1,))):
+      return super().__call__(x, use_running_average, mask=mask)
+    x, scale, bias = self.promote_dtype((x, self.scale[...], self.bias[...]), dtype=self.dtype)
+    y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
+    m = self.momentum
+    self.mean[...] = jax.lax.stop_gradient(m * self.mean[...] + (1 - m) * mean)
+    self.var[...] = jax.lax.stop_gradient(m * self.var[...] + (1 - m) * var)
+    return y
+
+
 class Embed(nnx.Embed):
   """nnx.Embed (same parameter, same results) that, on a mesh, gathers its table over "fsdp"
   before the lookup (:func:`radjax.parallel.rules.gather_fsdp`): an FSDP step then gathers the

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from radjax.models.layers import Conv, as_dtype, linear, ones, param, partitioned, zeros
+from radjax.models.layers import BatchNorm, Conv, as_dtype, linear, ones, param, partitioned, zeros
 from radjax.models.transformer import dot_product_attention
 from radjax.parallel.rules import constrain_batch
 
@@ -83,8 +83,8 @@ def norm_layer(kind: str, c: int, *, rngs: nnx.Rngs, dtype=None, zero: bool = Fa
   scale_init = partitioned(zeros if zero else ones, "conv_out")
   bias_init = partitioned(zeros, "conv_out")
   if kind == "batch":
-    return nnx.BatchNorm(c, momentum=0.9, epsilon=1e-5, dtype=dtype, rngs=rngs,
-                         scale_init=scale_init, bias_init=bias_init)
+    return BatchNorm(c, momentum=0.9, epsilon=1e-5, dtype=dtype, rngs=rngs,
+                     scale_init=scale_init, bias_init=bias_init)
   if kind == "group":
     return nnx.GroupNorm(c, num_groups=min(32, c), epsilon=1e-5, dtype=dtype, rngs=rngs,
                          scale_init=scale_init, bias_init=bias_init)
