@@ -165,7 +165,6 @@ def test_patch_conv_matches_lax_conv(kernel_size, pads):
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-4)
 
 
-
 def test_batch_norm_train_matches_numpy():
   """The hand-written BatchNorm forward and backward against the textbook formulas in float64:
   y = scale * (x - mean) / sqrt(var + eps) + bias over [N, H, W];
@@ -217,6 +216,7 @@ def test_batch_norm_matches_nnx_batch_norm(dtype, tol):
   assert not np.allclose(layers_[0].mean[...], 0)  # the running mean did move
   ours, ref = (np.asarray(bn(x, use_running_average=True), np.float32) for bn in layers_)
   np.testing.assert_allclose(ours, ref, rtol=tol, atol=tol)
+
 
 # ---------------------------------------------------------------- image encoders
 
