@@ -303,8 +303,9 @@ def layer_norm(dim: int, *, rngs: nnx.Rngs, dtype: Dtype = None, eps: float = 1e
 # Autodiff writes BatchNorm's backward as a chain of per-channel vector ops broadcast into the
 # element-wise cotangent; XLA fuses that chain, the ReLU's select and the residual's add into
 # one loop fusion per layer that ran at 40-65 ms for RN50's [16, 14, 14, 1024] in the float32
-# step (BUILD_NOTES.md). The hand-written backward reduces g and g*x once per channel and applies
-# dx = g*a + x*c + d with per-channel a, c, d: 1.5-2.5x faster forward + backward alone.
+# step (BUILD_NOTES.md, "RN50's BatchNorm backward"). The hand-written backward reduces g and
+# g*x once per channel and applies dx = g*a + x*c + d with per-channel a, c, d: 1.5-2.5x faster
+# forward + backward alone.
 
 
 def _batch_moments(xf: jax.Array) -> tuple[jax.Array, jax.Array]:
