@@ -136,7 +136,15 @@ def test_rn50_config_mirrors_open_clip_rn50():
   # The attention pool: k and v of 50 tokens, q of the mean token, one query's attention.
   attention_pool = 2 * 2 * 50 * 2048 ** 2 + 2 * 2048 ** 2 + 4 * 50 * 2048
   assert fwd["image"] == 10_734_452_736 + attention_pool
-  assert 5.8e9 < fwd["text"] < 6.1e9
+  # The text tower as open_clip computes it (every token through every layer) ...
+  from radjax.models import flops as F, text_encoder_config
+  text = text_encoder_config(cfg.model, vocab_size=49408, max_len=77)
+  assert 5.8e9 < F.clip_text_flops(text, 77) < 6.1e9
+  # ... and as radjax's CLIP computes it (pooled_only): the last block's queries, attention and
+  # MLP for the EOT row only, 76 rows fewer.
+  w, rows = 512, 76
+  last_block_rows = rows * (2 * 2 * w * w + 4 * 77 * w + 4 * w * 4 * w)
+  assert fwd["text"] == F.clip_text_flops(text, 77) - last_block_rows
   assert fwd["projection"] == 2 * 1024 * (2048 + 512)
 
 

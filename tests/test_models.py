@@ -394,6 +394,64 @@ def test_text_encoders_add_input_bias_to_the_embeddings():
     np.testing.assert_allclose(out[1], plain[1], atol=1e-5)
 
 
+# ---------------------------------------------------------------- pooled_only
+# Encoders read through one pooled token run their last block's queries and MLP on that row
+# only (Transformer's ``rows``): the pooled output and its gradients must equal the full path's.
+
+_TEXT_IDS = jnp.array([[1, 5, 6, 99, 0, 0, 0, 0], [1, 7, 8, 9, 10, 99, 0, 0],
+                       [1, 2, 3, 4, 5, 6, 7, 99]], jnp.int32)
+_TEXT_MASK = (jnp.arange(8)[None] <= jnp.argmax(_TEXT_IDS, 1)[:, None]).astype(jnp.int32)
+
+
+def _pooled_only_cases():
+  small_vit = dict(image_size=16, patch_size=4, width=32, depth=2, num_heads=4, mlp_dim=64,
+                   channels=1)
+  img = jax.random.normal(jax.random.key(1), (3, 16, 16, 1))
+  text = dict(vocab_size=100, context_length=10, width=32, num_heads=4, num_layers=2, proj_dim=16)
+  # (name, build, inputs, how padding after the pooled token may change without effect)
+  return [
+      ("vit_cls", lambda: ViT(ViTConfig(**small_vit), rngs=nnx.Rngs(0)), (img,), None),
+      ("vit_gap", lambda: ViT(ViTConfig(pool="gap", **small_vit), rngs=nnx.Rngs(0)), (img,), None),
+      ("clip_text_argmax", lambda: CLIPTextEncoder(CLIPTextConfig(**text), rngs=nnx.Rngs(0)),
+       (_TEXT_IDS,), "causal"),
+      ("clip_text_last", lambda: CLIPTextEncoder(CLIPTextConfig(pool="last", **text),
+                                                 rngs=nnx.Rngs(0)), (_TEXT_IDS, _TEXT_MASK), "causal"),
+      ("bert_cls", lambda: BertEncoder(_small_bert(), rngs=nnx.Rngs(0)),
+       (_TEXT_IDS, _TEXT_MASK), "mask"),
+      ("bert_pooler", lambda: BertEncoder(_small_bert(pool="pooler", pooler=True), rngs=nnx.Rngs(0)),
+       (_TEXT_IDS, _TEXT_MASK), "mask"),
+      ("bert_mean", lambda: BertEncoder(_small_bert(pool="mean"), rngs=nnx.Rngs(0)),
+       (_TEXT_IDS, _TEXT_MASK), "mask"),
+      ("resnet", lambda: ResNet(ResNetConfig("18", image_size=32, channels=1, width=8),
+                                rngs=nnx.Rngs(0)),
+       (jax.random.normal(jax.random.key(2), (2, 32, 32, 1)),), None),
+  ]
+
+
+@pytest.mark.parametrize("case", _pooled_only_cases(), ids=lambda c: c[0])
+def test_pooled_only_matches_the_full_pooled_output(case):
+  _, build, inputs, padding = case
+  model = build()
+  full = lambda m, *a: m(*a)["pooled"]
+  part = lambda m, *a: m(*a, pooled_only=True)["pooled"]
+  assert set(model(*inputs, pooled_only=True)) == {"pooled"}
+  want = full(model, *inputs)
+  np.testing.assert_allclose(part(model, *inputs), want, atol=1e-5 * float(jnp.abs(want).max()))
+  # Gradients of a loss on the pooled output, leaf by leaf, to 1e-4 of the leaf's scale (and
+  # 1e-6 of the largest: the key bias's gradient is zero up to rounding).
+  probe = jax.random.normal(jax.random.key(3), want.shape)
+  grads = [jax.tree.leaves(nnx.grad(lambda m: (f(m, *inputs) * probe).sum())(model))
+           for f in (full, part)]
+  largest = max(float(jnp.abs(g).max()) for g in grads[0])
+  for g_full, g_part in zip(*grads):
+    np.testing.assert_allclose(g_part, g_full,
+                               atol=1e-4 * float(jnp.abs(g_full).max()) + 1e-6 * largest)
+  if padding is not None:
+    # Positions after the pooled token (causal) or masked out (BERT) stay invisible to it.
+    ids = inputs[0].at[:2, 7].set(42)
+    np.testing.assert_allclose(part(model, ids, *inputs[1:]), part(model, *inputs), atol=1e-5)
+
+
 # ---------------------------------------------------------------- heads and decoders
 
 def test_heads_shapes():
@@ -509,6 +567,14 @@ def _xla_flops(build, *shapes, grad=False):
   return cost["flops"]
 
 
+class _PooledOnly(nnx.Module):
+  def __init__(self, encoder, pooled_only: bool):
+    self.encoder, self.pooled_only = encoder, pooled_only
+
+  def __call__(self, *args):
+    return self.encoder(*args, pooled_only=self.pooled_only)
+
+
 def test_flops_match_cost_analysis():
   b = 2
   img = lambda s, c: jax.ShapeDtypeStruct((b, s, s, c), jnp.float32)
@@ -528,6 +594,21 @@ def test_flops_match_cost_analysis():
   for build, shapes, analytic in checks:
     xla = _xla_flops(build, *shapes) / b
     assert rel(analytic, xla) < 0.1, (analytic, xla)
+  # pooled_only: the FLOPs saved in the last block, analytic against XLA's count of the same two
+  # programs (2 blocks, so the last one is half the encoder).
+  small_vit = ViTConfig("s", image_size=64, patch_size=8, depth=2)
+  small_text = CLIPTextConfig(num_layers=2, context_length=64)
+  saved = [
+      (lambda **kw: _xla_flops(lambda: _PooledOnly(ViT(small_vit, rngs=nnx.Rngs(0)), **kw),
+                               img(64, 3)),
+       F.vit_flops(small_vit) - F.vit_flops(small_vit, pooled_only=True)),
+      (lambda **kw: _xla_flops(lambda: _PooledOnly(CLIPTextEncoder(small_text, rngs=nnx.Rngs(0)),
+                                                   **kw), tok),
+       F.clip_text_flops(small_text) - F.clip_text_flops(small_text, pooled_only=True)),
+  ]
+  for xla_flops, analytic in saved:
+    xla = (xla_flops(pooled_only=False) - xla_flops(pooled_only=True)) / b
+    assert analytic > 0 and rel(analytic, xla) < 0.1, (analytic, xla)
   # Forward + backward ~ 3 x forward.
   small = ViTConfig("s", image_size=64, patch_size=8, depth=2)
   xla = _xla_flops(lambda: ViT(small, rngs=nnx.Rngs(0)), img(64, 3), grad=True) / b

@@ -22,11 +22,11 @@ class DualEncoder(nnx.Module):
 
   def embed_images(self, images):
     """[B, H, W, C] -> float32 [B, E] (not normalised; the losses normalise)."""
-    return base.f32(self.image_proj(self.image_encoder(images)["pooled"]))
+    return base.f32(self.image_proj(self.image_encoder(images, pooled_only=True)["pooled"]))
 
   def embed_texts(self, ids, mask):
     """int [B, L] x2 -> float32 [B, E]."""
-    return base.f32(self.text_proj(self.text_encoder(ids, mask)["pooled"]))
+    return base.f32(self.text_proj(self.text_encoder(ids, mask, pooled_only=True)["pooled"]))
 
 
 def alignment_terms(model: DualEncoder, batch, sigmoid: bool):

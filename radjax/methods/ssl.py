@@ -88,7 +88,7 @@ def random_view(key: jax.Array, images: jax.Array) -> jax.Array:
 def simclr_terms(model: SimCLR, images, key):
   k1, k2 = jax.random.split(key)
   views = jnp.concatenate([random_view(k1, images), random_view(k2, images)])
-  z = base.f32(model.proj(model.image_encoder(views)["pooled"]))
+  z = base.f32(model.proj(model.image_encoder(views, pooled_only=True)["pooled"]))
   z1, z2 = jnp.split(z, 2)
   loss = clip_loss(z1, z2, model.temperature)
   return loss, {"ssl_loss": loss, "view_accuracy": contrastive_accuracy(z1, z2)}

@@ -61,7 +61,7 @@ class Classifier(nnx.Module):
 
   def __call__(self, images):
     """[B, H, W, C] -> float32 logits [B, K]."""
-    return base.f32(self.head(self.image_encoder(images)["pooled"]))
+    return base.f32(self.head(self.image_encoder(images, pooled_only=True)["pooled"]))
 
 
 @base.register("supervised")

@@ -93,9 +93,12 @@ class BertEmbeddings(nnx.Module):
 
 
 class BertEncoder(nnx.Module):
-  """``__call__(ids [B, L], mask [B, L], token_type_ids=None, *, input_bias=None)`` ->
+  """``__call__(ids [B, L], mask [B, L], token_type_ids=None, *, input_bias=None,
+  pooled_only=False)`` ->
   {"tokens": [B, L, D] last hidden states, "pooled": [B, D]} (see ``BertConfig.pool``).
-  ``input_bias`` [B, 1 or L, D] is added to the embeddings (MRM's image conditioning)."""
+  ``input_bias`` [B, 1 or L, D] is added to the embeddings (MRM's image conditioning).
+  ``pooled_only=True`` -> {"pooled"} alone; with pool "cls" / "pooler" the last layer then
+  computes the first token's row only."""
 
   def __init__(self, config: BertConfig | Mapping[str, Any], *, rngs: nnx.Rngs):
     if not isinstance(config, BertConfig):
@@ -122,13 +125,15 @@ class BertEncoder(nnx.Module):
 
   def __call__(self, ids: jax.Array, mask: jax.Array | None = None,
                token_type_ids: jax.Array | None = None, *,
-               input_bias: jax.Array | None = None) -> dict[str, jax.Array]:
+               input_bias: jax.Array | None = None, pooled_only: bool = False
+               ) -> dict[str, jax.Array]:
     if mask is None:
       mask = jnp.ones_like(ids)
     x = self.embeddings(ids, token_type_ids)
     if input_bias is not None:
       x = x + input_bias.astype(x.dtype)
-    x = self.encoder(x, mask)
+    first_only = pooled_only and self.config.pool != "mean"
+    x = self.encoder(x, mask, rows=jnp.zeros((x.shape[0], 1), jnp.int32) if first_only else None)
     if self.config.pool == "mean":
       m = mask.astype(x.dtype)[..., None]
       pooled = (x * m).sum(1) / jnp.maximum(m.sum(1), 1)
@@ -136,4 +141,4 @@ class BertEncoder(nnx.Module):
       pooled = jnp.tanh(self.pooler(x[:, 0]))
     else:
       pooled = x[:, 0]
-    return {"tokens": x, "pooled": pooled}
+    return {"pooled": pooled} if pooled_only else {"tokens": x, "pooled": pooled}

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from radjax.models.layers import as_dtype, embed, param
-from radjax.models.transformer import Transformer
+from radjax.models.transformer import Transformer, take_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,9 +36,11 @@ class CLIPTextConfig:
 
 
 class CLIPTextEncoder(nnx.Module):
-  """``__call__(ids [B, L], mask [B, L] | None, *, input_bias=None)`` -> {"tokens": [B, L, W],
-  "pooled": [B, P]} with P = proj_dim (or W without projection). L <= context_length.
-  ``input_bias`` [B, 1 or L, W] is added to the input embeddings (MRM's image conditioning)."""
+  """``__call__(ids [B, L], mask [B, L] | None, *, input_bias=None, pooled_only=False)`` ->
+  {"tokens": [B, L, W], "pooled": [B, P]} with P = proj_dim (or W without projection).
+  L <= context_length.
+  ``input_bias`` [B, 1 or L, W] is added to the input embeddings (MRM's image conditioning).
+  ``pooled_only=True`` -> {"pooled"} alone, the last block computing the EOT row only."""
 
   def __init__(self, config: CLIPTextConfig | Mapping[str, Any], *, rngs: nnx.Rngs):
     if not isinstance(config, CLIPTextConfig):
@@ -64,7 +66,8 @@ class CLIPTextEncoder(nnx.Module):
       self.embed_dim = c.width
 
   def __call__(self, ids: jax.Array, mask: jax.Array | None = None, *,
-               input_bias: jax.Array | None = None) -> dict[str, jax.Array]:
+               input_bias: jax.Array | None = None, pooled_only: bool = False
+               ) -> dict[str, jax.Array]:
     _, l = ids.shape
     if l > self.config.context_length:
       raise ValueError(f"text length {l} exceeds clip_text context_length "
@@ -73,14 +76,16 @@ class CLIPTextEncoder(nnx.Module):
     x = x + self.positional_embedding[:l].astype(x.dtype)
     if input_bias is not None:
       x = x + input_bias.astype(x.dtype)
-    # Causal attention only, as open_clip: padding sits after EOT so it cannot leak backwards.
-    x = self.transformer(x, is_causal=True)
     if self.config.pool == "last" and mask is not None:
       idx = jnp.maximum(mask.astype(jnp.int32).sum(1) - 1, 0)
     else:
       idx = jnp.argmax(ids, axis=1)
-    # take_along_axis, not x[arange(B), idx]: the latter gathers the batch under FSDP.
-    pooled = jnp.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]
+    # Causal attention only, as open_clip: padding sits after EOT so it cannot leak backwards.
+    if pooled_only:
+      pooled = self.transformer(x, is_causal=True, rows=idx[:, None])[:, 0]
+    else:
+      x = self.transformer(x, is_causal=True)
+      pooled = take_rows(x, idx[:, None])[:, 0]
     if self.text_projection is not None:
       pooled = pooled @ self.text_projection[...].astype(pooled.dtype)
-    return {"tokens": x, "pooled": pooled}
+    return {"pooled": pooled} if pooled_only else {"tokens": x, "pooled": pooled}

@@ -21,21 +21,32 @@ def attention_layer_flops(t: int, d: int, s: int | None = None, kv_dim: int | No
 
 
 def transformer_flops(tokens: int, width: int, depth: int, mlp_dim: int, *,
-                      context: int = 0, context_dim: int | None = None) -> int:
-  """``depth`` blocks over ``tokens`` tokens (+ cross-attention to ``context`` tokens)."""
-  per_layer = attention_layer_flops(tokens, width) + 4 * tokens * width * mlp_dim
-  if context:
-    per_layer += attention_layer_flops(tokens, width, context, context_dim)
-  return depth * per_layer
+                      context: int = 0, context_dim: int | None = None,
+                      rows: int | None = None) -> int:
+  """``depth`` blocks over ``tokens`` tokens (+ cross-attention to ``context`` tokens); with
+  ``rows``, the last block computes the outputs of that many rows only (Transformer's ``rows``:
+  keys and values at every token, the rest at those rows)."""
+  def layer(queries: int) -> int:
+    flops = attention_layer_flops(queries, width, tokens) + 4 * queries * width * mlp_dim
+    if context:
+      flops += attention_layer_flops(queries, width, context, context_dim)
+    return flops
+
+  if depth == 0:
+    return 0
+  return (depth - 1) * layer(tokens) + layer(tokens if rows is None else rows)
 
 
-def vit_flops(config: ViTConfig | Mapping[str, Any], *, num_kept: int | None = None) -> int:
-  """Forward FLOPs of one image; ``num_kept`` visible patches when patches are dropped (MAE)."""
+def vit_flops(config: ViTConfig | Mapping[str, Any], *, num_kept: int | None = None,
+              pooled_only: bool = False) -> int:
+  """Forward FLOPs of one image; ``num_kept`` visible patches when patches are dropped (MAE);
+  ``pooled_only`` as ``ViT(..., pooled_only=True)`` computes it."""
   c = (config if isinstance(config, ViTConfig) else ViTConfig.from_mapping(config)).resolved()
   n = (c.image_size // c.patch_size) ** 2
   patch = 2 * n * c.patch_size ** 2 * c.channels * c.width
   t = (n if num_kept is None else num_kept) + (1 if c.pool == "cls" else 0)
-  return patch + transformer_flops(t, c.width, c.depth, c.mlp_dim)
+  rows = 1 if pooled_only and c.pool == "cls" else None
+  return patch + transformer_flops(t, c.width, c.depth, c.mlp_dim, rows=rows)
 
 
 def _conv(h: int, cin: int, cout: int, k: int, stride: int) -> tuple[int, int]:
@@ -78,17 +89,22 @@ def resnet_flops(config: ResNetConfig | Mapping[str, Any]) -> int:
   return total
 
 
-def bert_flops(config: BertConfig | Mapping[str, Any], seq_len: int) -> int:
-  """Forward FLOPs of one sequence of ``seq_len`` tokens (embedding lookups are free)."""
+def bert_flops(config: BertConfig | Mapping[str, Any], seq_len: int, *,
+               pooled_only: bool = False) -> int:
+  """Forward FLOPs of one sequence of ``seq_len`` tokens (embedding lookups are free);
+  ``pooled_only`` as ``BertEncoder(..., pooled_only=True)`` computes it."""
   c = config if isinstance(config, BertConfig) else BertConfig.from_mapping(config)
-  total = transformer_flops(seq_len, c.hidden_size, c.num_layers, c.intermediate_size)
+  rows = 1 if pooled_only and c.pool != "mean" else None
+  total = transformer_flops(seq_len, c.hidden_size, c.num_layers, c.intermediate_size, rows=rows)
   return total + (2 * c.hidden_size ** 2 if c.pooler else 0)
 
 
-def clip_text_flops(config: CLIPTextConfig | Mapping[str, Any], seq_len: int | None = None) -> int:
+def clip_text_flops(config: CLIPTextConfig | Mapping[str, Any], seq_len: int | None = None, *,
+                    pooled_only: bool = False) -> int:
   c = config if isinstance(config, CLIPTextConfig) else CLIPTextConfig.from_mapping(config)
   seq_len = c.context_length if seq_len is None else seq_len
-  total = transformer_flops(seq_len, c.width, c.num_layers, c.mlp_dim or 4 * c.width)
+  total = transformer_flops(seq_len, c.width, c.num_layers, c.mlp_dim or 4 * c.width,
+                            rows=1 if pooled_only else None)
   return total + (2 * c.width * c.proj_dim if c.proj_dim else 0)
 
 
@@ -98,13 +114,15 @@ def train_flops(forward: int) -> int:
 
 
 def model_flops(model_cfg, *, image_size: int, channels: int, text_len: int,
-                vocab_size: int = 30522) -> dict[str, int]:
+                vocab_size: int = 30522, pooled_only: bool = False) -> dict[str, int]:
   """Forward FLOPs per example of the image and text encoders described by a model ConfigDict
-  (``defaults.model_config()``): {"image": ..., "text": ...}; x3 for training."""
+  (``defaults.model_config()``): {"image": ..., "text": ...}; x3 for training. ``pooled_only``:
+  the encoders called for their pooled output only (CLIP, classifiers)."""
   from radjax.models import image_encoder_config, text_encoder_config
   img = image_encoder_config(model_cfg, image_size=image_size, channels=channels)
-  out = {"image": vit_flops(img) if isinstance(img, ViTConfig) else resnet_flops(img)}
+  out = {"image": (vit_flops(img, pooled_only=pooled_only) if isinstance(img, ViTConfig)
+                   else resnet_flops(img))}
   txt = text_encoder_config(model_cfg, vocab_size=vocab_size, max_len=text_len)
-  out["text"] = (bert_flops(txt, text_len) if isinstance(txt, BertConfig)
-                 else clip_text_flops(txt, text_len))
+  out["text"] = (bert_flops(txt, text_len, pooled_only=pooled_only) if isinstance(txt, BertConfig)
+                 else clip_text_flops(txt, text_len, pooled_only=pooled_only))
   return out

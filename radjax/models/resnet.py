@@ -204,7 +204,8 @@ class ResNet(nnx.Module):
   ``__call__(images [B, H, W, C])`` -> {"tokens": [B, h*w, C_out], "pooled": [B, C_out]}: the
   flattened final feature map (h = ceil(H/32); style "clip": :func:`clip_grid`) and its global
   average (style "clip": its attention pool). C_out = 512 (18/34) or 2048 (50/101). ``keep_ids``
-  is not supported (patch dropping is a ViT feature).
+  is not supported (patch dropping is a ViT feature). ``pooled_only=True`` -> {"pooled"} alone
+  (the same computation: the attention pool already has one query).
   """
 
   def __init__(self, config: ResNetConfig | Mapping[str, Any], *, rngs: nnx.Rngs):
@@ -238,7 +239,8 @@ class ResNet(nnx.Module):
         self.grid_size, self.embed_dim, c.attn_heads or self.embed_dim // 64, rngs=rngs,
         dtype=dtype) if clip else None)
 
-  def __call__(self, images: jax.Array, keep_ids: jax.Array | None = None) -> dict[str, jax.Array]:
+  def __call__(self, images: jax.Array, keep_ids: jax.Array | None = None, *,
+               pooled_only: bool = False) -> dict[str, jax.Array]:
     if keep_ids is not None:
       raise ValueError("ResNet does not support keep_ids (patch dropping needs a ViT)")
     x = images
@@ -254,4 +256,4 @@ class ResNet(nnx.Module):
     b, h, w, ch = x.shape
     tokens = x.reshape(b, h * w, ch)
     pooled = tokens.mean(axis=1) if self.attn_pool is None else self.attn_pool(x)
-    return {"tokens": tokens, "pooled": pooled}
+    return {"pooled": pooled} if pooled_only else {"tokens": tokens, "pooled": pooled}

@@ -270,15 +270,23 @@ class Block(nnx.Module):
     return ln(x + self._drop(f(x)))
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, is_causal: bool = False,
-               context: jax.Array | None = None,
-               context_mask: jax.Array | None = None) -> jax.Array:
-    """x [B, L, D]; mask [B, L] key padding; context [B, S, Dc] for cross-attention."""
+               context: jax.Array | None = None, context_mask: jax.Array | None = None,
+               rows: jax.Array | None = None) -> jax.Array:
+    """x [B, L, D]; mask [B, L] key padding; context [B, S, Dc] for cross-attention. ``rows``
+    int [B, K]: the output at these positions only, [B, K, D] (keys and values still come
+    from every position)."""
     # Pins activations to the batch axes on a mesh (under FSDP XLA otherwise gathers the batch to
     # match the sharded kernels); a no-op on one device.
     x = constrain_batch(x)
     if context is not None:
       context = constrain_batch(context)
-    x = self._residual(x, self.ln1, lambda y: self.attn(y, mask=mask, is_causal=is_causal))
+    if rows is None:
+      x = self._residual(x, self.ln1, lambda y: self.attn(y, mask=mask, is_causal=is_causal))
+    else:
+      keys = self.ln1(x) if self.pre_ln else x
+      allowed = rows_mask(mask, rows, is_causal, x.shape[1])
+      x = self._residual(constrain_batch(take_rows(x, rows)), self.ln1,
+                         lambda y: self.attn(y, keys, mask=allowed))
     if self.cross_attn is not None:
       if context is None:
         raise ValueError("this block cross-attends: pass context=[B, S, Dc]")
@@ -299,11 +307,40 @@ class Transformer(nnx.Module):
     self.norm = layer_norm(dim, rngs=rngs, dtype=dtype, eps=eps) if final_ln else None
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, is_causal: bool = False,
-               context: jax.Array | None = None,
-               context_mask: jax.Array | None = None) -> jax.Array:
-    for layer in self.layers:
-      x = layer(x, mask, is_causal=is_causal, context=context, context_mask=context_mask)
+               context: jax.Array | None = None, context_mask: jax.Array | None = None,
+               rows: jax.Array | None = None) -> jax.Array:
+    """x [B, L, D] -> [B, L, D], or [B, K, D] with ``rows`` int [B, K]: the outputs at those
+    positions only, for an encoder read through one pooled token (a cls or EOT token). Then the
+    last block computes keys and values at every position but queries, attention output and
+    MLP at those rows only: the same values as the rows of the full output, for ~5/6 of the last
+    block's FLOPs fewer (ViT-B/16: 7 % of the forward)."""
+    last = len(self.layers) - 1
+    for i, layer in enumerate(self.layers):
+      x = layer(x, mask, is_causal=is_causal, context=context, context_mask=context_mask,
+                rows=rows if i == last else None)
     return x if self.norm is None else self.norm(x)
+
+
+def take_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
+  """x [B, L, D], rows int [B, K] -> [B, K, D] (take_along_axis: x[arange(B), rows] would
+  gather the batch under FSDP)."""
+  return jnp.take_along_axis(x, rows[:, :, None], axis=1)
+
+
+def rows_mask(mask: jax.Array | None, rows: jax.Array, is_causal: bool, length: int
+              ) -> jax.Array | None:
+  """The attention mask of queries at ``rows`` [B, K] over ``length`` keys: bool [B, 1, K, S]
+  from a key-padding ``mask`` [B, S] and, if causal, keys at or before each row; or None.
+  With K = 1 it is a key-padding mask (all cuDNN's fused attention takes)."""
+  allowed = None
+  if mask is not None:
+    if mask.ndim != 2:
+      raise ValueError(f"rows need a key-padding mask [B, S], got {mask.shape}")
+    allowed = mask.astype(bool)[:, None, None, :]
+  if is_causal:
+    before = jnp.arange(length)[None, None, None, :] <= rows[:, None, :, None]
+    allowed = before if allowed is None else allowed & before
+  return allowed
 
 
 def sincos_1d(length: int, dim: int, temperature: float = 10_000.0) -> jax.Array:

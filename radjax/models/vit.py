@@ -65,6 +65,8 @@ class ViT(nnx.Module):
   where P = ``num_prefix_tokens`` (1 with pool="cls", else 0) and N' = N, or N_keep when
   ``keep_ids`` [B, N_keep] selects the visible patches (dropped before the encoder, MAE-style).
   Tokens are after the final LayerNorm; pooled is the cls token or the mean of patch tokens.
+  ``pooled_only=True`` -> {"pooled"} alone; with pool="cls" the last block then runs its
+  queries and MLP on the cls token only (:class:`Transformer`'s ``rows``).
   """
 
   def __init__(self, config: ViTConfig | Mapping[str, Any], *, rngs: nnx.Rngs):
@@ -107,7 +109,8 @@ class ViT(nnx.Module):
       return self.posemb[...]
     return sincos_2d(self.grid_size, self.grid_size, self.embed_dim)[None]
 
-  def __call__(self, images: jax.Array, keep_ids: jax.Array | None = None) -> dict[str, jax.Array]:
+  def __call__(self, images: jax.Array, keep_ids: jax.Array | None = None, *,
+               pooled_only: bool = False) -> dict[str, jax.Array]:
     c = self.config
     if images.shape[1:] != (c.image_size, c.image_size, c.channels):
       raise ValueError(f"ViT expects images [B, {c.image_size}, {c.image_size}, {c.channels}], "
@@ -121,6 +124,7 @@ class ViT(nnx.Module):
     if self.cls is not None:
       cls = jnp.broadcast_to(self.cls[...].astype(x.dtype), (x.shape[0], 1, x.shape[2]))
       x = jnp.concatenate([cls, x], axis=1)
-    x = self.encoder(x)
+    cls_only = pooled_only and self.cls is not None
+    x = self.encoder(x, rows=jnp.zeros((x.shape[0], 1), jnp.int32) if cls_only else None)
     pooled = x[:, 0] if self.cls is not None else x.mean(axis=1)
-    return {"tokens": x, "pooled": pooled}
+    return {"pooled": pooled} if pooled_only else {"tokens": x, "pooled": pooled}
