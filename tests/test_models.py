@@ -452,6 +452,15 @@ def test_pooled_only_matches_the_full_pooled_output(case):
     np.testing.assert_allclose(part(model, ids, *inputs[1:]), part(model, *inputs), atol=1e-5)
 
 
+def test_transformer_rows_take_key_padding_masks_only():
+  from radjax.models.transformer import Transformer
+  tr = Transformer(1, 16, 2, 32, rngs=nnx.Rngs(0))
+  x, rows = jnp.ones((2, 5, 16)), jnp.zeros((2, 1), jnp.int32)
+  assert tr(x, jnp.ones((2, 5)), rows=rows).shape == (2, 1, 16)
+  with pytest.raises(ValueError, match="key-padding mask"):
+    tr(x, jnp.ones((2, 1, 5, 5), bool), rows=rows)
+
+
 # ---------------------------------------------------------------- heads and decoders
 
 def test_heads_shapes():
