@@ -93,7 +93,9 @@ def test_full_distillation_trains_on_the_teacher_and_is_full_at_lambda_0(finishe
     return study.full_finetune_logits(config, str(workdir), cell, idx, labels, teacher_logits=teacher_logits)
 
   plain = logits(0.5, None)
-  np.testing.assert_array_equal(logits(0.0, teacher), plain)
+  # Equal up to float rounding: the two steps are separate programs (one takes the teacher's
+  # logits), which XLA may fuse differently (seen: 1 ulp on 20 of 80 logits).
+  np.testing.assert_allclose(logits(0.0, teacher), plain, rtol=1e-6, atol=1e-7)
   assert np.abs(logits(1.0, teacher) - plain).max() > 1e-4
 
 

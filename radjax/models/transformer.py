@@ -331,7 +331,7 @@ def rows_mask(mask: jax.Array | None, rows: jax.Array, is_causal: bool, length: 
               ) -> jax.Array | None:
   """The attention mask of queries at ``rows`` [B, K] over ``length`` keys: bool [B, 1, K, S]
   from a key-padding ``mask`` [B, S] and, if causal, keys at or before each row; or None.
-  With K = 1 it is a key-padding mask (all cuDNN's fused attention takes)."""
+  With K = 1 it is a key-padding mask, the kind cuDNN's fused attention takes."""
   allowed = None
   if mask is not None:
     if mask.ndim != 2:
