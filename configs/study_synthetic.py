@@ -20,7 +20,12 @@ def study_config() -> ml_collections.ConfigDict:
   # A label group ("diagnostic", "prognostic") or a single label name.
   s.tasks = ("diagnostic", "mortality_12m")
   s.n_train = (50, 200, 1000, -1)  # -1 = every labelled training example
-  s.seeds = (0, 1, 2)
+  s.seeds = (0, 1, 2)  # fine-tuning seeds: the labelled subset and the heads' fits
+  # Pre-training seeds: each pre-training method trains once per seed (config.seed + k), and every
+  # cell runs on each. Several make the intervals cover pre-training too: on SynthCXR one run of
+  # clip moved mortality AUROC by up to 0.048 (BUILD_NOTES.md, "Pre-training variance"). Each seed
+  # costs a pre-training run per method (~3.5 min each on 2 CPU cores).
+  s.pretrain_seeds = (0,)
   s.distill_lambda = 0.5
   s.distill_temperature = 2.0
   # The teacher's soft targets on the training examples come from this many cross-fitted folds.

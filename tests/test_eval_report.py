@@ -57,8 +57,10 @@ def test_results_csv_exact_columns_and_stable_sort(tmp_path):
     reader = csv.reader(f)
     header = next(reader)
     body = list(reader)
-  assert header[:8] == ["dataset", "task", "task_kind", "pretrain", "finetune", "n_train", "seed", "auroc"]
-  assert header[8:] == ["auroc_lo", "auroc_hi", "auprc", "teacher_auroc", "n_train_actual", "custom_note"]
+  assert header[:9] == ["dataset", "task", "task_kind", "pretrain", "finetune", "n_train", "seed", "auroc",
+                        "pretrain_seed"]  # rows without one came from a single pre-training run, seed 0
+  assert {r[8] for r in body} == {"0"}
+  assert header[9:] == ["auroc_lo", "auroc_hi", "auprc", "teacher_auroc", "n_train_actual", "custom_note"]
   assert len(body) == len(rows)
   # Canonical order: pretrain none first, n_train ascending with 'all' last, seeds ascending.
   assert body[0][3:7] == ["none", "linear", "10", "0"]
@@ -109,6 +111,33 @@ def test_summarise(tmp_path):
   # One seed: fall back to that run's bootstrap CI.
   one = R.summarise([r for r in rows if r["seed"] == 0])
   assert all(r["ci_source"] == "bootstrap" and r["n_seeds"] == 1 for r in one)
+
+
+def test_summarise_several_pretraining_seeds_takes_the_interval_over_pretraining_runs():
+  from scipy import stats
+  rng = np.random.default_rng(3)
+  base = dict(dataset="synth_cxr", task="mortality", task_kind="binary", pretrain="clip", finetune="linear",
+              n_train=50)
+  # Three pre-training runs far apart; the fine-tuning seeds of each close together.
+  auroc = {(p, k): 0.60 + 0.05 * p + rng.normal(0, 0.002) for p in range(3) for k in range(4)}
+  auroc[(2, 3)] = math.nan  # a run whose AUROC is undefined
+  rows = [dict(base, pretrain_seed=p, seed=k, auroc=a) for (p, k), a in auroc.items()]
+  [s] = R.summarise(rows)
+  means = np.array([np.nanmean([auroc[(p, k)] for k in range(4)]) for p in range(3)])
+  half = stats.t.ppf(0.975, df=2) * means.std(ddof=1) / np.sqrt(3)
+  assert s["ci_source"] == "pretrain_seeds" and s["n_pretrain_seeds"] == 3 and s["n_seeds"] == 11
+  assert s["auroc_mean"] == pytest.approx(means.mean())
+  assert s["auroc_std"] == pytest.approx(means.std(ddof=1))
+  assert (s["auroc_ci95_lo"], s["auroc_ci95_hi"]) == pytest.approx((means.mean() - half, means.mean() + half))
+  # The 11 runs taken as independent seeds would claim an interval several times narrower.
+  pooled = R.summarise([dict(r, pretrain_seed=0, seed=10 * r["pretrain_seed"] + r["seed"]) for r in rows])[0]
+  assert pooled["ci_source"] == "seeds"
+  assert 3 * (pooled["auroc_ci95_hi"] - pooled["auroc_ci95_lo"]) < 2 * half
+  # A fine-tuning seed may recur under another pre-training seed, but not under the same one.
+  with pytest.raises(ValueError, match="duplicate seed 0 \\(pre-training seed 1\\)"):
+    R.summarise(rows + [dict(rows[4])])
+  one_run = R.summarise([r for r in rows if r["pretrain_seed"] == 1])[0]
+  assert one_run["ci_source"] == "seeds" and one_run["n_pretrain_seeds"] == 1
 
 
 def test_plots_created(tmp_path):

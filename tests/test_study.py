@@ -13,7 +13,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = [
     "--config.study.pretrain=('none','clip')", "--config.study.n_train=(20,-1)",
-    "--config.study.seeds=(0,)", "--config.study.n_boot=20", "--config.study.head_steps=30",
+    "--config.study.seeds=(0,)", "--config.study.pretrain_seeds=(0,1)", "--config.study.n_boot=20",
+    "--config.study.head_steps=30",
     "--config.study.teacher_folds=2", "--config.train.steps=4", "--config.train.batch_size=16",
     "--config.train.checkpoint_every=2", "--config.train.progress=False",
     "--config.data.synth.n_pretrain=64", "--config.data.synth.n_train=120",
@@ -24,7 +25,7 @@ TINY = [
     "--config.model.text.num_layers=1", "--config.model.text.num_heads=2",
     "--config.model.text.intermediate_size=64", "--config.model.embed_dim=32",
 ]
-COLUMNS = ["dataset", "task", "task_kind", "pretrain", "finetune", "n_train", "seed", "auroc"]
+COLUMNS = ["dataset", "task", "task_kind", "pretrain", "finetune", "n_train", "seed", "auroc", "pretrain_seed"]
 
 
 def _command(workdir):
@@ -48,9 +49,22 @@ def test_study_writes_results_summary_report_and_plots(finished):
   workdir, result = finished
   with open(workdir / "results.csv") as f:
     rows = list(csv.DictReader(f))
-  assert list(rows[0])[:8] == COLUMNS
-  # 2 tasks x 2 pre-trainings x 3 fine-tunings x 2 sizes x 1 seed
-  assert len(rows) == 24
+  assert list(rows[0])[:9] == COLUMNS
+  # 2 tasks x 2 pre-trainings x 2 pre-training seeds x 3 fine-tunings x 2 sizes x 1 seed
+  assert len(rows) == 48
+  assert {r["pretrain_seed"] for r in rows} == {"0", "1"}
+  # Each pre-training seed is its own run (for "none", its own random encoder), so the cells differ.
+  assert (workdir / "pretrain" / "p1" / "clip").exists()
+  for method in ("none", "clip"):
+    by_seed = {}
+    for r in rows:
+      if r["pretrain"] == method:
+        by_seed.setdefault(r["pretrain_seed"], []).append(float(r["auroc"]))
+    assert by_seed["0"] != by_seed["1"], method
+  with open(workdir / "summary.csv") as f:
+    summary = list(csv.DictReader(f))
+  assert len(summary) == 24
+  assert all(r["ci_source"] == "pretrain_seeds" and r["n_pretrain_seeds"] == "2" for r in summary)
   assert {r["task_kind"] for r in rows} == {"diagnostic", "prognostic"}
   assert {r["finetune"] for r in rows} == {"linear", "self_distill", "distill"}
   # The self-distillation control has a teacher (its penalty is recorded) that never sees a report,
@@ -67,8 +81,8 @@ def test_study_writes_results_summary_report_and_plots(finished):
   grid = load_config(f"{ROOT}/configs/study_synthetic.py:quick", []).study.teacher_l2
   assert all(float(r["teacher_l2"]) in grid for r in rows if "distill" in r["finetune"])
   assert all(r["zero_shot_auroc"] for r in rows if r["pretrain"] == "clip")
-  assert (workdir / "summary.csv").exists()
   report = (workdir / "report.md").read_text()
+  assert "(2×1)" in report
   assert "Did distillation help" in report and "Against self-distillation" in report
   assert len(list((workdir / "plots").glob("*.png"))) == 2
   assert "Did reports help" in result.stdout
@@ -178,10 +192,11 @@ def test_full_fine_tuning_cell_starts_from_the_pretraining(finished, monkeypatch
   workdir, _ = finished
   monkeypatch.chdir(ROOT)
   config = load_config("configs/study_synthetic.py:quick", TINY + ["--config.study.full_steps=3"])
-  cell = study.Cell("clip", "full", "diagnostic", 20, 0)
+  cell = study.Cell("clip", "full", "diagnostic", 20, 0, pretrain_seed=1)
   cfg = study.full_finetune_config(config, str(workdir), cell, study.task_labels(config, "diagnostic")[0])
   assert cfg.method.name == "supervised" and cfg.train.train_split == "train"
-  assert cfg.method.init_from == os.path.join(str(workdir), "pretrain", "clip")
+  assert cfg.method.init_from == os.path.join(str(workdir), "pretrain", "p1", "clip")
+  assert study.pretrain_config(config, "clip", 1).seed == config.seed + 1
   row = study.run_cell(cell, config.to_json(), str(workdir))
   assert row["finetune"] == "full" and row["n_train_actual"] == 20
   assert 0.0 <= row["auroc"] <= 1.0

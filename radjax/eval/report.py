@@ -5,16 +5,18 @@ seed) run, a dict with at least ``RESULT_COLUMNS``:
 
   dataset, task, task_kind, pretrain, finetune, n_train, seed, auroc
 
-``n_train`` is an int or ``"all"``. Optional extras (written after the required
+``n_train`` is an int or ``"all"``. ``pretrain_seed`` (optional, default 0) names the pre-training
+run the row's encoder came from; written right after the required columns. Optional extras (written after the required
 columns, known ones first in this order): ``auroc_lo``, ``auroc_hi`` (bootstrap
 CI of that run), ``auprc``, ``teacher_auroc`` (the report-seeing teacher of a
 distillation run), ``zero_shot_auroc``, ``n_train_actual`` (the real size behind
 ``"all"``, used to place it on the plot's x axis); any other numeric or short
 string extras are kept.
 
-A *summary row* aggregates the seeds of one (dataset, task, pretrain, finetune,
-n_train) setting: ``SUMMARY_COLUMNS`` (mean, sample std, t-interval over seeds)
-plus ``<extra>_mean`` for every numeric extra.
+A *summary row* aggregates the runs of one (dataset, task, pretrain, finetune,
+n_train) setting: ``SUMMARY_COLUMNS`` (mean, sample std, t-interval over seeds, or
+over the pre-training runs' means when there are several), ``n_pretrain_seeds``,
+and ``<extra>_mean`` for every numeric extra.
 
 Patient data: rows must never carry report text. Keys that name text
 (``report``, ``impression``, ...) and long string values are rejected, and
@@ -53,6 +55,8 @@ __all__ = [
 
 RESULT_COLUMNS: tuple[str, ...] = ("dataset", "task", "task_kind", "pretrain", "finetune", "n_train", "seed", "auroc")
 KNOWN_EXTRAS: tuple[str, ...] = ("auroc_lo", "auroc_hi", "auprc", "teacher_auroc", "zero_shot_auroc", "n_train_actual")
+# Optional in what is read (older results have one pre-training run, seed 0), always written.
+PRETRAIN_SEED = "pretrain_seed"
 GROUP_COLUMNS: tuple[str, ...] = ("dataset", "task", "pretrain", "finetune", "n_train")
 SUMMARY_COLUMNS: tuple[str, ...] = ("dataset", "task", "task_kind", "pretrain", "finetune", "n_train", "n_seeds",
                                     "auroc_mean", "auroc_std", "auroc_ci95_lo", "auroc_ci95_hi", "ci_source")
@@ -143,13 +147,14 @@ def _normalise_row(row: Mapping[str, Any], i: int) -> dict[str, Any]:
       raise ValueError(f"{where}: {c} is a {len(v)}-character string; results must not carry free text")
     out[c] = v.strip()
   out["n_train"] = _norm_n(row["n_train"], where)
-  try:
-    seed = float(row["seed"])
-    if not seed.is_integer():
-      raise ValueError
-  except (TypeError, ValueError):
-    raise ValueError(f"{where}: seed must be an integer, got {row['seed']!r}") from None
-  out["seed"] = int(seed)
+  for c in ("seed", PRETRAIN_SEED):
+    try:
+      seed = float(row.get(c, 0))
+      if not seed.is_integer():
+        raise ValueError
+    except (TypeError, ValueError):
+      raise ValueError(f"{where}: {c} must be an integer, got {row[c]!r}") from None
+    out[c] = int(seed)
   try:
     out["auroc"] = _to_float(row["auroc"])
   except (TypeError, ValueError):
@@ -164,7 +169,7 @@ def _normalise_row(row: Mapping[str, Any], i: int) -> dict[str, Any]:
 
 def _row_sort_key(r: Mapping[str, Any]):
   return (r["dataset"], r["task"], _order_key(r["pretrain"], PRETRAIN_ORDER), _order_key(r["finetune"], FINETUNE_ORDER),
-          _n_key(r["n_train"]), r.get("seed", 0))
+          _n_key(r["n_train"]), r.get(PRETRAIN_SEED, 0), r.get("seed", 0))
 
 
 def _extra_columns(rows: Sequence[Mapping[str, Any]], fixed: Sequence[str]) -> list[str]:
@@ -208,7 +213,8 @@ def write_results_csv(rows: Iterable[Mapping[str, Any]], path: str) -> str:
   fine-tuning (canonical method order), n_train ('all' last), seed.
   """
   norm = sorted((_normalise_row(r, i) for i, r in enumerate(rows)), key=_row_sort_key)
-  return _write_csv(norm, list(RESULT_COLUMNS) + _extra_columns(norm, RESULT_COLUMNS), path)
+  fixed = RESULT_COLUMNS + (PRETRAIN_SEED,)
+  return _write_csv(norm, list(fixed) + _extra_columns(norm, fixed), path)
 
 
 def _read_csv(path: str, required: Sequence[str]) -> list[dict[str, Any]]:
@@ -240,8 +246,13 @@ def summarise(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
   ``n_seeds`` counts runs with a defined AUROC; ``auroc_ci95_lo/hi`` is the
   t-interval for the mean over seeds (``ci_source = "seeds"``); with a single
   seed it falls back to that run's bootstrap interval ``auroc_lo/hi`` if given
-  (``"bootstrap"``), else NaN (``"none"``). Every other numeric extra ``x``
-  becomes ``x_mean`` (NaN-ignoring mean over seeds).
+  (``"bootstrap"``), else NaN (``"none"``).
+
+  With several pre-training seeds, the fine-tuning seeds of one pre-training run
+  share its encoder and are not independent: ``auroc_mean``, ``auroc_std`` and the
+  t-interval are then taken over the pre-training runs' mean AUROCs
+  (``ci_source = "pretrain_seeds"``). ``n_pretrain_seeds`` counts those runs.
+  Every other numeric extra ``x`` becomes ``x_mean`` (NaN-ignoring mean over runs).
   """
   norm = [_normalise_row(r, i) for i, r in enumerate(rows)]
   kinds: dict[tuple[str, str], str] = {}
@@ -253,28 +264,35 @@ def summarise(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
                        f"{kinds[dt]!r}")
     key = tuple(r[c] for c in GROUP_COLUMNS)
     grp = groups.setdefault(key, [])
-    if any(g["seed"] == r["seed"] for g in grp):
-      raise ValueError(f"result row {i}: duplicate seed {r['seed']} for {dict(zip(GROUP_COLUMNS, key))}")
+    if any((g[PRETRAIN_SEED], g["seed"]) == (r[PRETRAIN_SEED], r["seed"]) for g in grp):
+      raise ValueError(f"result row {i}: duplicate seed {r['seed']} (pre-training seed {r[PRETRAIN_SEED]}) "
+                       f"for {dict(zip(GROUP_COLUMNS, key))}")
     grp.append(r)
 
-  extras = [c for c in _extra_columns(norm, RESULT_COLUMNS)
+  extras = [c for c in _extra_columns(norm, RESULT_COLUMNS + (PRETRAIN_SEED,))
             if all(r.get(c) is None or isinstance(r.get(c), (int, float)) for r in norm)]
   out = []
   for key, grp in groups.items():
-    s = seed_summary([g["auroc"] for g in grp])
+    aurocs = np.array([g["auroc"] for g in grp], np.float64)
+    runs: dict[int, list[float]] = {}
+    for g in grp:
+      runs.setdefault(g[PRETRAIN_SEED], []).append(g["auroc"])
+    run_means = [float(np.nanmean(v)) for v in runs.values() if np.isfinite(v).any()]
+    several = len(runs) > 1
+    s = seed_summary(run_means if several else aurocs)
     row: dict[str, Any] = dict(zip(GROUP_COLUMNS, key))
     row["task_kind"] = kinds[(row["dataset"], row["task"])]
-    lo, hi, source = s["ci95_lo"], s["ci95_hi"], "seeds"
+    lo, hi, source = s["ci95_lo"], s["ci95_hi"], "pretrain_seeds" if several else "seeds"
     if s["n"] < 2:
       lo = hi = math.nan
       source = "none"
-      if s["n"] == 1:
+      if s["n"] == 1 and not several:
         only = next(g for g in grp if not math.isnan(g["auroc"]))
         blo, bhi = _to_float(only.get("auroc_lo")), _to_float(only.get("auroc_hi"))
         if not (math.isnan(blo) or math.isnan(bhi)):
           lo, hi, source = blo, bhi, "bootstrap"
-    row.update(n_seeds=s["n"], auroc_mean=s["mean"], auroc_std=s["std"], auroc_ci95_lo=lo, auroc_ci95_hi=hi,
-               ci_source=source)
+    row.update(n_seeds=int(np.isfinite(aurocs).sum()), n_pretrain_seeds=len(run_means), auroc_mean=s["mean"],
+               auroc_std=s["std"], auroc_ci95_lo=lo, auroc_ci95_hi=hi, ci_source=source)
     for c in extras:
       vals = np.array([_to_float(g.get(c)) for g in grp], np.float64)
       vals = vals[np.isfinite(vals)]
@@ -296,7 +314,7 @@ def read_summary_csv(path: str) -> list[dict[str, Any]]:
     for k, v in list(r.items()):
       if k == "n_train":
         r[k] = _norm_n(v, f"{path} row {i}")
-      elif k == "n_seeds":
+      elif k in ("n_seeds", "n_pretrain_seeds"):
         r[k] = int(float(v))
       elif k not in ("dataset", "task", "task_kind", "pretrain", "finetune", "ci_source"):
         try:
@@ -679,10 +697,18 @@ def _pivot_table(rows: Sequence[Mapping[str, Any]], column: str, with_ci: bool) 
       if r is None:
         out.append("–")
         continue
-      txt = f"{_fmt_ci(r)} ({r.get('n_seeds', '?')})" if with_ci else f"{r[column]:.3f}"
+      txt = f"{_fmt_ci(r)} ({_runs_text(r)})" if with_ci else f"{r[column]:.3f}"
       out.append(f"**{txt}**" if with_ci and r[column] == best[n] else txt)
     lines.append(f"| {_md_escape(p)} | {_md_escape(f)} | " + " | ".join(out) + " |")
   return "\n".join(lines)
+
+
+def _runs_text(r: Mapping[str, Any]) -> str:
+  """"3" for three seeds; "3×3" for three pre-training runs of three fine-tuning seeds each."""
+  n, runs = r.get("n_seeds", "?"), r.get("n_pretrain_seeds", 1)
+  if isinstance(n, int) and isinstance(runs, int) and runs > 1 and n % runs == 0:
+    return f"{runs}×{n // runs}"
+  return str(n)
 
 
 _EXTRA_TABLES = (("teacher_auroc_mean", "Teacher AUROC (image + report; mean over seeds)"),
@@ -713,8 +739,9 @@ def write_report_md(rows: Sequence[Mapping[str, Any]], summary: Sequence[Mapping
   out = [f"# {title}", ""]
   datasets = sorted({r["dataset"] for r in norm} | {d for d, _ in tasks})
   out.append(f"{len(norm)} runs, {len(summary)} settings, {len(tasks)} task(s) on {', '.join(datasets) or '-'}. "
-             "Cells give mean AUROC over seeds [95% CI] (number of seeds); the best mean per column is bold. "
-             "CIs are t-intervals over seeds, or a single run's bootstrap interval. Pre-trainings that read reports: "
+             "Cells give mean AUROC over seeds [95% CI] (number of seeds, or pre-training runs × fine-tuning "
+             "seeds); the best mean per column is bold. CIs are t-intervals over seeds (over the pre-training "
+             "runs' means when there are several), or a single run's bootstrap interval. Pre-trainings that read reports: "
              f"{', '.join(REPORT_PRETRAINS)}; image-only: {', '.join(IMAGE_ONLY_PRETRAINS)}. "
              "This report contains no report text.")
   out.append("")

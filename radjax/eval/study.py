@@ -1,12 +1,17 @@
-"""The study runner: ``pretrain x finetune x task x n_train x seed`` (the main job).
+"""The study runner: ``pretrain x pretrain_seed x finetune x task x n_train x seed`` (the main job).
 
 Layout of a study workdir::
 
-  config.json                the study config, as run
-  pretrain/<method>/         one training run per pre-training method (resumable)
-  features/<method>.npz      frozen image features of the train / test splits, with labels
-  cells/<cell>.json          one finished cell each; a rerun skips them
+  config.json                  the study config, as run
+  pretrain/p<k>/<method>/      one training run per pre-training method and seed (resumable)
+  features/p<k>/<method>.npz   its frozen image features of the train / test splits, with labels
+  features/report_tfidf.npz    the teacher's report features
+  cells/<cell>.json            one finished cell each; a rerun skips them
   results.csv summary.csv report.md plots/*.png
+
+Pre-training seed k trains with ``config.seed + k``; fine-tuning seeds (``study.seeds``) draw the
+labelled subset and fit the heads. With several pre-training seeds the summary's intervals are taken
+over the pre-training runs, since the runs that share one are not independent.
 
 A cell is cheap (a head on cached features), so an interrupted study continues
 where it stopped and ``--workers N`` spreads cells over processes. Report text is
@@ -46,22 +51,33 @@ class Cell:
   task: str
   n_train: int | str
   seed: int
+  pretrain_seed: int = 0
 
   @property
   def key(self) -> str:
-    return f"{self.task}__{self.pretrain}__{self.finetune}__n{self.n_train}__s{self.seed}"
+    return f"{self.task}__{self.pretrain}__p{self.pretrain_seed}__{self.finetune}__n{self.n_train}__s{self.seed}"
+
+
+def pretrain_dir(workdir: str, method: str, pretrain_seed: int) -> str:
+  return os.path.join(workdir, "pretrain", f"p{pretrain_seed}", method)
+
+
+def features_path(workdir: str, method: str, pretrain_seed: int) -> str:
+  return os.path.join(workdir, "features", f"p{pretrain_seed}", f"{method}.npz")
 
 
 # ----------------------------------------------------------------------------- config
 
 
-def pretrain_config(config: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
-  """The training config of one pre-training run: the study config without ``study``."""
+def pretrain_config(config: ml_collections.ConfigDict, method: str, pretrain_seed: int = 0) -> ml_collections.ConfigDict:
+  """The training config of one pre-training run: the study config without ``study``, seeded
+  ``config.seed + pretrain_seed``."""
   cfg = defaults.pretrain_config()
   for key in cfg.keys():
     cfg[key] = config[key]
   cfg = ml_collections.ConfigDict(cfg.to_dict())
   cfg.method.name = method
+  cfg.seed = int(config.seed) + int(pretrain_seed)
   cfg.train.progress = config.train.progress
   return cfg
 
@@ -89,9 +105,11 @@ def cells(config) -> list[Cell]:
   for m in s.pretrain:
     if m not in method_names():
       raise ValueError(f"study.pretrain: unknown method {m!r}; known: {', '.join(method_names())}")
+  if not s.pretrain_seeds or len(set(s.pretrain_seeds)) != len(s.pretrain_seeds):
+    raise ValueError(f"study.pretrain_seeds: need distinct seeds, got {tuple(s.pretrain_seeds)}")
   sizes = ["all" if n <= 0 else int(n) for n in s.n_train]
-  return [Cell(p, f, t, n, seed) for t in s.tasks for p in s.pretrain for f in s.finetune
-          for n in sizes for seed in s.seeds]
+  return [Cell(p, f, t, n, seed, int(ps)) for t in s.tasks for p in s.pretrain for ps in s.pretrain_seeds
+          for f in s.finetune for n in sizes for seed in s.seeds]
 
 
 # ----------------------------------------------------------------------------- stages
@@ -107,39 +125,40 @@ def _all_labels_data_config(config) -> ml_collections.ConfigDict:
   return data
 
 
-def pretrain(config, workdir: str, method: str) -> str:
-  """Trains ``method`` once into ``workdir/pretrain/<method>`` (a no-op when already done)."""
-  out = os.path.join(workdir, "pretrain", method)
+def pretrain(config, workdir: str, method: str, pretrain_seed: int = 0) -> str:
+  """Trains ``method`` at ``pretrain_seed`` into ``workdir/pretrain/p<seed>/<method>`` (a no-op
+  when already done)."""
+  out = pretrain_dir(workdir, method, pretrain_seed)
   if method == "none":
     return out
   from radjax.train import loop
-  log.info("pre-training %s", method)
-  result = loop.train(pretrain_config(config, method), out)
+  log.info("pre-training %s (pre-training seed %d)", method, pretrain_seed)
+  result = loop.train(pretrain_config(config, method, pretrain_seed), out)
   if result.get("preempted"):
     raise SystemExit(f"pre-training {method} was preempted; rerun the study to continue")
   return out
 
 
-def _encoder(config, workdir: str, method: str):
+def _encoder(config, workdir: str, method: str, pretrain_seed: int):
   from flax import nnx
   from radjax import methods
-  if method == "none":
-    cfg = pretrain_config(config, method)
-    return methods.get_method("none").build(cfg, nnx.Rngs(int(config.seed))).image_encoder, None
+  if method == "none":  # a random encoder: its initialisation is its pre-training seed
+    cfg = pretrain_config(config, method, pretrain_seed)
+    return methods.get_method("none").build(cfg, nnx.Rngs(int(cfg.seed))).image_encoder, None
   from radjax.train.checkpoint import load_pretrained
-  model, _ = load_pretrained(os.path.join(workdir, "pretrain", method))
+  model, _ = load_pretrained(pretrain_dir(workdir, method, pretrain_seed))
   return model.image_encoder, model
 
 
-def extract_features(config, workdir: str, method: str) -> str:
+def extract_features(config, workdir: str, method: str, pretrain_seed: int = 0) -> str:
   """Caches the frozen image features of ``method`` on the train and test splits."""
-  path = os.path.join(workdir, "features", f"{method}.npz")
+  path = features_path(workdir, method, pretrain_seed)
   if os.path.exists(path):
     return path
   from radjax.data.pipeline import make_loader
   from radjax.data.tokenizer import get_tokenizer
   from radjax.eval.features import encode_images
-  encoder, model = _encoder(config, workdir, method)
+  encoder, model = _encoder(config, workdir, method, pretrain_seed)
   data = _all_labels_data_config(config)
   tok = get_tokenizer(config.data)
   arrays = {"label_names": np.asarray(data.labels.split(","))}
@@ -235,7 +254,7 @@ def run_cell(cell: Cell, config_json: str, workdir: str) -> dict[str, Any]:
   config = ml_collections.ConfigDict(json.loads(config_json))
   s = config.study
   labels_of_task, kind = task_labels(config, cell.task)
-  feats = np.load(os.path.join(workdir, "features", f"{cell.pretrain}.npz"))
+  feats = np.load(features_path(workdir, cell.pretrain, cell.pretrain_seed))
   cols = _task_columns(feats["label_names"], labels_of_task)
   x_tr, y_tr, m_tr = feats["train/feats"], feats["train/labels"][:, cols], feats["train/label_mask"][:, cols]
   x_te, y_te, m_te = feats["test/feats"], feats["test/labels"][:, cols], feats["test/label_mask"][:, cols]
@@ -244,7 +263,7 @@ def run_cell(cell: Cell, config_json: str, workdir: str) -> dict[str, Any]:
   head_cfg = HeadConfig(l2=tuple(s.head_l2), cv_folds=s.head_cv_folds, steps=s.head_steps, seed=cell.seed)
   row: dict[str, Any] = dict(dataset=config.data.dataset, task=cell.task, task_kind=kind,
                              pretrain=cell.pretrain, finetune=cell.finetune, n_train=cell.n_train,
-                             seed=cell.seed, n_train_actual=len(idx))
+                             seed=cell.seed, pretrain_seed=cell.pretrain_seed, n_train_actual=len(idx))
   soft = None
   if cell.finetune in report_lib.DISTILL_FINETUNES + (report_lib.SELF_DISTILL,):
     if cell.finetune == report_lib.SELF_DISTILL:  # the teacher sees the image features only
@@ -289,7 +308,8 @@ def full_finetune_config(config, workdir: str, cell: Cell, labels: tuple[str, ..
   cfg.method.distill_temperature = float(s.distill_temperature)
   cfg.seed = int(cell.seed)
   cfg.data.labels = ",".join(labels)
-  cfg.method.init_from = None if cell.pretrain == "none" else os.path.join(workdir, "pretrain", cell.pretrain)
+  cfg.method.init_from = (None if cell.pretrain == "none"
+                          else pretrain_dir(workdir, cell.pretrain, cell.pretrain_seed))
   cfg.optim.lr = float(s.full_lr)
   cfg.optim.warmup_steps = min(int(cfg.optim.warmup_steps), int(s.full_steps) // 10)
   cfg.train.update(steps=int(s.full_steps), train_split="train", eval_every=0, checkpoint_every=int(s.full_steps),
@@ -415,9 +435,10 @@ def run_study(config, workdir: str, workers: int = 1) -> list[dict[str, Any]]:
     task_labels(config, task)
   os.makedirs(os.path.join(workdir, "cells"), exist_ok=True)
   _check_workdir_config(config, workdir)
-  for method in config.study.pretrain:
-    pretrain(config, workdir, method)
-    extract_features(config, workdir, method)
+  for pretrain_seed in config.study.pretrain_seeds:
+    for method in config.study.pretrain:
+      pretrain(config, workdir, method, pretrain_seed)
+      extract_features(config, workdir, method, pretrain_seed)
   if set(config.study.finetune) & set(report_lib.DISTILL_FINETUNES):
     report_feature_cache(config, workdir)
 
