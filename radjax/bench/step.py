@@ -81,17 +81,13 @@ def encoder_flops(config: Any, method: Any, vocab_size: int) -> dict[str, int]:
   from radjax.models.vit import ViTConfig  # pylint: disable=import-outside-toplevel
 
   d, m = config.data, config.model
-  dual_encoder = method.name in ("clip", "siglip", "clip_ssl", "unicl")
-  # These methods read their encoders' pooled outputs only (pooled_only=True), which skips most
-  # of the last transformer block: the FLOPs counted are the FLOPs computed.
   out = F.model_flops(m, image_size=int(d.image_size), channels=int(d.channels),
-                      text_len=int(d.max_text_len), vocab_size=vocab_size,
-                      pooled_only=dual_encoder or method.name == "supervised")
+                      text_len=int(d.max_text_len), vocab_size=vocab_size, pooled_only=method.pooled_only)
   if not getattr(method, "uses_text", True):
     out["text"] = 0
   embed = int(m.get("embed_dim", 0) or 0)
   proj = 0
-  if embed and dual_encoder:
+  if embed and method.dual_encoder:
     img = image_encoder_config(m, image_size=int(d.image_size), channels=int(d.channels))
     if isinstance(img, ViTConfig):
       img_dim = img.resolved().width

@@ -24,6 +24,10 @@ class Method:
   name: str = ""
   uses_text: bool = False
   uses_labels: bool = False
+  # What the FLOP counter (``radjax bench``) needs to count what runs: the loss reads the encoders
+  # through their pooled outputs only (``pooled_only=True``), and a dual encoder projects both.
+  pooled_only: bool = False
+  dual_encoder: bool = False
 
   def build(self, config, rngs: nnx.Rngs) -> nnx.Module:
     raise NotImplementedError

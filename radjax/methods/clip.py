@@ -45,6 +45,7 @@ def alignment_terms(model: DualEncoder, batch, sigmoid: bool):
 @base.register("clip")
 class CLIP(base.Method):
   uses_text = True
+  pooled_only = dual_encoder = True
 
   def build(self, config, rngs):
     return DualEncoder(config, rngs)
@@ -56,6 +57,7 @@ class CLIP(base.Method):
 @base.register("siglip")
 class SigLIP(base.Method):
   uses_text = True
+  pooled_only = dual_encoder = True
 
   def build(self, config, rngs):
     return DualEncoder(config, rngs, bias=config.method.siglip_bias)

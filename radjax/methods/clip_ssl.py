@@ -38,6 +38,7 @@ class AlignedSSL(DualEncoder):
 @base.register("clip_ssl")
 class CLIPSSL(base.Method):
   uses_text = True
+  pooled_only = dual_encoder = True
 
   def build(self, config, rngs):
     return AlignedSSL(config, rngs)

@@ -67,6 +67,7 @@ class Classifier(nnx.Module):
 @base.register("supervised")
 class Supervised(base.Method):
   uses_labels = True
+  pooled_only = True
 
   def build(self, config, rngs):
     return Classifier(config, rngs)

@@ -60,6 +60,7 @@ def texts_and_positives(key: jax.Array, labels: jax.Array, text_ids: jax.Array, 
 @base.register("unicl")
 class UniCL(base.Method):
   uses_text = True
+  pooled_only = dual_encoder = True
   uses_labels = True
 
   def build(self, config, rngs):
