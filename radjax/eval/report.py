@@ -5,13 +5,13 @@ seed) run, a dict with at least ``RESULT_COLUMNS``:
 
   dataset, task, task_kind, pretrain, finetune, n_train, seed, auroc
 
-``n_train`` is an int or ``"all"``. ``pretrain_seed`` (optional, default 0) names the pre-training
-run the row's encoder came from; written right after the required columns. Optional extras (written after the required
-columns, known ones first in this order): ``auroc_lo``, ``auroc_hi`` (bootstrap
-CI of that run), ``auprc``, ``teacher_auroc`` (the report-seeing teacher of a
-distillation run), ``zero_shot_auroc``, ``n_train_actual`` (the real size behind
-``"all"``, used to place it on the plot's x axis); any other numeric or short
-string extras are kept.
+``n_train`` is an int or ``"all"``. ``pretrain_seed`` (optional, default 0) names the
+pre-training run the row's encoder came from; it is written right after the required
+columns. Optional extras (written after those, known ones first in this order):
+``auroc_lo``, ``auroc_hi`` (bootstrap CI of that run), ``auprc``, ``teacher_auroc`` (the
+report-seeing teacher of a distillation run), ``zero_shot_auroc``, ``n_train_actual`` (the
+real size behind ``"all"``, used to place it on the plot's x axis); any other numeric or
+short string extras are kept.
 
 A *summary row* aggregates the runs of one (dataset, task, pretrain, finetune,
 n_train) setting: ``SUMMARY_COLUMNS`` (mean, sample std, t-interval over seeds, or
@@ -57,6 +57,7 @@ RESULT_COLUMNS: tuple[str, ...] = ("dataset", "task", "task_kind", "pretrain", "
 KNOWN_EXTRAS: tuple[str, ...] = ("auroc_lo", "auroc_hi", "auprc", "teacher_auroc", "zero_shot_auroc", "n_train_actual")
 # Optional in what is read (older results have one pre-training run, seed 0), always written.
 PRETRAIN_SEED = "pretrain_seed"
+WRITTEN_COLUMNS: tuple[str, ...] = RESULT_COLUMNS + (PRETRAIN_SEED,)
 GROUP_COLUMNS: tuple[str, ...] = ("dataset", "task", "pretrain", "finetune", "n_train")
 SUMMARY_COLUMNS: tuple[str, ...] = ("dataset", "task", "task_kind", "pretrain", "finetune", "n_train", "n_seeds",
                                     "auroc_mean", "auroc_std", "auroc_ci95_lo", "auroc_ci95_hi", "ci_source")
@@ -213,8 +214,7 @@ def write_results_csv(rows: Iterable[Mapping[str, Any]], path: str) -> str:
   fine-tuning (canonical method order), n_train ('all' last), seed.
   """
   norm = sorted((_normalise_row(r, i) for i, r in enumerate(rows)), key=_row_sort_key)
-  fixed = RESULT_COLUMNS + (PRETRAIN_SEED,)
-  return _write_csv(norm, list(fixed) + _extra_columns(norm, fixed), path)
+  return _write_csv(norm, list(WRITTEN_COLUMNS) + _extra_columns(norm, WRITTEN_COLUMNS), path)
 
 
 def _read_csv(path: str, required: Sequence[str]) -> list[dict[str, Any]]:
@@ -269,7 +269,7 @@ def summarise(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
                        f"for {dict(zip(GROUP_COLUMNS, key))}")
     grp.append(r)
 
-  extras = [c for c in _extra_columns(norm, RESULT_COLUMNS + (PRETRAIN_SEED,))
+  extras = [c for c in _extra_columns(norm, WRITTEN_COLUMNS)
             if all(r.get(c) is None or isinstance(r.get(c), (int, float)) for r in norm)]
   out = []
   for key, grp in groups.items():
