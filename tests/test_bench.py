@@ -38,6 +38,7 @@ def test_bench_step_json(capsys):
   assert r["peak_flops_per_s"] > 0 and "measured" in r["peak_source"]
   assert r["host_peak_rss_bytes"] > 2 ** 20
   assert 0 <= r["host_minor_faults_per_step"] < r["host_peak_rss_bytes"] / 4096  # at most all of it, afresh
+  assert 0 < r["host_cores_busy"] <= 1.1 * r["host_cores"]  # CPU time / wall, rusage's granularity aside
   assert r["num_params"] > 0 and r["param_bytes_per_device"] == 4 * r["num_params"]
   # AdamW: two moments per parameter (+ scalars).
   assert r["opt_bytes_per_device"] >= 2 * r["param_bytes_per_device"]
@@ -46,6 +47,7 @@ def test_bench_step_json(capsys):
   from radjax.bench import step
   text = step.format_result(r)
   assert "examples/s" in text and "MFU" in text and "data wait" in text and "page faults" in text
+  assert "cores busy" in text
 
 
 def test_bench_step_profile_names_the_ops(tmp_path, capsys):
@@ -166,6 +168,18 @@ def test_compare_without_open_clip(capsys, monkeypatch):
   assert e.value.code == 1
   err = capsys.readouterr().err
   assert "open_clip_torch is not installed" in err and "pip install" in err
+
+
+def test_compare_ratios():
+  from radjax.bench.compare import ratios
+  # The machine halves its speed after two repeats: the ratio of medians mixes the two regimes,
+  # the paired ratios do not.
+  r = ratios([4.0, 4.2, 2.0, 2.1, 2.2], [5.0, 5.0, 2.0, 2.0, 2.0])
+  assert r["paired_ratios"] == pytest.approx([0.8, 0.84, 1.0, 1.05, 1.1])
+  assert r["paired_ratio_median"] == pytest.approx(1.0)
+  assert r["radjax_median"] == 2.2 and r["peer_median"] == 2.0 and r["ratio"] == pytest.approx(1.1)
+  with pytest.raises(ValueError, match="one run of each side"):
+    ratios([1.0, 2.0], [1.0])
 
 
 def test_open_clip_model_names():

@@ -4,8 +4,9 @@ Each repeat runs radjax (``radjax bench step --json``) and the peer
 (``python -m radjax.bench.peer_open_clip --json``) in separate subprocesses, alternating which
 goes first (ABBA), so neither shares a process or a thread pool with the other and slow drifts
 of the machine's load hit both alike. Both use every CPU this process may use (XLA's thread pool
-/ ``torch.set_num_threads``). Reported: per-run examples/s, medians over repeats, and the ratio
-radjax / peer of the medians.
+/ ``torch.set_num_threads``). Reported: per-run examples/s, medians over repeats, the ratio
+radjax / peer of the medians, and the paired ratios (radjax / peer within each repeat, the two
+runs back to back), whose median and spread hold better when the machine's speed drifts.
 
 open_clip is optional: it runs under this Python when importable here, else under
 ``$RADJAX_BENCH_PEER_PYTHON`` (e.g. a separate venv), else the command explains how to install it.
@@ -72,6 +73,17 @@ def _run_json(cmd: list[str], env: dict[str, str], what: str) -> dict[str, Any]:
   return json.loads(lines[-1])
 
 
+def ratios(radjax_eps: list[float], peer_eps: list[float]) -> dict[str, Any]:
+  """examples/s per repeat of each side (repeat order, same length) -> the ratio of the medians
+  and the paired ratios radjax / peer of each repeat with their median."""
+  if len(radjax_eps) != len(peer_eps) or not radjax_eps:
+    raise ValueError(f"need one run of each side per repeat, got {len(radjax_eps)} and {len(peer_eps)}")
+  paired = [a / b for a, b in zip(radjax_eps, peer_eps)]
+  return {"radjax_median": statistics.median(radjax_eps), "peer_median": statistics.median(peer_eps),
+          "ratio": statistics.median(radjax_eps) / statistics.median(peer_eps),
+          "paired_ratios": paired, "paired_ratio_median": statistics.median(paired)}
+
+
 def main(args: Any, extra: list[str]) -> int:
   from radjax.config import load_config, parse_overrides  # pylint: disable=import-outside-toplevel
 
@@ -130,9 +142,7 @@ def main(args: Any, extra: list[str]) -> int:
   summary = {
       "peer": args.peer, "peer_model": model_name, "config": args.config, "batch": batch,
       "dtype": dtype, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
-      "radjax_examples_per_s": ours, "peer_examples_per_s": theirs,
-      "radjax_median": statistics.median(ours), "peer_median": statistics.median(theirs),
-      "ratio": statistics.median(ours) / statistics.median(theirs),
+      "radjax_examples_per_s": ours, "peer_examples_per_s": theirs, **ratios(ours, theirs),
       "radjax_flops_per_example": last_ours.get("flops_per_example"),
       "peer_flops_per_example": last_theirs.get("flops_per_example"),
       "radjax_params": last_ours.get("num_params"), "peer_params": last_theirs.get("num_params"),
@@ -157,6 +167,8 @@ def main(args: Any, extra: list[str]) -> int:
         f"{gf(summary['peer_flops_per_example'])} GFLOP/example (torch FlopCounterMode), "
         f"{(summary['peer_params'] or 0) / 1e6:.2f} M params "
         f"(open_clip {summary['peer_versions']['open_clip']}, torch {summary['peer_versions']['torch']})")
-  print(f"  ratio radjax / {args.peer} = {summary['ratio']:.2f}x (of medians); both ran with "
-        f"GLIBC_TUNABLES={summary['glibc_tunables'] or '(unset)'}")
+  paired = summary["paired_ratios"]
+  print(f"  ratio radjax / {args.peer} = {summary['ratio']:.2f}x (of medians); paired within each "
+        f"repeat: median {summary['paired_ratio_median']:.2f}x, {min(paired):.2f}-{max(paired):.2f}x")
+  print(f"  both ran with GLIBC_TUNABLES={summary['glibc_tunables'] or '(unset)'}")
   return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import re
 import resource
 import statistics
@@ -245,7 +246,7 @@ def run(config: Any, *, steps: int = 10, warmup: int = 2, repeats: int = 3,
   per_repeat = []
   if profile_dir:
     profile_lib.start(profile_dir)
-  faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  usage0 = resource.getrusage(resource.RUSAGE_SELF)
   for _ in range(repeats):
     data_s = 0.0
     t0 = time.perf_counter()
@@ -258,9 +259,14 @@ def run(config: Any, *, steps: int = 10, warmup: int = 2, repeats: int = 3,
     wall = time.perf_counter() - t0
     per_repeat.append({"wall_s": wall, "data_s": data_s,
                        "examples_per_s": global_batch * steps / wall})
+  usage = resource.getrusage(resource.RUSAGE_SELF)
   # Minor page faults in the timed steps: a step that keeps faulting in fresh pages spends its
   # time in the kernel (radjax/host_malloc.py).
-  faults_per_step = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / (repeats * steps)
+  faults_per_step = (usage.ru_minflt - usage0.ru_minflt) / (repeats * steps)
+  # Host cores the process kept busy: on CPU, fewer than it may use means ops waited on each
+  # other (or the machine took the cores away); on GPU, the host's share of a step.
+  cpu_s = (usage.ru_utime - usage0.ru_utime) + (usage.ru_stime - usage0.ru_stime)
+  cores_busy = cpu_s / sum(r["wall_s"] for r in per_repeat)
   if profile_dir:
     profile_lib.stop()
   loss = float(jax.device_get(metrics["loss"]))
@@ -315,6 +321,8 @@ def run(config: Any, *, steps: int = 10, warmup: int = 2, repeats: int = 3,
       "opt_bytes_per_device": _bytes_per_device(opt_abs),
       "host_peak_rss_bytes": _host_peak_rss(),
       "host_minor_faults_per_step": faults_per_step,
+      "host_cores_busy": cores_busy,
+      "host_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
       "device_peak_bytes": _device_peak_bytes(),
       "collectives": collective_counts(hlo),
       "init_s": t_init - t_start,
@@ -368,6 +376,7 @@ def format_result(r: dict[str, Any]) -> str:
   lines += [
       f"  memory          host peak RSS {_gib(r['host_peak_rss_bytes'])}; device peak "
       f"{_gib(r['device_peak_bytes'])}; host minor page faults {r['host_minor_faults_per_step']:,.0f}/step",
+      f"  host CPU        {r['host_cores_busy']:.2f} of {r['host_cores']} cores busy in the timed steps",
       f"  state           {r['num_params'] / 1e6:.2f} M params; per device: params "
       f"{_gib(r['param_bytes_per_device'])}, optimizer+rest {_gib(r['opt_bytes_per_device'])}",
       f"  time            init {r['init_s']:.1f} s, compile {r['compile_s']:.1f} s, "
