@@ -111,17 +111,19 @@ def assert_same_layer(ours: nnx.Module, ref: nnx.Module, x: jax.Array, tol: floa
 
 
 @pytest.mark.parametrize("dtype,tol", [(None, 1e-5), ("float32", 1e-5), ("bfloat16", 2e-2)])
-def test_linear_cpu_path_matches_nnx_linear(dtype, tol):
-  """layers.Linear's own CPU matmuls (custom VJP, materialised x^T) against flax's nnx.Linear:
-  the same outputs and gradients for x, kernel and bias, on an input with leading batch dims."""
+@pytest.mark.parametrize("din,dout", [(24, 40), (40, 24)])  # weight gradient from x^T / from g^T
+def test_linear_cpu_path_matches_nnx_linear(dtype, tol, din, dout):
+  """layers.Linear's own CPU matmuls (custom VJP, materialised transposes) against flax's
+  nnx.Linear: the same outputs and gradients for x, kernel and bias, on an input with leading
+  batch dims."""
   from radjax.models import layers
   assert layers.use_cpu_dense(dtype or "float32") and not layers.use_cpu_dense("float16")
-  ours = layers.linear(24, 40, ("embed", "mlp"), rngs=nnx.Rngs(0), dtype=dtype)
-  ref = nnx.Linear(24, 40, dtype=dtype, rngs=nnx.Rngs(1))
+  ours = layers.linear(din, dout, ("embed", "mlp"), rngs=nnx.Rngs(0), dtype=dtype)
+  ref = nnx.Linear(din, dout, dtype=dtype, rngs=nnx.Rngs(1))
   ref.kernel[...] = ours.kernel[...]
-  ref.bias[...] = jax.random.normal(jax.random.key(2), (40,))
+  ref.bias[...] = jax.random.normal(jax.random.key(2), (dout,))
   ours.bias[...] = ref.bias[...]
-  assert_same_layer(ours, ref, jax.random.normal(jax.random.key(3), (2, 7, 24)), tol)
+  assert_same_layer(ours, ref, jax.random.normal(jax.random.key(3), (2, 7, din)), tol)
 
 
 @pytest.mark.parametrize("dtype,tol", [(None, 1e-5), ("bfloat16", 2e-2)])
