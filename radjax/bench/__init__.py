@@ -20,6 +20,14 @@ import sys
 from typing import Any
 
 
+def host_cpus() -> int:
+  """The CPUs this process may run on (its affinity mask where the OS has one)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:
+    return os.cpu_count() or 1
+
+
 def _config(args: Any, extra: list[str]):
   from radjax.config import load_config, parse_overrides  # pylint: disable=import-outside-toplevel
   return load_config(args.config, parse_overrides(extra))

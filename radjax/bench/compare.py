@@ -78,9 +78,9 @@ def ratios(radjax_eps: list[float], peer_eps: list[float]) -> dict[str, Any]:
   and the paired ratios radjax / peer of each repeat with their median."""
   if len(radjax_eps) != len(peer_eps) or not radjax_eps:
     raise ValueError(f"need one run of each side per repeat, got {len(radjax_eps)} and {len(peer_eps)}")
+  ours, theirs = statistics.median(radjax_eps), statistics.median(peer_eps)
   paired = [a / b for a, b in zip(radjax_eps, peer_eps)]
-  return {"radjax_median": statistics.median(radjax_eps), "peer_median": statistics.median(peer_eps),
-          "ratio": statistics.median(radjax_eps) / statistics.median(peer_eps),
+  return {"radjax_median": ours, "peer_median": theirs, "ratio": ours / theirs,
           "paired_ratios": paired, "paired_ratio_median": statistics.median(paired)}
 
 

@@ -17,19 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import resource
 import statistics
 import sys
 import time
 from typing import Any, Sequence
 
-
-def _threads() -> int:
-  try:
-    return len(os.sched_getaffinity(0))
-  except AttributeError:
-    return os.cpu_count() or 1
+from radjax.bench import host_cpus
 
 
 def run(model_name: str, *, batch: int, dtype: str, steps: int, warmup: int, repeats: int,
@@ -38,7 +32,7 @@ def run(model_name: str, *, batch: int, dtype: str, steps: int, warmup: int, rep
   import open_clip  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
 
-  threads = threads or _threads()
+  threads = threads or host_cpus()
   torch.set_num_threads(threads)
   torch.manual_seed(seed)
   t_start = time.perf_counter()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import re
 import resource
 import statistics
@@ -19,6 +18,8 @@ import time
 from typing import Any
 
 import numpy as np
+
+from radjax.bench import host_cpus
 
 _COLLECTIVE_RE = re.compile(
     r"\b(all-gather|reduce-scatter|all-reduce|all-to-all|collective-permute)(?:-start)?\(")
@@ -322,7 +323,7 @@ def run(config: Any, *, steps: int = 10, warmup: int = 2, repeats: int = 3,
       "host_peak_rss_bytes": _host_peak_rss(),
       "host_minor_faults_per_step": faults_per_step,
       "host_cores_busy": cores_busy,
-      "host_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+      "host_cores": host_cpus(),
       "device_peak_bytes": _device_peak_bytes(),
       "collectives": collective_counts(hlo),
       "init_s": t_init - t_start,

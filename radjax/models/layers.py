@@ -101,10 +101,10 @@ def _weight_grad(x: jax.Array, g: jax.Array, materialise_x: bool = False) -> jax
   rejects bf16 x bf16 -> f32. ``materialise_x`` (see :func:`_dense_f32acc`) keeps x^T: ResNet's
   1x1 convolutions are measured that way only.
   """
-  if x.shape[1] > g.shape[1] and not materialise_x:
-    return transpose_rowmajor(jax.lax.optimization_barrier(_mm(transpose_rowmajor(g), x, _dims(1, 0))))
   if materialise_x:
     x = jax.lax.optimization_barrier(transpose_rowmajor(x, (0, 1)))
+  elif x.shape[1] > g.shape[1]:
+    return transpose_rowmajor(jax.lax.optimization_barrier(_mm(transpose_rowmajor(g), x, _dims(1, 0))))
   return _mm(transpose_rowmajor(x), g, _dims(1, 0))
 
 
