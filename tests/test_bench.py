@@ -48,6 +48,28 @@ def test_bench_step_json(capsys):
   text = step.format_result(r)
   assert "examples/s" in text and "MFU" in text and "data wait" in text and "page faults" in text
   assert "cores busy" in text
+  assert set(r["host_cpu"]) == {"model", "family", "model_number", "matmul_isa", "native_bf16"}
+
+
+def test_describe_cpu():
+  from radjax.bench import describe_cpu, format_cpu
+  xeon = ("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 207\n"
+          "model name\t: Intel(R) Xeon(R) Platinum 8581C CPU @ 2.10GHz\n"
+          "flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile\n\n"
+          "processor\t: 1\nmodel name\t: another\nflags\t\t: fpu\n")
+  cpu = describe_cpu(xeon)
+  assert cpu == {"model": "Intel(R) Xeon(R) Platinum 8581C CPU @ 2.10GHz", "family": 6,
+                 "model_number": 207, "native_bf16": True,
+                 "matmul_isa": ["avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"]}
+  assert format_cpu(cpu) == ("Intel(R) Xeon(R) Platinum 8581C CPU @ 2.10GHz (family 6 model 207; "
+                             "avx2 fma avx512f avx512_bf16 amx_tile amx_bf16; bf16 instructions)")
+  zen3 = "cpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: avx avx2 fma\n"
+  assert not describe_cpu(zen3)["native_bf16"]
+  assert format_cpu(describe_cpu(zen3)) == "AMD EPYC (family 25 model 1; avx2 fma; no bf16 instructions)"
+  arm = "processor\t: 0\nFeatures\t: fp asimd sve i8mm bf16\nCPU part\t: 0xd4f\n"
+  cpu = describe_cpu(arm)
+  assert cpu["native_bf16"] and cpu["matmul_isa"] == ["asimd", "sve", "i8mm", "bf16"]
+  assert cpu["family"] is None and "no bf16" not in format_cpu(cpu)
 
 
 def test_bench_step_profile_names_the_ops(tmp_path, capsys):

@@ -85,6 +85,7 @@ def ratios(radjax_eps: list[float], peer_eps: list[float]) -> dict[str, Any]:
 
 
 def main(args: Any, extra: list[str]) -> int:
+  from radjax.bench import format_cpu  # pylint: disable=import-outside-toplevel
   from radjax.config import load_config, parse_overrides  # pylint: disable=import-outside-toplevel
 
   if args.peer not in PEERS:
@@ -151,6 +152,7 @@ def main(args: Any, extra: list[str]) -> int:
       "threads": last_theirs.get("threads"), "peer_versions": {
           "open_clip": last_theirs.get("open_clip_version"), "torch": last_theirs.get("torch_version")},
       "xla_flags": last_ours.get("xla_flags", ""),
+      "host_cpu": last_ours.get("host_cpu"),
       # Both sides inherit this process's environment, so the same malloc settings.
       "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
   }
@@ -170,5 +172,7 @@ def main(args: Any, extra: list[str]) -> int:
   paired = summary["paired_ratios"]
   print(f"  ratio radjax / {args.peer} = {summary['ratio']:.2f}x (of medians); paired within each "
         f"repeat: median {summary['paired_ratio_median']:.2f}x, {min(paired):.2f}-{max(paired):.2f}x")
+  if summary["host_cpu"]:
+    print(f"  host CPU {format_cpu(summary['host_cpu'])}")
   print(f"  both ran with GLIBC_TUNABLES={summary['glibc_tunables'] or '(unset)'}")
   return 0

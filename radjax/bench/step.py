@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from radjax.bench import host_cpus
+from radjax.bench import format_cpu, host_cpu, host_cpus
 
 _COLLECTIVE_RE = re.compile(
     r"\b(all-gather|reduce-scatter|all-reduce|all-to-all|collective-permute)(?:-start)?\(")
@@ -324,6 +324,7 @@ def run(config: Any, *, steps: int = 10, warmup: int = 2, repeats: int = 3,
       "host_minor_faults_per_step": faults_per_step,
       "host_cores_busy": cores_busy,
       "host_cores": host_cpus(),
+      "host_cpu": host_cpu(),
       "device_peak_bytes": _device_peak_bytes(),
       "collectives": collective_counts(hlo),
       "init_s": t_init - t_start,
@@ -377,7 +378,8 @@ def format_result(r: dict[str, Any]) -> str:
   lines += [
       f"  memory          host peak RSS {_gib(r['host_peak_rss_bytes'])}; device peak "
       f"{_gib(r['device_peak_bytes'])}; host minor page faults {r['host_minor_faults_per_step']:,.0f}/step",
-      f"  host CPU        {r['host_cores_busy']:.2f} of {r['host_cores']} cores busy in the timed steps",
+      f"  host CPU        {format_cpu(r['host_cpu'])}: {r['host_cores_busy']:.2f} of "
+      f"{r['host_cores']} cores busy in the timed steps",
       f"  state           {r['num_params'] / 1e6:.2f} M params; per device: params "
       f"{_gib(r['param_bytes_per_device'])}, optimizer+rest {_gib(r['opt_bytes_per_device'])}",
       f"  time            init {r['init_s']:.1f} s, compile {r['compile_s']:.1f} s, "
