@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from radjax.models import transformer
+from radjax.models import layers, transformer
 
 
 def _numpy_attention(q, k, v, allowed, grad_out):
@@ -49,8 +49,10 @@ def _case(name, key):
 
 
 @pytest.mark.parametrize("name", ["full", "key_padding", "causal", "cross"])
-@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
-def test_cpu_attention_matches_numpy(name, dtype, tol):
+@pytest.mark.parametrize("dtype,tol,bf16_dots", [
+    (jnp.float32, 1e-5, None), (jnp.bfloat16, 3e-2, True), (jnp.bfloat16, 3e-2, False)])
+def test_cpu_attention_matches_numpy(monkeypatch, name, dtype, tol, bf16_dots):
+  monkeypatch.setattr(layers, "CPU_BF16_DOTS", bf16_dots)
   q, k, v, grad_out, mask, causal, allowed = _case(name, jax.random.key(len(name)))
 
   def loss(q, k, v):
@@ -79,13 +81,16 @@ def _dot_operand_dtypes(hlo: str) -> list[tuple[str, ...]]:
   return found
 
 
-def test_cpu_attention_batched_dots_stay_bfloat16():
+@pytest.mark.parametrize("bf16_dots,operands", [(True, ("bf16", "bf16")), (False, ("f32", "f32"))])
+def test_cpu_attention_batched_dots_operand_dtypes(monkeypatch, bf16_dots, operands):
   """XLA:CPU upcasts a bf16 batched dot whose operand is a transpose it folded into the dot's
   layout to float32 (a slower kernel, and f32 copies of q/k/v); the heads are therefore
-  materialised before the dots. Every batched dot of the bf16 forward + backward must see bf16
-  operands."""
+  materialised before the dots. On a CPU with bf16 dot instructions every batched dot of the
+  bf16 forward + backward must see bf16 operands; on one without, float32 ones
+  (layers.cpu_dot_dtype: the emulated bf16 kernel is slower than float32's)."""
   if jax.default_backend() != "cpu" or jax.device_count() > 1:
     pytest.skip("XLA:CPU's dot lowering; the heads are materialised on one device only")
+  monkeypatch.setattr(layers, "CPU_BF16_DOTS", bf16_dots)
   q, k, v, grad_out, mask, causal, _ = _case("full", jax.random.key(0))
   bf16 = lambda x: x.astype(jnp.bfloat16)
 
@@ -96,4 +101,4 @@ def test_cpu_attention_batched_dots_stay_bfloat16():
   hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile().as_text()
   dots = _dot_operand_dtypes(hlo)
   assert len(dots) == 6, dots  # forward q k^T and p v; backward dp, dq, dk, dv
-  assert all(d == ("bf16", "bf16") for d in dots), dots
+  assert all(d == operands for d in dots), dots

@@ -52,7 +52,7 @@ def test_bench_step_json(capsys):
 
 
 def test_describe_cpu():
-  from radjax.bench import describe_cpu, format_cpu
+  from radjax.hostcpu import describe_cpu, format_cpu
   xeon = ("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 207\n"
           "model name\t: Intel(R) Xeon(R) Platinum 8581C CPU @ 2.10GHz\n"
           "flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile\n\n"

@@ -110,13 +110,15 @@ def assert_same_layer(ours: nnx.Module, ref: nnx.Module, x: jax.Array, tol: floa
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol * 10)
 
 
-@pytest.mark.parametrize("dtype,tol", [(None, 1e-5), ("float32", 1e-5), ("bfloat16", 2e-2)])
+@pytest.mark.parametrize("dtype,tol,bf16_dots", [
+    (None, 1e-5, None), ("float32", 1e-5, None), ("bfloat16", 2e-2, True), ("bfloat16", 2e-2, False)])
 @pytest.mark.parametrize("din,dout", [(24, 40), (40, 24)])  # weight gradient from x^T / from g^T
-def test_linear_cpu_path_matches_nnx_linear(dtype, tol, din, dout):
-  """layers.Linear's own CPU matmuls (custom VJP, materialised transposes) against flax's
-  nnx.Linear: the same outputs and gradients for x, kernel and bias, on an input with leading
-  batch dims."""
+def test_linear_cpu_path_matches_nnx_linear(monkeypatch, dtype, tol, bf16_dots, din, dout):
+  """layers.Linear's own CPU matmuls (custom VJP, materialised transposes; bf16 operands, or
+  upcast as on CPUs without bf16 dot instructions) against flax's nnx.Linear: the same outputs
+  and gradients for x, kernel and bias, on an input with leading batch dims."""
   from radjax.models import layers
+  monkeypatch.setattr(layers, "CPU_BF16_DOTS", bf16_dots)
   assert layers.use_cpu_dense(dtype or "float32") and not layers.use_cpu_dense("float16")
   ours = layers.linear(din, dout, ("embed", "mlp"), rngs=nnx.Rngs(0), dtype=dtype)
   ref = nnx.Linear(din, dout, dtype=dtype, rngs=nnx.Rngs(1))
@@ -143,6 +145,23 @@ def test_conv_cpu_paths_match_nnx_conv(dtype, tol, k, stride, padding, bf16_path
   path, _ = ours.cpu_path(x, layers.as_dtype(dtype or "float32"))
   assert path == (bf16_path if dtype == "bfloat16" or bf16_path == "dense" else None)
   assert_same_layer(ours, ref, x, tol)
+
+
+def test_cpu_dot_dtype(monkeypatch):
+  """bf16 matmul operands stay bf16 where the CPU has bf16 dot instructions and are upcast to
+  float32 where it has none; other dtypes are left alone. The compiled dense layer shows it."""
+  from radjax.models import layers
+  x = jnp.ones((8, 16), jnp.bfloat16)
+  kernel, bias = jnp.ones((16, 4)), jnp.zeros((4,))
+  for native, operand in ((True, jnp.bfloat16), (False, jnp.float32)):
+    monkeypatch.setattr(layers, "CPU_BF16_DOTS", native)
+    assert layers.cpu_dot_dtype(jnp.bfloat16) == operand
+    assert layers.cpu_dot_dtype(jnp.float32) == jnp.float32
+    assert layers.cpu_dot_dtype(jnp.float16) == jnp.float16
+    hlo = jax.jit(lambda x, k, b: layers._dense_f32acc(x, k, b)).lower(x, kernel, bias).as_text()
+    dot = next(l for l in hlo.splitlines() if "dot_general" in l)
+    operand_types = dot.split(": (")[1].split(") ->")[0]  # "tensor<8x16xf32>, tensor<16x4xf32>"
+    assert operand_types.count("x" + {jnp.bfloat16: "bf16", jnp.float32: "f32"}[operand] + ">") == 2, dot
 
 
 @pytest.mark.parametrize("kernel_size,pads", [

@@ -85,7 +85,7 @@ def ratios(radjax_eps: list[float], peer_eps: list[float]) -> dict[str, Any]:
 
 
 def main(args: Any, extra: list[str]) -> int:
-  from radjax.bench import format_cpu  # pylint: disable=import-outside-toplevel
+  from radjax.hostcpu import format_cpu  # pylint: disable=import-outside-toplevel
   from radjax.config import load_config, parse_overrides  # pylint: disable=import-outside-toplevel
 
   if args.peer not in PEERS:

@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from radjax.bench import host_cpus
+from radjax.hostcpu import host_cpus
 
 
 def run(model_name: str, *, batch: int, dtype: str, steps: int, warmup: int, repeats: int,

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from radjax.bench import format_cpu, host_cpu, host_cpus
+from radjax.hostcpu import format_cpu, host_cpu, host_cpus
 
 _COLLECTIVE_RE = re.compile(
     r"\b(all-gather|reduce-scatter|all-reduce|all-to-all|collective-permute)(?:-start)?\(")

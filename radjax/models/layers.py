@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from radjax import hostcpu
 from radjax.parallel import rules
 
 Dtype = Any
@@ -57,7 +58,8 @@ def as_dtype(dtype: str | Dtype | None) -> Dtype | None:
 # native bf16 kernel (AVX512-BF16 / AMX): ~3x faster on a 2048^3 matmul. Dense layers therefore
 # multiply with float32 accumulation, add the bias in float32 and round once to bf16, in the
 # forward pass and (custom VJP) in the backward pass, whose weight gradients come out in float32
-# directly. Same numerics as GPU/TPU bf16 matmuls (f32 accumulation), one rounding fewer.
+# directly. Same numerics as GPU/TPU bf16 matmuls (f32 accumulation), one rounding fewer. On
+# CPUs without bf16 dot instructions the operands are upcast to float32 instead (cpu_dot_dtype).
 # float32 layers take the same path for their backward pass: autodiff's weight gradient x^T g
 # contracts the major dim of both operands, which XLA:CPU leaves to a plain (Eigen) dot outside
 # its YNNPACK fusions; from a materialised x^T it is a YNNPACK dot like the others (ViT-B/16 CLIP
@@ -68,8 +70,25 @@ def _dims(contract_lhs: int, contract_rhs: int):
   return (((contract_lhs,), (contract_rhs,)), ((), ()))
 
 
+# None: decided by the host CPU (radjax.hostcpu.native_bf16); True / False to compare.
+CPU_BF16_DOTS: bool | None = None
+
+
+def cpu_dot_dtype(dtype: Dtype) -> Dtype:
+  """The operand dtype of radjax's CPU matmuls for compute ``dtype``: bfloat16 only on CPUs
+  with bfloat16 dot instructions (AVX512-BF16, AMX, Arm BF16), else float32.
+
+  Without them XLA:CPU emulates bf16 x bf16 -> f32 at ~60 % of its float32 GEMM rate (AVX2 AMD
+  EPYC: 98-109 against 145-176 GFLOP/s on ViT-B/16's shapes), and upcasting the operands first
+  computes the same products (a product of two bf16 numbers is exact in float32; both
+  accumulate in float32) at the float32 rate. Activations stay bf16 in memory either way."""
+  native = CPU_BF16_DOTS if CPU_BF16_DOTS is not None else hostcpu.native_bf16()
+  return jnp.float32 if jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16) and not native else dtype
+
+
 def _mm(a: jax.Array, b: jax.Array, dims) -> jax.Array:
-  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+  dt = cpu_dot_dtype(a.dtype)
+  return jax.lax.dot_general(a.astype(dt), b.astype(dt), dims, preferred_element_type=jnp.float32)
 
 
 def transpose_rowmajor(x: jax.Array, axes: Sequence[int] | None = None) -> jax.Array:
@@ -212,8 +231,10 @@ def _conv_f32acc(x: jax.Array, kernel: jax.Array, bias: jax.Array, pads) -> jax.
 
   XLA:CPU has no bf16 convolution kernel (it converts to float32); as bf16 GEMMs with float32
   accumulation ResNet-50's 3x3 convolutions run 1.1-2.6x faster, forward + backward
-  (BUILD_NOTES.md, "RN50's 3x3 convolutions as patch matmuls"). The residual is x, not its
-  patches (9x its size for a 3x3 kernel): the backward builds them again."""
+  (BUILD_NOTES.md, "RN50's 3x3 convolutions as patch matmuls"). On a CPU without bf16 dot
+  instructions the GEMMs run in float32 on the bf16 patches, and the RN50 bf16 step still gains
+  (AVX2 AMD EPYC: 2.03-2.13 against 1.69-1.74 examples/s as XLA's convolutions). The residual
+  is x, not its patches (9x its size for a 3x3 kernel): the backward builds them again."""
   return _conv_out(x, kernel, bias, pads)
 
 

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from radjax.models import layers
 from radjax.models.layers import Dtype, activation, layer_norm, linear, transpose_rowmajor
 from radjax.parallel.rules import constrain_batch
 
@@ -38,7 +39,8 @@ _F32 = jnp.float32
 
 
 def _bmm(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
-  return jnp.einsum(spec, a, b, preferred_element_type=_F32)
+  dt = layers.cpu_dot_dtype(a.dtype)
+  return jnp.einsum(spec, a.astype(dt), b.astype(dt), preferred_element_type=_F32)
 
 
 def _heads(x: jax.Array) -> jax.Array:
