@@ -8,7 +8,11 @@ each step faults in, and the kernel zeroes, gigabytes of new 4 KiB pages: ≈ 0.
 heap, which keeps what it has between steps, and the heap asks for transparent huge pages (2 MiB,
 where the kernel's THP mode is ``madvise``). Measured on the 2-core Intel Xeon (AMX) box
 (BUILD_NOTES.md, "Host memory"): minor faults 729 k -> 1.8 k per step, 2-15 % more examples/s
-(the gain varied with the box's state), peak RSS +0.1 GiB.
+(the gain varied with the box's state), peak RSS +0.1 GiB. What they do not catch: a block above
+64 MiB allocated on one of XLA's worker threads comes from that thread's glibc arena, which maps it
+directly whatever ``mmap_max`` says; on a Zen 3 box the step's 2.9 GB temporary buffer is such a
+block, so it is still faulted in (as 2 MiB pages) and zeroed each step (BUILD_NOTES.md, "A fifth
+machine"). ``glibc.malloc.arena_max=1`` would keep it but made that step slower.
 
 Appended to ``$GLIBC_TUNABLES`` for the names it does not already set; ``RADJAX_MALLOC_DEFAULTS=0``
 disables them. Linux with glibc >= 2.35 only (``glibc.malloc.hugetlb``); elsewhere nothing happens.
