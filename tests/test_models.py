@@ -128,22 +128,29 @@ def test_linear_cpu_path_matches_nnx_linear(monkeypatch, dtype, tol, bf16_dots, 
   assert_same_layer(ours, ref, jax.random.normal(jax.random.key(3), (2, 7, din)), tol)
 
 
-@pytest.mark.parametrize("dtype,tol", [(None, 1e-5), ("bfloat16", 2e-2)])
-@pytest.mark.parametrize("k,stride,padding,bf16_path", [
-    (1, 1, "VALID", "dense"), (1, 2, [(0, 0), (0, 0)], "dense"), (1, 2, "SAME", "dense"),
-    (3, 1, "SAME", "patches"), (3, 1, [(1, 0), (2, 1)], "patches"), (3, 1, "VALID", "patches"),
-    (3, 2, "SAME", None), (3, 1, "CIRCULAR", None), (3, 1, 3, None)])
-def test_conv_cpu_paths_match_nnx_conv(dtype, tol, k, stride, padding, bf16_path):
-  """layers.Conv on CPU: 1x1 unpadded convolutions as dots, other stride-1 bf16 ones as patch
-  matmuls, the rest nnx.Conv's; every path gives flax's nnx.Conv outputs and gradients."""
+@pytest.mark.parametrize("dtype,tol,bf16_dots", [
+    (None, 1e-5, None), ("bfloat16", 2e-2, True), ("bfloat16", 2e-2, False)])
+@pytest.mark.parametrize("k,stride,padding,stride1_3x3", [
+    (1, 1, "VALID", False), (1, 2, [(0, 0), (0, 0)], False), (1, 2, "SAME", False),
+    (3, 1, "SAME", True), (3, 1, [(1, 0), (2, 1)], True), (3, 1, "VALID", True),
+    (3, 2, "SAME", False), (3, 1, "CIRCULAR", False), (3, 1, 3, False)])
+def test_conv_cpu_paths_match_nnx_conv(monkeypatch, dtype, tol, bf16_dots, k, stride, padding,
+                                       stride1_3x3):
+  """layers.Conv on CPU: 1x1 unpadded convolutions as dots; other stride-1 ones as patch
+  matmuls in bf16 with bf16 dots, else XLA's with patch-matmul weight gradients; the rest
+  nnx.Conv's. Every path gives flax's nnx.Conv outputs and gradients."""
   from radjax.models import layers
+  monkeypatch.setattr(layers, "CPU_BF16_DOTS", bf16_dots)
   ours = layers.Conv(6, 10, (k, k), strides=stride, padding=padding, dtype=dtype, rngs=nnx.Rngs(0))
   ref = nnx.Conv(6, 10, (k, k), strides=stride, padding=padding, dtype=dtype, rngs=nnx.Rngs(1))
   ref.kernel[...] = ours.kernel[...]
   ref.bias[...] = ours.bias[...] = jax.random.normal(jax.random.key(2), (10,))
   x = jax.random.normal(jax.random.key(3), (2, 8, 7, 6))
   path, _ = ours.cpu_path(x, layers.as_dtype(dtype or "float32"))
-  assert path == (bf16_path if dtype == "bfloat16" or bf16_path == "dense" else None)
+  expected = "dense" if k == 1 else None
+  if stride1_3x3:
+    expected = "patches" if bf16_dots else "patch_grads"
+  assert path == expected
   assert_same_layer(ours, ref, x, tol)
 
 
@@ -166,11 +173,14 @@ def test_cpu_dot_dtype(monkeypatch):
 
 @pytest.mark.parametrize("kernel_size,pads", [
     ((3, 3), ((1, 1), (1, 1))), ((3, 5), ((2, 0), (0, 4))), ((2, 2), ((0, 1), (1, 0)))])
-def test_patch_conv_matches_lax_conv(kernel_size, pads):
+@pytest.mark.parametrize("conv_name", ["_conv_f32acc", "_conv_patch_grads"])
+def test_patch_conv_matches_lax_conv(kernel_size, pads, conv_name):
   """The patch-matmul convolution and its hand-written backward (flipped kernel, re-padded
-  cotangent, transposed weight gradient) equal lax.conv_general_dilated's in float32, for
-  non-square kernels, inputs and asymmetric pads."""
-  from radjax.models.layers import _conv_f32acc
+  cotangent, transposed weight gradient), and XLA's convolution with patch-matmul weight
+  gradients, equal lax.conv_general_dilated's in float32, for non-square kernels, inputs and
+  asymmetric pads."""
+  from radjax.models import layers
+  conv = getattr(layers, conv_name)
   kx, kk, kb, kg = jax.random.split(jax.random.key(0), 4)
   x = jax.random.normal(kx, (2, 9, 7, 5))
   kernel = jax.random.normal(kk, kernel_size + (5, 4))
@@ -179,7 +189,7 @@ def test_patch_conv_matches_lax_conv(kernel_size, pads):
       x, k, (1, 1), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
       precision=jax.lax.Precision.HIGHEST) + b
   y_ref, vjp_ref = jax.vjp(ref, x, kernel, bias)
-  y, vjp = jax.vjp(lambda x, k, b: _conv_f32acc(x, k, b, pads), x, kernel, bias)
+  y, vjp = jax.vjp(lambda x, k, b: conv(x, k, b, pads), x, kernel, bias)
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
   g = jax.random.normal(kg, y.shape)
   for ours, theirs in zip(vjp(g), vjp_ref(g)):
@@ -297,27 +307,34 @@ def test_clip_style_resnet_grid_and_errors(size):
     ResNet(dataclasses.replace(c, style="timm"), rngs=nnx.Rngs(0))
 
 
-def test_bf16_resnet_step_uses_patch_convolutions():
-  """A jitted bf16 ResNet backward on CPU compiles and runs with every stride-1 convolution as a
-  patch matmul: only the stride-2 stem convolution is left (its forward and weight gradient).
-  Its gradients follow float32's (the same network with float32 compute)."""
+def test_resnet_step_convolution_paths(monkeypatch):
+  """A jitted ResNet backward on CPU compiles and runs with every stride-1 convolution on its CPU
+  path: in bf16 with bf16 dots as patch matmuls, which leaves only the stride-2 stem convolution
+  (its forward and weight gradient); in float32, and in bf16 without bf16 dots, as XLA's
+  convolutions without their weight gradients (forward and input gradient each). Gradients in
+  bf16 follow float32's (the same network with float32 compute)."""
+  from radjax.models import layers
   if jax.default_backend() != "cpu" or jax.device_count() > 1:
-    pytest.skip("the patch path is CPU, single-device only")
+    pytest.skip("the patch paths are CPU, single-device only")
   grads, convs = {}, {}
-  for dtype in ("bfloat16", "float32"):
+  for dtype, bf16_dots in (("bfloat16", True), ("bfloat16", False), ("float32", None)):
+    monkeypatch.setattr(layers, "CPU_BF16_DOTS", bf16_dots)
     c = ResNetConfig("50", blocks=(1, 1, 1, 1), width=8, image_size=64, channels=1, style="clip",
                      dtype=dtype)
     graphdef, params, rest = nnx.split(ResNet(c, rngs=nnx.Rngs(0)), nnx.Param, ...)
     loss = lambda p, x: jnp.sum(nnx.merge(graphdef, p, rest)(x)["pooled"].astype(jnp.float32) ** 2)
     x = jax.random.normal(jax.random.key(0), (2, 64, 64, 1))
     step = jax.jit(jax.grad(loss))
-    convs[dtype] = step.lower(params, x).compile().as_text().count(" convolution(")
-    grads[dtype] = jax.tree.leaves(step(params, x))
-  assert convs == {"bfloat16": 2, "float32": 20}
-  ours, ref = (np.concatenate([np.ravel(g) for g in grads[d]]) for d in ("bfloat16", "float32"))
-  assert np.all(np.isfinite(ours))
-  # bf16 rounding through the network: 3.8 % here, and 3.6 % with nnx.Conv's bf16 convolutions.
-  assert np.linalg.norm(ours - ref) <= 0.05 * np.linalg.norm(ref)
+    convs[dtype, bf16_dots] = step.lower(params, x).compile().as_text().count(" convolution(")
+    grads[dtype, bf16_dots] = jax.tree.leaves(step(params, x))
+  # 6 stride-1 3x3 convolutions (2 in the stem, 1 per block) x 3 convolutions each before.
+  assert convs == {("bfloat16", True): 2, ("bfloat16", False): 2 + 6 * 2, ("float32", None): 2 + 6 * 2}
+  ref = np.concatenate([np.ravel(g) for g in grads["float32", None]])
+  for bf16_dots in (True, False):
+    ours = np.concatenate([np.ravel(g) for g in grads["bfloat16", bf16_dots]])
+    assert np.all(np.isfinite(ours))
+    # bf16 rounding through the network: 3.8 % here, and 3.6 % with nnx.Conv's bf16 convolutions.
+    assert np.linalg.norm(ours - ref) <= 0.05 * np.linalg.norm(ref)
 
 
 def test_resnet50_embed_dim():

@@ -232,9 +232,9 @@ def _conv_f32acc(x: jax.Array, kernel: jax.Array, bias: jax.Array, pads) -> jax.
   XLA:CPU has no bf16 convolution kernel (it converts to float32); as bf16 GEMMs with float32
   accumulation ResNet-50's 3x3 convolutions run 1.1-2.6x faster, forward + backward
   (BUILD_NOTES.md, "RN50's 3x3 convolutions as patch matmuls"). On a CPU without bf16 dot
-  instructions the GEMMs run in float32 on the bf16 patches, and the RN50 bf16 step still gains
-  (AVX2 AMD EPYC: 2.03-2.13 against 1.69-1.74 examples/s as XLA's convolutions). The residual
-  is x, not its patches (9x its size for a 3x3 kernel): the backward builds them again."""
+  instructions :func:`_conv_patch_grads` is faster still (AVX2 Zen 2, RN50 bf16 step: 2.13
+  against 1.99 examples/s). The residual is x, not its patches (9x its size for a 3x3 kernel):
+  the backward builds them again."""
   return _conv_out(x, kernel, bias, pads)
 
 
@@ -251,27 +251,69 @@ def _conv_bwd(pads, res, g):
   g_pads = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip((kh, kw), pads))
   flipped = kernel.astype(x.dtype)[::-1, ::-1].transpose(0, 1, 3, 2).reshape(kh * kw * cout, cin)
   dx = _mm(_patches(g, (kh, kw), g_pads), flipped, _dims(1, 0)).astype(x.dtype).reshape(x.shape)
+  return (dx,) + _conv_param_grads(x, kernel, bias_like, pads, g)
+
+
+def _conv_param_grads(x, kernel, bias_like, pads, g):
+  """Kernel and bias gradients of a stride-1 convolution (x [B, H, W, C], kernel [kh, kw, C, O],
+  cotangent g [B, H', W', O] in x.dtype): the patches of x, transposed, times g."""
+  kh, kw, _, cout = kernel.shape
   g_rows = g.reshape(-1, cout)
   dk = _weight_grad(_patches(x, (kh, kw), pads), g_rows).reshape(kernel.shape).astype(kernel.dtype)
   db = g_rows.astype(jnp.float32).sum(0).astype(bias_like.dtype)
-  return dx, dk, db
+  return dk, db
 
 
 _conv_f32acc.defvjp(_conv_fwd, _conv_bwd)
 
 
+def _conv_xla(x: jax.Array, kernel: jax.Array, bias: jax.Array, pads) -> jax.Array:
+  y = jax.lax.conv_general_dilated(x, kernel.astype(x.dtype), (1, 1), pads,
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return y + bias.astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _conv_patch_grads(x: jax.Array, kernel: jax.Array, bias: jax.Array, pads) -> jax.Array:
+  """XLA's stride-1 convolution (arguments as :func:`_conv_f32acc`'s) with its input gradient,
+  but kernel and bias gradients from the patches of x (:func:`_conv_param_grads`).
+
+  XLA:CPU runs the forward and input-gradient convolutions near its GEMM rate, but its
+  weight-gradient convolutions on ResNet-50's 3x3 shapes ran at 8-11 GFLOP/s inside the float32
+  step on an AVX2 AMD EPYC (Zen 2), 4.4 s of 13.6 s of op time; as patch matmuls the step ran
+  1.59 -> 2.01 examples/s (BUILD_NOTES.md, "A sixth machine")."""
+  return _conv_xla(x, kernel, bias, pads)
+
+
+def _conv_patch_grads_fwd(x, kernel, bias, pads):
+  return _conv_xla(x, kernel, bias, pads), (x, kernel, jnp.zeros((0,), bias.dtype))
+
+
+def _conv_patch_grads_bwd(pads, res, g):
+  x, kernel, bias_like = res
+  g = g.astype(x.dtype)
+  no_bias = jnp.zeros((kernel.shape[-1],), x.dtype)
+  _, input_vjp = jax.vjp(lambda x_: _conv_xla(x_, kernel, no_bias, pads), x)
+  return input_vjp(g) + _conv_param_grads(x, kernel, bias_like, pads, g)
+
+
+_conv_patch_grads.defvjp(_conv_patch_grads_fwd, _conv_patch_grads_bwd)
+
+
 class Conv(nnx.Conv):
-  """nnx.Conv (same parameters, same results up to rounding) with two CPU paths
+  """nnx.Conv (same parameters, same results up to rounding) with three CPU paths
   (:meth:`cpu_path`):
 
   - "dense": 1x1 convolutions without padding take :class:`Linear`'s CPU path. XLA:CPU runs them
     as convolutions at 25-145 GFLOP/s on ResNet-50's shapes, against 72-416 GFLOP/s as the same
     matmuls (BUILD_NOTES.md, "RN50").
-  - "patches": other 2-D stride-1 bf16 convolutions, on one device, are matmuls of their
-    patches (:func:`_conv_f32acc`). In float32 that is no faster than XLA's convolution, and on
-    a mesh its row-major transposes would gather the batch, so those stay nnx.Conv's.
+  - "patches": other 2-D stride-1 convolutions, on one device, in bf16 on a CPU with bf16 dot
+    instructions are matmuls of their patches, forward and backward (:func:`_conv_f32acc`).
+  - "patch_grads": the same convolutions in float32, or in bf16 on a CPU without bf16 dots,
+    are XLA's, except for their weight gradients (:func:`_conv_patch_grads`).
 
-  Elsewhere, and for every other convolution: nnx.Conv."""
+  On a mesh the patches' row-major transposes would gather the batch, so there, and for every
+  other convolution: nnx.Conv."""
 
   def _strides(self) -> tuple[int, ...]:
     s = self.strides
@@ -293,9 +335,9 @@ class Conv(nnx.Conv):
     if all(k == 1 for k in ks) and all(p == (0, 0) for p in pads):
       return "dense", None
     if (len(ks) == 2 and all(s == 1 for s in strides) and jax.device_count() == 1
-        and jnp.dtype(as_dtype(dtype)) == jnp.dtype(jnp.bfloat16)
         and all(0 <= v < k for k, p in zip(ks, pads) for v in p)):
-      return "patches", pads
+      native_bf16 = jnp.dtype(cpu_dot_dtype(as_dtype(dtype))) == jnp.dtype(jnp.bfloat16)
+      return ("patches" if native_bf16 else "patch_grads"), pads
     return None, None
 
   def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
@@ -305,8 +347,9 @@ class Conv(nnx.Conv):
     if path is None:
       return super().__call__(inputs, out_sharding)
     bias = self.bias[...] if self.bias is not None else jnp.zeros((kernel.shape[-1],), jnp.float32)
-    if path == "patches":
-      return _conv_f32acc(inputs.astype(dtype), kernel, bias, pads)
+    if path != "dense":
+      conv = _conv_f32acc if path == "patches" else _conv_patch_grads
+      return conv(inputs.astype(dtype), kernel, bias, pads)
     x = inputs[(slice(None),) + tuple(slice(None, None, s) for s in self._strides())]
     y = _dense_f32acc(x.reshape(-1, x.shape[-1]).astype(dtype), kernel.reshape(-1, kernel.shape[-1]),
                       bias, True)
