@@ -267,10 +267,9 @@ def _conv_param_grads(x, kernel, bias_like, pads, g):
 _conv_f32acc.defvjp(_conv_fwd, _conv_bwd)
 
 
-def _conv_xla(x: jax.Array, kernel: jax.Array, bias: jax.Array, pads) -> jax.Array:
-  y = jax.lax.conv_general_dilated(x, kernel.astype(x.dtype), (1, 1), pads,
-                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  return y + bias.astype(x.dtype)
+def _conv_xla(x: jax.Array, kernel: jax.Array, pads) -> jax.Array:
+  return jax.lax.conv_general_dilated(x, kernel.astype(x.dtype), (1, 1), pads,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -282,18 +281,18 @@ def _conv_patch_grads(x: jax.Array, kernel: jax.Array, bias: jax.Array, pads) ->
   weight-gradient convolutions on ResNet-50's 3x3 shapes ran at 8-11 GFLOP/s inside the float32
   step on an AVX2 AMD EPYC (Zen 2), 4.4 s of 13.6 s of op time; as patch matmuls the step ran
   1.59 -> 2.01 examples/s (BUILD_NOTES.md, "A sixth machine")."""
-  return _conv_xla(x, kernel, bias, pads)
+  return _conv_xla(x, kernel, pads) + bias.astype(x.dtype)
 
 
 def _conv_patch_grads_fwd(x, kernel, bias, pads):
-  return _conv_xla(x, kernel, bias, pads), (x, kernel, jnp.zeros((0,), bias.dtype))
+  y = _conv_xla(x, kernel, pads) + bias.astype(x.dtype)
+  return y, (x, kernel, jnp.zeros((0,), bias.dtype))
 
 
 def _conv_patch_grads_bwd(pads, res, g):
   x, kernel, bias_like = res
   g = g.astype(x.dtype)
-  no_bias = jnp.zeros((kernel.shape[-1],), x.dtype)
-  _, input_vjp = jax.vjp(lambda x_: _conv_xla(x_, kernel, no_bias, pads), x)
+  _, input_vjp = jax.vjp(lambda x_: _conv_xla(x_, kernel, pads), x)
   return input_vjp(g) + _conv_param_grads(x, kernel, bias_like, pads, g)
 
 
