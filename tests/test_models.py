@@ -327,7 +327,8 @@ def test_resnet_step_convolution_paths(monkeypatch):
     step = jax.jit(jax.grad(loss))
     convs[dtype, bf16_dots] = step.lower(params, x).compile().as_text().count(" convolution(")
     grads[dtype, bf16_dots] = jax.tree.leaves(step(params, x))
-  # 6 stride-1 3x3 convolutions (2 in the stem, 1 per block) x 3 convolutions each before.
+  # The stride-2 stem convolution: forward + weight gradient (2). The 6 stride-1 3x3 ones (2 in
+  # the stem, 1 per block): none as patches; forward + input gradient each on "patch_grads".
   assert convs == {("bfloat16", True): 2, ("bfloat16", False): 2 + 6 * 2, ("float32", None): 2 + 6 * 2}
   ref = np.concatenate([np.ravel(g) for g in grads["float32", None]])
   for bf16_dots in (True, False):

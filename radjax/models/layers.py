@@ -319,7 +319,8 @@ class Conv(nnx.Conv):
     return tuple(s) if isinstance(s, Sequence) else (s or 1,) * len(self.kernel_size)
 
   def cpu_path(self, inputs: jax.Array, dtype: Dtype):
-    """("dense", None), ("patches", pads) or (None, None) for this input and compute dtype."""
+    """("dense", None), ("patches", pads), ("patch_grads", pads) or (None, None) for this input
+    and compute dtype."""
     ks, strides = tuple(self.kernel_size), self._strides()
     unit = lambda v: v in (None, 1) or tuple(v) == (1,) * len(ks)
     if not (use_cpu_dense(dtype) and unit(self.input_dilation) and unit(self.kernel_dilation)
