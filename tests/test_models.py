@@ -130,12 +130,12 @@ def test_linear_cpu_path_matches_nnx_linear(monkeypatch, dtype, tol, bf16_dots, 
 
 @pytest.mark.parametrize("dtype,tol,bf16_dots", [
     (None, 1e-5, None), ("bfloat16", 2e-2, True), ("bfloat16", 2e-2, False)])
-@pytest.mark.parametrize("k,stride,padding,stride1_3x3", [
+@pytest.mark.parametrize("k,stride,padding,patch_path", [
     (1, 1, "VALID", False), (1, 2, [(0, 0), (0, 0)], False), (1, 2, "SAME", False),
     (3, 1, "SAME", True), (3, 1, [(1, 0), (2, 1)], True), (3, 1, "VALID", True),
     (3, 2, "SAME", False), (3, 1, "CIRCULAR", False), (3, 1, 3, False)])
 def test_conv_cpu_paths_match_nnx_conv(monkeypatch, dtype, tol, bf16_dots, k, stride, padding,
-                                       stride1_3x3):
+                                       patch_path):
   """layers.Conv on CPU: 1x1 unpadded convolutions as dots; other stride-1 ones as patch
   matmuls in bf16 with bf16 dots, else XLA's with patch-matmul weight gradients; the rest
   nnx.Conv's. Every path gives flax's nnx.Conv outputs and gradients."""
@@ -148,7 +148,7 @@ def test_conv_cpu_paths_match_nnx_conv(monkeypatch, dtype, tol, bf16_dots, k, st
   x = jax.random.normal(jax.random.key(3), (2, 8, 7, 6))
   path, _ = ours.cpu_path(x, layers.as_dtype(dtype or "float32"))
   expected = "dense" if k == 1 else None
-  if stride1_3x3:
+  if patch_path:
     expected = "patches" if bf16_dots else "patch_grads"
   assert path == expected
   assert_same_layer(ours, ref, x, tol)
