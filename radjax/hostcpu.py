@@ -1,5 +1,5 @@
 """This machine's CPU: how many cores this process may use, which matmul instructions it has,
-and whether bfloat16 dot products among them.
+whether bfloat16 dot products among them, and whether those beat float32 dots.
 
 Standard library only: ``radjax bench`` reports it, and radjax's CPU matmuls choose their
 operand dtype by it (:func:`radjax.models.layers.cpu_dot_dtype`).
@@ -27,10 +27,26 @@ MATMUL_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 
 
+def _bf16_dots_beat_float32(vendor: str, flags: set[str]) -> bool:
+  """Whether XLA's bf16 x bf16 -> f32 dots outrun its float32 dots on such a CPU (measured on
+  each machine in BUILD_NOTES.md; deterministic, so a resumed run takes the same path).
+
+  With AMX: 3-5x. AVX512-BF16 on AMD (Zen 4, Zen 5): about 2x. AVX512-BF16 on an Intel Xeon whose
+  AMX tiles the hypervisor hides: 0.6x, so bf16 operands are better upcast there. Arm BF16:
+  assumed, not measured."""
+  if "amx_bf16" in flags:
+    return True
+  if "avx512_bf16" in flags:
+    return vendor != "GenuineIntel"
+  return "bf16" in flags
+
+
 def describe_cpu(cpuinfo: str) -> dict[str, Any]:
   """The first processor listed in ``cpuinfo`` (the text of Linux's /proc/cpuinfo): its model
-  name, x86 family / model numbers (None elsewhere), which of :data:`MATMUL_ISA_FLAGS` it has, and
-  whether it has bfloat16 dot-product instructions (without them bf16 matmuls are emulated)."""
+  name, x86 family / model numbers (None elsewhere), which of :data:`MATMUL_ISA_FLAGS` it has,
+  whether it has bfloat16 dot-product instructions (without them bf16 matmuls are emulated), and
+  whether those are faster than float32 dots (``bf16_dots_faster``, which radjax's bf16 matmuls
+  follow)."""
   fields: dict[str, str] = {}
   for line in cpuinfo.splitlines():
     if not line.strip():
@@ -47,6 +63,7 @@ def describe_cpu(cpuinfo: str) -> dict[str, Any]:
       "model_number": number("model"),
       "matmul_isa": [f for f in MATMUL_ISA_FLAGS if f in flags],
       "native_bf16": any(f in flags for f in NATIVE_BF16_FLAGS),
+      "bf16_dots_faster": _bf16_dots_beat_float32(fields.get("vendor_id", ""), flags),
   }
 
 
@@ -67,10 +84,15 @@ def format_cpu(cpu: dict[str, Any]) -> str:
   if cpu.get("family") is not None:
     parts.append(f"family {cpu['family']} model {cpu['model_number']}")
   parts.append(" ".join(cpu.get("matmul_isa") or []) or "no listed matmul extensions")
-  parts.append("bf16 instructions" if cpu.get("native_bf16") else "no bf16 instructions")
+  if not cpu.get("native_bf16"):
+    parts.append("no bf16 instructions")
+  elif cpu.get("bf16_dots_faster"):
+    parts.append("bf16 instructions")
+  else:
+    parts.append("bf16 instructions, slower than float32 dots")
   return f"{cpu.get('model') or 'unknown CPU'} ({'; '.join(parts)})"
 
 
-def native_bf16() -> bool:
-  """Whether this machine's CPU has bfloat16 dot-product instructions (:data:`NATIVE_BF16_FLAGS`)."""
-  return bool(host_cpu()["native_bf16"])
+def bf16_dots_faster() -> bool:
+  """Whether this machine's CPU multiplies bfloat16 faster than float32 (:func:`describe_cpu`)."""
+  return bool(host_cpu()["bf16_dots_faster"])

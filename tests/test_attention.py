@@ -85,9 +85,9 @@ def _dot_operand_dtypes(hlo: str) -> list[tuple[str, ...]]:
 def test_cpu_attention_batched_dots_operand_dtypes(monkeypatch, bf16_dots, operands):
   """XLA:CPU upcasts a bf16 batched dot whose operand is a transpose it folded into the dot's
   layout to float32 (a slower kernel, and f32 copies of q/k/v); the heads are therefore
-  materialised before the dots. On a CPU with bf16 dot instructions every batched dot of the
-  bf16 forward + backward must see bf16 operands; on one without, float32 ones
-  (layers.cpu_dot_dtype: the emulated bf16 kernel is slower than float32's)."""
+  materialised before the dots. On a CPU with fast bf16 dots every batched dot of the bf16
+  forward + backward must see bf16 operands; on one without, float32 ones (layers.cpu_dot_dtype:
+  there the bf16 kernel is slower than float32's)."""
   if jax.default_backend() != "cpu" or jax.device_count() > 1:
     pytest.skip("XLA:CPU's dot lowering; the heads are materialised on one device only")
   monkeypatch.setattr(layers, "CPU_BF16_DOTS", bf16_dots)

@@ -115,7 +115,7 @@ def assert_same_layer(ours: nnx.Module, ref: nnx.Module, x: jax.Array, tol: floa
 @pytest.mark.parametrize("din,dout", [(24, 40), (40, 24)])  # weight gradient from x^T / from g^T
 def test_linear_cpu_path_matches_nnx_linear(monkeypatch, dtype, tol, bf16_dots, din, dout):
   """layers.Linear's own CPU matmuls (custom VJP, materialised transposes; bf16 operands, or
-  upcast as on CPUs without bf16 dot instructions) against flax's nnx.Linear: the same outputs
+  upcast as on CPUs without fast bf16 dots) against flax's nnx.Linear: the same outputs
   and gradients for x, kernel and bias, on an input with leading batch dims."""
   from radjax.models import layers
   monkeypatch.setattr(layers, "CPU_BF16_DOTS", bf16_dots)
@@ -155,8 +155,8 @@ def test_conv_cpu_paths_match_nnx_conv(monkeypatch, dtype, tol, bf16_dots, k, st
 
 
 def test_cpu_dot_dtype(monkeypatch):
-  """bf16 matmul operands stay bf16 where the CPU has bf16 dot instructions and are upcast to
-  float32 where it has none; other dtypes are left alone. The compiled dense layer shows it."""
+  """bf16 matmul operands stay bf16 where the CPU's bf16 dots beat float32's and are upcast to
+  float32 elsewhere; other dtypes are left alone. The compiled dense layer shows it."""
   from radjax.models import layers
   x = jnp.ones((8, 16), jnp.bfloat16)
   kernel, bias = jnp.ones((16, 4)), jnp.zeros((4,))

@@ -59,7 +59,8 @@ def as_dtype(dtype: str | Dtype | None) -> Dtype | None:
 # multiply with float32 accumulation, add the bias in float32 and round once to bf16, in the
 # forward pass and (custom VJP) in the backward pass, whose weight gradients come out in float32
 # directly. Same numerics as GPU/TPU bf16 matmuls (f32 accumulation), one rounding fewer. On
-# CPUs without bf16 dot instructions the operands are upcast to float32 instead (cpu_dot_dtype).
+# CPUs whose bf16 dots are emulated or no faster than float32's the operands are upcast to float32
+# instead (cpu_dot_dtype).
 # float32 layers take the same path for their backward pass: autodiff's weight gradient x^T g
 # contracts the major dim of both operands, which XLA:CPU leaves to a plain (Eigen) dot outside
 # its YNNPACK fusions; from a materialised x^T it is a YNNPACK dot like the others (ViT-B/16 CLIP
@@ -70,19 +71,21 @@ def _dims(contract_lhs: int, contract_rhs: int):
   return (((contract_lhs,), (contract_rhs,)), ((), ()))
 
 
-# None: decided by the host CPU (radjax.hostcpu.native_bf16); True / False to compare.
+# None: decided by the host CPU (radjax.hostcpu.bf16_dots_faster); True / False to compare.
 CPU_BF16_DOTS: bool | None = None
 
 
 def cpu_dot_dtype(dtype: Dtype) -> Dtype:
   """The operand dtype of radjax's CPU matmuls for compute ``dtype``: bfloat16 only on CPUs
-  with bfloat16 dot instructions (AVX512-BF16, AMX, Arm BF16), else float32.
+  whose bfloat16 dots beat float32's (AMX, AVX512-BF16 on AMD, Arm BF16:
+  :func:`radjax.hostcpu.bf16_dots_faster`), else float32.
 
-  Without them XLA:CPU emulates bf16 x bf16 -> f32 at ~60 % of its float32 GEMM rate (AVX2 AMD
-  EPYC: 98-109 against 145-176 GFLOP/s on ViT-B/16's shapes), and upcasting the operands first
-  computes the same products (a product of two bf16 numbers is exact in float32; both
-  accumulate in float32) at the float32 rate. Activations stay bf16 in memory either way."""
-  native = CPU_BF16_DOTS if CPU_BF16_DOTS is not None else hostcpu.native_bf16()
+  Without bf16 instructions XLA:CPU emulates bf16 x bf16 -> f32 at ~60 % of its float32 GEMM rate
+  (AVX2 AMD EPYC: 98-109 against 145-176 GFLOP/s on ViT-B/16's shapes); an Intel Xeon with
+  AVX512-BF16 but no AMX runs them at about the same 60 %. Upcasting the operands first computes
+  the same products (a product of two bf16 numbers is exact in float32; both accumulate in
+  float32) at the float32 rate. Activations stay bf16 in memory either way."""
+  native = CPU_BF16_DOTS if CPU_BF16_DOTS is not None else hostcpu.bf16_dots_faster()
   return jnp.float32 if jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16) and not native else dtype
 
 
@@ -335,8 +338,8 @@ class Conv(nnx.Conv):
       return "dense", None
     if (len(ks) == 2 and all(s == 1 for s in strides) and jax.device_count() == 1
         and all(0 <= v < k for k, p in zip(ks, pads) for v in p)):
-      native_bf16 = jnp.dtype(cpu_dot_dtype(as_dtype(dtype))) == jnp.dtype(jnp.bfloat16)
-      return ("patches" if native_bf16 else "patch_grads"), pads
+      bf16_operands = jnp.dtype(cpu_dot_dtype(as_dtype(dtype))) == jnp.dtype(jnp.bfloat16)
+      return ("patches" if bf16_operands else "patch_grads"), pads
     return None, None
 
   def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
