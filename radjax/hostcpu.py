@@ -27,7 +27,7 @@ MATMUL_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 
 
-def _bf16_dots_beat_float32(vendor: str, flags: set[str]) -> bool:
+def _bf16_dots_faster_on(vendor: str, flags: set[str]) -> bool:
   """Whether XLA's bf16 x bf16 -> f32 dots outrun its float32 dots on such a CPU (measured on
   each machine in BUILD_NOTES.md; deterministic, so a resumed run takes the same path).
 
@@ -63,7 +63,7 @@ def describe_cpu(cpuinfo: str) -> dict[str, Any]:
       "model_number": number("model"),
       "matmul_isa": [f for f in MATMUL_ISA_FLAGS if f in flags],
       "native_bf16": any(f in flags for f in NATIVE_BF16_FLAGS),
-      "bf16_dots_faster": _bf16_dots_beat_float32(fields.get("vendor_id", ""), flags),
+      "bf16_dots_faster": _bf16_dots_faster_on(fields.get("vendor_id", ""), flags),
   }
 
 
