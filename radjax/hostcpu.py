@@ -31,8 +31,8 @@ def _bf16_dots_faster_on(vendor: str, flags: set[str]) -> bool:
   """Whether XLA's bf16 x bf16 -> f32 dots outrun its float32 dots on such a CPU (measured on
   each machine in BUILD_NOTES.md; deterministic, so a resumed run takes the same path).
 
-  With AMX: 3-5x. AVX512-BF16 on AMD (Zen 4, Zen 5): about 2x. AVX512-BF16 on an Intel Xeon whose
-  AMX tiles the hypervisor hides: 0.6x, so bf16 operands are better upcast there. Arm BF16:
+  With AMX: 3-5x. AVX512-BF16 on AMD (Zen 4, Zen 5): about 2x. AVX512-BF16 on an Intel Xeon
+  whose AMX the VM did not expose: 0.6x, so bf16 operands are better upcast there. Arm BF16:
   assumed, not measured."""
   if "amx_bf16" in flags:
     return True
