@@ -202,6 +202,24 @@ def test_compare_without_open_clip(capsys, monkeypatch):
   assert "open_clip_torch is not installed" in err and "pip install" in err
 
 
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_compare_warns_of_bf16_without_bf16_instructions(capsys, monkeypatch, native_bf16):
+  """On a CPU without bf16 instructions torch's autocast step crawls: the user is told before it
+  starts. Where the CPU has them, nothing is said."""
+  from radjax import hostcpu
+  monkeypatch.delenv("RADJAX_BENCH_PEER_PYTHON", raising=False)
+  monkeypatch.setattr("radjax.bench.compare.peer_python", lambda: None)  # stop before any run
+  cpu = dict(hostcpu.host_cpu(), native_bf16=native_bf16, bf16_dots_faster=native_bf16)
+  monkeypatch.setattr(hostcpu, "host_cpu", lambda: cpu)
+  with pytest.raises(SystemExit) as e:
+    cli.main(["bench", "compare", "--peer", "open_clip", "--config",
+              os.path.join(REPO, "configs", "bench", "clip_vitb16.py"), "--dtype", "bfloat16"])
+  assert e.value.code == 1
+  err = capsys.readouterr().err
+  assert ("warning" in err and "no bf16 instructions" in err
+          and "--dtype float32" in err) == (not native_bf16)
+
+
 def test_compare_ratios():
   from radjax.bench.compare import ratios
   # The machine halves its speed after two repeats: the ratio of medians mixes the two regimes,

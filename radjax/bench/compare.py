@@ -85,7 +85,7 @@ def ratios(radjax_eps: list[float], peer_eps: list[float]) -> dict[str, Any]:
 
 
 def main(args: Any, extra: list[str]) -> int:
-  from radjax.hostcpu import format_cpu  # pylint: disable=import-outside-toplevel
+  from radjax.hostcpu import format_cpu, host_cpu  # pylint: disable=import-outside-toplevel
   from radjax.config import load_config, parse_overrides  # pylint: disable=import-outside-toplevel
 
   if args.peer not in PEERS:
@@ -104,6 +104,12 @@ def main(args: Any, extra: list[str]) -> int:
           f"data.image_size={config.data.image_size}, data.max_text_len={config.data.max_text_len}",
           file=sys.stderr)
     return 2
+  cpu = host_cpu()
+  if dtype == "bfloat16" and not cpu["native_bf16"]:
+    print(f"radjax bench compare: warning: {format_cpu(cpu)}. Without bf16 instructions torch "
+          "multiplies bfloat16 at 0.2-20 GFLOP/s (AVX2 EPYCs), so an open_clip autocast step can "
+          "take many minutes; radjax upcasts its bf16 matmul operands to float32 here, and --dtype float32 "
+          "is the comparison that measures the two stacks.", file=sys.stderr, flush=True)
   python = peer_python()
   if python is None:
     print(INSTALL_HINT, file=sys.stderr)
