@@ -207,7 +207,6 @@ def test_compare_warns_of_bf16_without_bf16_instructions(capsys, monkeypatch, na
   """On a CPU without bf16 instructions torch's autocast step crawls: the user is told before it
   starts. Where the CPU has them, nothing is said."""
   from radjax import hostcpu
-  monkeypatch.delenv("RADJAX_BENCH_PEER_PYTHON", raising=False)
   monkeypatch.setattr("radjax.bench.compare.peer_python", lambda: None)  # stop before any run
   cpu = dict(hostcpu.host_cpu(), native_bf16=native_bf16, bf16_dots_faster=native_bf16)
   monkeypatch.setattr(hostcpu, "host_cpu", lambda: cpu)

@@ -108,8 +108,9 @@ def main(args: Any, extra: list[str]) -> int:
   if dtype == "bfloat16" and not cpu["native_bf16"]:
     print(f"radjax bench compare: warning: {format_cpu(cpu)}. Without bf16 instructions torch "
           "multiplies bfloat16 at 0.2-20 GFLOP/s (AVX2 EPYCs), so an open_clip autocast step can "
-          "take many minutes; radjax upcasts its bf16 matmul operands to float32 here, and --dtype float32 "
-          "is the comparison that measures the two stacks.", file=sys.stderr, flush=True)
+          "take many minutes; radjax upcasts its bf16 matmul operands to float32 here, and "
+          "--dtype float32 is the comparison that measures the two stacks.",
+          file=sys.stderr, flush=True)
   python = peer_python()
   if python is None:
     print(INSTALL_HINT, file=sys.stderr)
