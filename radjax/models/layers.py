@@ -85,8 +85,8 @@ def cpu_dot_dtype(dtype: Dtype) -> Dtype:
   AVX512-BF16 but no AMX runs them at about the same 60 %. Upcasting the operands first computes
   the same products (a product of two bf16 numbers is exact in float32; both accumulate in
   float32) at the float32 rate. Activations stay bf16 in memory either way."""
-  native = CPU_BF16_DOTS if CPU_BF16_DOTS is not None else hostcpu.bf16_dots_faster()
-  return jnp.float32 if jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16) and not native else dtype
+  bf16_fast = CPU_BF16_DOTS if CPU_BF16_DOTS is not None else hostcpu.bf16_dots_faster()
+  return jnp.float32 if jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16) and not bf16_fast else dtype
 
 
 def _mm(a: jax.Array, b: jax.Array, dims) -> jax.Array:
