@@ -1,7 +1,7 @@
 """CLIP/ConVIRT alignment pre-training on SynthCXR: configs/pretrain_synth.py's ``clip``.
 
 radjax train --config configs/clip_synth.py --workdir /tmp/clip
-radjax train --config configs/clip_synth.py:vitb16 --workdir gs://...   (accelerators)
+radjax train --config configs/clip_synth.py:vitb16 --workdir /mnt/runs/clip_b16   (accelerators)
 
 The argument is a comma-separated list of pretrain_synth variants (vitb16, resnet50, resnet18, tiny).
 """

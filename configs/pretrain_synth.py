@@ -3,8 +3,11 @@
 radjax train --config configs/pretrain_synth.py:clip --workdir runs/clip            # CPU, minutes
 radjax train --config configs/pretrain_synth.py:mrm --workdir runs/mrm              # CPU, ~50 min
 radjax train --config configs/pretrain_synth.py:ssl,resnet18 --workdir runs/simclr  # SimCLR, CPU
-radjax train --config configs/pretrain_synth.py:clip,vitb16 --workdir gs://...      # accelerators
-radjax train --config configs/pretrain_synth.py:ssl,resnet50 --workdir gs://...
+radjax train --config configs/pretrain_synth.py:clip,vitb16 --workdir /mnt/runs/clip_b16     # accelerators
+radjax train --config configs/pretrain_synth.py:ssl,resnet50 --workdir /mnt/runs/simclr50
+
+On several hosts the workdir is a folder every host sees (a shared filesystem, or a bucket mounted
+with gcsfuse); URLs such as gs:// are refused (radjax/paths.py).
 
 METHOD is one of ``radjax.methods.method_names()`` except ``none`` (nothing trains):
 supervised, ssl (MAE for a ViT, SimCLR for a ResNet), clip, siglip, mrm, clip_ssl, caption, unicl.

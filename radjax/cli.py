@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from radjax import host_malloc, xla_flags
+from radjax import host_malloc, paths, xla_flags
 from radjax.config import ConfigError, load_config, parse_overrides
 
 
@@ -179,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     return args.func(args, extra) or 0
   except ConfigError as e:
     print(f"radjax: config error: {e}", file=sys.stderr)
+    return 2
+  except paths.RemotePathError as e:
+    print(f"radjax: {e}", file=sys.stderr)
     return 2
 
 

@@ -1,10 +1,12 @@
 """Config loading, overrides and the CLI's handling of typos."""
 
+import os
 import subprocess
 import sys
 
 import pytest
 
+from radjax import paths
 from radjax.config import ConfigError, load_config, parse_overrides
 
 CONFIG = "configs/clip_synth.py"
@@ -60,6 +62,29 @@ def test_cli_typo_fails_before_work(tmp_path):
   assert result.returncode == 2
   assert "batch_szie" in result.stderr and "batch_size" in result.stderr
   assert not any(tmp_path.iterdir()), "nothing may be written before the config is valid"
+
+
+@pytest.mark.parametrize("command, flag", [
+    (["train", "--config", os.path.abspath(CONFIG), "--workdir"], "--workdir"),
+    (["study", "--config", os.path.abspath("configs/study_synthetic.py:quick"), "--workdir"], "--workdir"),
+    (["data", "build", "--dataset", "synth_cxr", "--data_dir"], "--data_dir")])
+def test_cli_refuses_a_url_where_it_writes_local_files(tmp_path, command, flag):
+  # os.path.abspath("gs://bucket/run") is a local folder "gs:/bucket/run": the run would land on
+  # the VM's disk, one copy per host, and die with it.
+  result = subprocess.run([sys.executable, "-m", "radjax.cli", *command, "gs://bucket/run"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+  assert result.returncode == 2, result.stderr
+  assert f"{flag} 'gs://bucket/run' is a URL" in result.stderr and "gcsfuse" in result.stderr
+  assert "Traceback" not in result.stderr
+  assert not any(tmp_path.iterdir()), "nothing may be written for a refused path"
+
+
+def test_local_dir_expands_home_and_refuses_urls(monkeypatch, tmp_path):
+  monkeypatch.setenv("HOME", str(tmp_path))
+  assert paths.local_dir("~/runs/a") == str(tmp_path / "runs" / "a")
+  assert paths.local_dir("runs/a") == os.path.join(os.getcwd(), "runs", "a")
+  with pytest.raises(paths.RemotePathError, match="data.x 's3://b/c' is a URL"):
+    paths.local_dir("s3://b/c", "data.x")
 
 
 @pytest.mark.parametrize("spec", [

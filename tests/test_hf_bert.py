@@ -126,11 +126,16 @@ def test_missing_weights_and_prefixed_bin(tmp_path, ported):
                                 ref_model.encoder.layers[5].mlp.fc2.kernel[...])
 
 
-def test_build_text_encoder_with_hf_path():
+def test_build_text_encoder_with_hf_path(monkeypatch, ported):
+  # "~" as in --config.model.text.hf_path=~/..., which the shell leaves alone.
+  monkeypatch.setenv("HOME", os.path.dirname(MODEL_DIR))
   cfg = ml_collections.ConfigDict(dict(
       text=dict(name="bert", hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512,
-                hf_path=MODEL_DIR, pool="mean"), dtype="float32"))
+                hf_path="~/" + os.path.basename(MODEL_DIR), pool="mean"), dtype="float32"))
   enc = build_text_encoder(cfg, nnx.Rngs(0), vocab_size=30522, max_len=64)
   assert enc.embed_dim == 384 and enc.config.pool == "mean" and enc.config.dropout == 0.0
+  model, _, _ = ported
+  np.testing.assert_array_equal(enc.encoder.layers[0].mlp.fc1.kernel[...],
+                                model.encoder.layers[0].mlp.fc1.kernel[...])
   with pytest.raises(ValueError, match="max_position_embeddings"):
     build_text_encoder(cfg, nnx.Rngs(0), vocab_size=30522, max_len=1024)

@@ -149,7 +149,7 @@ def test_indices_subset_and_label_fraction_sampling(tok):
     pipeline.make_loader(cfg, "train", batch_size=5, seed=0, train=False, tokenizer=tok, indices=[500])
 
 
-def test_tfds_builder_roundtrip(tmp_path, tok):
+def test_tfds_builder_roundtrip(tmp_path, tok, monkeypatch):
   from radjax.data.builders import get_builder_class
   from radjax.data.builders import synth_cxr as synth_builder
   cfg = _cfg(n_train=6)
@@ -174,6 +174,11 @@ def test_tfds_builder_roundtrip(tmp_path, tok):
   x = next(pipeline.make_loader(cfg, "train", batch_size=3, seed=0, train=False, tokenizer=tok))
   y = next(pipeline.make_loader(built, "train", batch_size=3, seed=0, train=False, tokenizer=tok))
   assert _equal(x, y)
+  # "~" as typed in --config.data.data_dir=~/tfds, where the shell leaves it alone.
+  monkeypatch.setenv("HOME", str(tmp_path))
+  built.data_dir = "~"
+  assert _equal(x, next(pipeline.make_loader(built, "train", batch_size=3, seed=0, train=False,
+                                             tokenizer=tok)))
   built.synth.seed = 9
   with pytest.raises(ValueError, match="not built"):
     len(sources.get_source(built, "train"))

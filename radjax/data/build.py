@@ -65,6 +65,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
+from radjax import paths
+
 # Standard drop reasons (builders may add their own; keep them snake_case).
 REASONS = {
     "missing_image": "image/volume file not found",
@@ -467,7 +469,7 @@ def build_dataset(name: str, data_dir: str | os.PathLike, manual_dir: str | os.P
   cls = get_builder_class(name)
   kwargs = _resolve_builder_kwargs(cls, builder_kwargs)
   manual_path = check_manual_dir(cls, name, manual_dir, kwargs)
-  data_root = Path(data_dir).expanduser()
+  data_root = Path(paths.local_dir(data_dir, "--data_dir"))
   builder = cls(data_dir=str(data_root), file_format="array_record", **kwargs)
   version_dir = Path(str(builder.data_dir))
   top_report = data_root / name / REPORT_NAME

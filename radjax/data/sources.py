@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import Any
 
 import numpy as np
@@ -126,7 +127,7 @@ def get_source(data_cfg: Any, split: str):
     synth = synth_cxr.SynthCXR(data_cfg.synth)
     synth.num_examples(split)  # validates the split name
     return synth.source(split)
-  return ArrayRecordSource(name, str(data_cfg.data_dir), split, _builder_config(data_cfg))
+  return ArrayRecordSource(name, os.path.expanduser(str(data_cfg.data_dir)), split, _builder_config(data_cfg))
 
 
 def dataset_label_names(data_cfg: Any, kind: str) -> tuple[str, ...]:

@@ -31,7 +31,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from radjax import defaults
+from radjax import defaults, paths
 from radjax.eval import metrics as metrics_lib
 from radjax.eval import report as report_lib
 
@@ -417,6 +417,7 @@ def run_study(config, workdir: str, workers: int = 1) -> list[dict[str, Any]]:
   With ``study.sweep`` set, runs the whole study once per SynthCXR setting in
   ``workdir/<setting>/`` and adds the setting as columns of a combined results.csv.
   """
+  workdir = paths.local_dir(workdir)
   sweep = sweep_settings(config)
   if sweep:
     rows = []

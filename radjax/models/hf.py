@@ -31,6 +31,7 @@ def _normalise_key(key: str) -> str:
 def read_hf_checkpoint(path: str) -> tuple[dict[str, np.ndarray], str]:
   """Tensors of ``path/model.safetensors`` (or ``pytorch_model.bin``) as float32 numpy, with the
   model prefix ("bert.", ...) stripped so keys start at "embeddings." / "encoder." / "pooler."."""
+  path = os.path.expanduser(path)
   st = os.path.join(path, "model.safetensors")
   pt = os.path.join(path, "pytorch_model.bin")
   if os.path.exists(st):
@@ -122,7 +123,7 @@ def port_bert_weights(model: BertEncoder, tensors: Mapping[str, np.ndarray],
 
 
 def load_hf_config(path: str) -> dict[str, Any]:
-  cfg_file = os.path.join(path, "config.json")
+  cfg_file = os.path.join(os.path.expanduser(path), "config.json")
   if not os.path.exists(cfg_file):
     raise ValueError(f"{path}: no config.json (expected a local Hugging Face model directory)")
   with open(cfg_file) as f:

@@ -27,7 +27,8 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
+
+from radjax import paths
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int = 2, async_save: bool = True,
                best_metric: str = "", best_mode: str = "auto"):
-    self.workdir = os.path.abspath(workdir)
+    self.workdir = paths.local_dir(workdir)
     self.directory = os.path.join(self.workdir, "checkpoints")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep if keep and keep > 0 else None, create=True,
@@ -322,11 +323,10 @@ def restore_items(manager: ocp.CheckpointManager, step: int, abstract_state: Map
 
 
 def _item_names(manager: ocp.CheckpointManager, step: int) -> list[str]:
-  # epath so gs:// workdirs work too.
-  path = epath.Path(manager.directory) / str(step)
-  if not path.is_dir():
+  path = os.path.join(manager.directory, str(step))
+  if not os.path.isdir(path):
     raise FileNotFoundError(f"no checkpoint for step {step} under {manager.directory}")
-  return [p.name for p in path.iterdir() if p.is_dir()]
+  return [entry.name for entry in os.scandir(path) if entry.is_dir()]
 
 
 def local_data_state(meta: Mapping[str, Any]) -> Any:
@@ -355,7 +355,7 @@ def load_pretrained(workdir: str, *, step: int | None = None, best: bool = False
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
 
-  workdir = os.path.abspath(workdir)
+  workdir = paths.local_dir(workdir, "the pre-trained run's workdir")
   sub = "best" if best else "checkpoints"
   manager = ocp.CheckpointManager(
       os.path.join(workdir, sub), options=ocp.CheckpointManagerOptions(read_only=True, create=False))

@@ -35,6 +35,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from radjax import paths
 from radjax.parallel import distributed
 from radjax.parallel import mesh as mesh_lib
 from radjax.train import checkpoint as ckpt_lib
@@ -227,6 +228,9 @@ def train(config: Any, workdir: str, *, method: Any = None,
           make_loader: Callable[..., Any] | None = None) -> dict:
   """Trains ``config.method`` on ``config.data`` in ``workdir``; resumes if it holds checkpoints.
 
+  ``workdir``: a local or mounted folder (``~`` expanded); a URL raises
+  :class:`radjax.paths.RemotePathError` before any work.
+
   ``method``: a radjax Method (default ``radjax.methods.get_method(config.method.name)``).
   ``make_loader``: ``(data_cfg, split, *, batch_size, seed, train, tokenizer, shard_index,
   shard_count, num_epochs=None) -> iterator with get_state/set_state`` (default
@@ -234,6 +238,7 @@ def train(config: Any, workdir: str, *, method: Any = None,
   Returns the final metrics: step, last train window means (``train/...``), last eval
   (``eval/...``), ``preempted`` and ``resumed_from``.
   """
+  workdir = paths.local_dir(workdir)
   distributed.initialize(_get(config, "distributed", None))
   # Catch SIGTERM from here on (compilation and restore included); it is acted on at the
   # first step boundary.
@@ -246,7 +251,6 @@ def train(config: Any, workdir: str, *, method: Any = None,
 
 def _train(config: Any, workdir: str, method: Any, make_loader: Callable[..., Any] | None,
            preemption: _Preemption) -> dict:
-  workdir = os.path.abspath(workdir)
   is_main = jax.process_index() == 0
   if is_main:
     os.makedirs(workdir, exist_ok=True)
