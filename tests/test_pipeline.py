@@ -184,6 +184,14 @@ def test_tfds_builder_roundtrip(tmp_path, tok, monkeypatch):
     len(sources.get_source(built, "train"))
 
 
+def test_default_synth_knobs_read_back_from_data_dir(tmp_path):
+  # The default knobs name their build "default", like the builder's registered config.
+  cfg = defaults.data_config()
+  cfg.data_dir = str(tmp_path)
+  with pytest.raises(ValueError, match="not built in data.data_dir"):
+    len(sources.get_source(cfg, "train"))
+
+
 def test_unknown_dataset_and_files_only_dataset():
   cfg = _cfg()
   cfg.dataset = "chexpert_plus"

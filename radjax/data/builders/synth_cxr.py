@@ -106,6 +106,10 @@ class SynthCXRBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def __init__(self, *, config: Any = None, **kwargs):
     if isinstance(config, Mapping):
       config = make_config(**dict(config))
+    if isinstance(config, SynthCXRConfig) and config.name == self.DEFAULT_CONFIG_NAME:
+      # TFDS accepts the registered instance only, not an equal copy (default knobs read back
+      # through data.data_dir give such a copy).
+      config = self.DEFAULT_CONFIG_NAME
     super().__init__(config=config, **kwargs)
 
   @property
