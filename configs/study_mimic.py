@@ -30,6 +30,9 @@ def get_config(arg="vitb16"):
   config.data.vocab_size = 30522
   config.data.uncertain_policy = "ignore"
   config.data.num_workers = 8
+  # Pre-training reads the training split's images and reports, as the paper does: the builders
+  # write train / validation / test only (SynthCXR's separate "pretrain" pool is its own).
+  config.train.train_split = "train"
   if arg == "vitb16":
     config.model.image.update(dict(name="vit", variant="b", patch_size=16))
   elif arg == "resnet50":

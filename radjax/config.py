@@ -90,11 +90,14 @@ def _parse_value(raw: str, current: Any, key: str) -> Any:
   except (ValueError, SyntaxError):
     if current is None:
       return raw  # an unset field: take the string as given
+    if isinstance(current, tuple) and all(isinstance(x, str) for x in current):
+      # Names as a shell makes them easy to type (a,b), not as Python literals ("('a','b')").
+      return tuple(part.strip() for part in raw.split(",") if part.strip())
     raise ConfigError(f"--config.{key}: cannot parse {raw!r} as {type(current).__name__}") from None
   if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
     value = float(value)
-  if isinstance(current, tuple) and isinstance(value, list):
-    value = tuple(value)
+  if isinstance(current, tuple) and not isinstance(value, tuple):
+    value = tuple(value) if isinstance(value, list) else (value,)
   if current is not None and not isinstance(value, type(current)):
     raise ConfigError(
         f"--config.{key}: expected {type(current).__name__}, got {raw!r} ({type(value).__name__})")

@@ -59,7 +59,8 @@ def data_config() -> ml_collections.ConfigDict:
 def model_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # ViT: variant ti/s/m/b/l/h sets width/depth/mlp_dim/num_heads unless they are > 0.
-  # ResNet: name="resnet", variant "18"/"50", norm "group" (no batch statistics) or "batch";
+  # ResNet: name="resnet", variant "18"/"50", width (0: 64), norm "group" (no batch statistics)
+  # or "batch";
   # style "torchvision" or "clip" (open_clip's ModifiedResNet, attention pool of attn_heads);
   # blocks per stage when not the variant's.
   c.image = ml_collections.ConfigDict(dict(

@@ -20,9 +20,10 @@ class RemotePathError(ValueError):
   """A URL where radjax needs a local or mounted folder."""
 
 
-def local_dir(path: str, what: str = "--workdir") -> str:
+def local_dir(path: str | os.PathLike, what: str = "--workdir") -> str:
   """The absolute local path of ``path`` (``~`` expanded). A URL raises :class:`RemotePathError`
   naming ``what`` (the flag or config key it came from)."""
+  path = os.fspath(path)
   if _URL.match(path):
     raise RemotePathError(
         f"{what} {path!r} is a URL: radjax writes there with local file calls, which would create "

@@ -4,9 +4,11 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
+from flax import nnx
 
-from radjax import paths
+from radjax import models, paths
 from radjax.config import ConfigError, load_config, parse_overrides
 
 CONFIG = "configs/clip_synth.py"
@@ -19,6 +21,18 @@ def test_overrides_are_typed_and_nested():
   assert config.optim.lr == 1.0 and isinstance(config.optim.lr, float)
   assert config.data.augment is False
   assert config.method.name == "siglip"
+
+
+def test_tuple_overrides_take_plain_names_and_numbers():
+  config = load_config("configs/study_synthetic.py", [
+      "--config.study.pretrain=none, clip", "--config.study.tasks=mortality_12m",
+      "--config.study.finetune=('linear','distill')", "--config.study.pretrain_seeds=0,1",
+      "--config.study.n_train=-1"])
+  assert config.study.pretrain == ("none", "clip") and config.study.tasks == ("mortality_12m",)
+  assert config.study.finetune == ("linear", "distill") and config.study.pretrain_seeds == (0, 1)
+  assert config.study.n_train == (-1,)
+  with pytest.raises(ConfigError, match="study.pretrain_seeds"):
+    load_config("configs/study_synthetic.py", ["--config.study.pretrain_seeds=a,b"])
 
 
 def test_config_arg_selects_variant():
@@ -90,10 +104,16 @@ def test_local_dir_expands_home_and_refuses_urls(monkeypatch, tmp_path):
 @pytest.mark.parametrize("spec", [
     "configs/clip_synth.py", "configs/clip_synth.py:vitb16", "configs/study_synthetic.py",
     "configs/study_synthetic.py:quick", "configs/study_text_association.py",
-    "configs/study_mimic.py:vitb16", "configs/study_mimic.py:resnet50", "configs/study_inspect.py"])
+    "configs/study_mimic.py:vitb16", "configs/study_mimic.py:resnet50", "configs/study_inspect.py",
+    "configs/pretrain_synth.py:ssl,resnet18", "configs/pretrain_synth.py:mrm,resnet50",
+    "configs/finetune_synth.py", "configs/bench/clip_vitb16.py", "configs/bench/clip_rn50.py"])
 def test_every_shipped_config_loads(spec):
   config = load_config(spec)
   assert config.method.name and config.data.dataset
+  # Its image encoder builds (abstractly: shapes only).
+  encoder = nnx.eval_shape(lambda: models.build_image_encoder(
+      config.model, nnx.Rngs(0), image_size=config.data.image_size, channels=config.data.channels))
+  assert sum(x.size for x in jax.tree.leaves(nnx.state(encoder, nnx.Param))) > 1e5
 
 
 def test_study_config_rejects_unknown_argument():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import json
 import math
@@ -229,6 +230,26 @@ def test_command_line_build(built, tmp_path, capsys):
   rc = build_lib.build_main(["--dataset", "mimic_cxr", "--data_dir", str(tmp_path / "d2"), "--strict",
                              "--manual_dir", str(built["manual"]), "--no_progress"])
   assert rc == 2 and "strict build" in capsys.readouterr().err
+
+
+def test_readme_study_runs_on_the_build(built, tmp_path):
+  """The README's MIMIC study command, shrunk: pre-training reads the build's train split (the
+  builders write no "pretrain" split), then features, the report teacher and the cells."""
+  from radjax import cli
+  rc = cli.main([
+      "study", "--config", "configs/study_mimic.py", "--workdir", str(tmp_path / "study"),
+      f"--config.data.data_dir={built['data_dir']}", f"--config.data.builder_config={built['report']['config']}",
+      "--config.data.image_size=16", "--config.data.num_workers=0", "--config.model.image.variant=ti",
+      "--config.model.image.patch_size=8", "--config.model.image.depth=1",
+      "--config.model.text.num_layers=1", "--config.model.text.hidden_size=32",
+      "--config.model.text.num_heads=2", "--config.model.text.intermediate_size=64",
+      "--config.model.embed_dim=16", "--config.train.steps=2", "--config.train.batch_size=2",
+      "--config.train.progress=False", "--config.study.pretrain=clip", "--config.study.tasks=diagnostic",
+      "--config.study.finetune=linear,distill", "--config.study.n_train=-1", "--config.study.seeds=0"])
+  assert rc == 0
+  with open(tmp_path / "study" / "results.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert {(r["pretrain"], r["finetune"]) for r in rows} == {("clip", "linear"), ("clip", "distill")}
 
 
 class _ToyBuilder:  # filled in lazily: tfds is imported by the test

@@ -75,7 +75,19 @@ class ArrayRecordSource:
   @functools.cached_property
   def _builder(self):
     cls = builders.get_builder_class(self._name)
-    builder = cls(data_dir=self._data_dir, config=self._config, file_format="array_record")
+    config = self._config
+    if isinstance(config, str) and config not in getattr(cls, "builder_configs", {}):
+      # A variant built with other fields (e.g. image_size=512) is not a registered config: TFDS
+      # finds it by name only through its folder, whose dataset_info.json describes it.
+      folder = os.path.join(self._data_dir, self._name, config, str(cls.VERSION))
+      if os.path.isfile(os.path.join(folder, "dataset_info.json")):
+        import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+        return tfds.builder_from_directory(folder)
+      raise ValueError(
+          f"dataset {self._name!r} (config {config!r}) is not built in data.data_dir="
+          f"{self._data_dir!r} (looked in {folder}): check data.builder_config against the "
+          f"folders there, or run `radjax data build` for it")
+    builder = cls(data_dir=self._data_dir, config=config, file_format="array_record")
     if not builder.is_prepared():
       cfg = getattr(builder.builder_config, "name", None)
       raise ValueError(

@@ -68,7 +68,10 @@ def report_features(train_reports: list[str], other_reports: dict[str, list[str]
   function: the vocabulary (report words) is dropped with the vectoriser.
   """
   from sklearn.feature_extraction.text import TfidfVectorizer
-  vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=2, max_features=max_features,
+  # Terms of one report only are dropped, except in a handful of reports (a smoke run), where
+  # that could leave no term at all.
+  min_df = 2 if len(train_reports) >= 20 else 1
+  vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=min_df, max_features=max_features,
                                sublinear_tf=True)
   train = vectorizer.fit_transform(train_reports).astype(np.float32).toarray()
   others = {k: vectorizer.transform(v).astype(np.float32).toarray() for k, v in other_reports.items()}

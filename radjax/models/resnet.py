@@ -58,6 +58,8 @@ class ResNetConfig:
     names = {f.name for f in dataclasses.fields(cls)}
     kw = {k: v for k, v in dict(cfg).items() if k in names}
     kw.update(overrides)
+    if not kw.get("width", 64):  # the shared image config's 0: not set, as for the ViT's sizes
+      del kw["width"]
     return cls(**kw)
 
 
