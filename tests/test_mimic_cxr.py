@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import math
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -230,6 +231,12 @@ def test_command_line_build(built, tmp_path, capsys):
   rc = build_lib.build_main(["--dataset", "mimic_cxr", "--data_dir", str(tmp_path / "d2"), "--strict",
                              "--manual_dir", str(built["manual"]), "--no_progress"])
   assert rc == 2 and "strict build" in capsys.readouterr().err
+  # As a script its module is __main__: the builders' drops must still be recognised as drops.
+  result = subprocess.run([sys.executable, "-m", "radjax.data.build", "--dataset", "mimic_cxr", "--data_dir",
+                           str(tmp_path / "d3"), "--manual_dir", str(built["manual"]), "--config", "image_size=16",
+                           "--no_progress"], capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert json.loads((tmp_path / "d3" / "mimic_cxr" / "build_report.json").read_text())["dropped"]
 
 
 def test_readme_study_runs_on_the_build(built, tmp_path):

@@ -616,4 +616,7 @@ def build_main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(build_main())
+  # Run as radjax.data.build, not __main__: the builders import Drop from that module, and a
+  # second copy of the class here would not recognise their Drops.
+  from radjax.data import build as _build  # pylint: disable=import-self
+  sys.exit(_build.build_main())
