@@ -56,6 +56,15 @@ def _data(**knobs):
   return data
 
 
+def test_no_advice_without_both_classes():
+  data = _data()
+  data.synth.prevalence = {"pneumothorax": 0.0}
+  pneumothorax, cardiomegaly = advise(data, ["pneumothorax", "cardiomegaly"], max_examples=100)
+  assert pneumothorax.pretrain == "undecided" and not pneumothorax.distill
+  assert "the train split has 0 positive and 100 negative examples" in pneumothorax.reason
+  assert np.isnan(pneumothorax.text_auroc) and cardiomegaly.text_auroc > 0.8, cardiomegaly
+
+
 def test_advice_on_synth_cxr_follows_the_generating_model():
   # No text association, no leak: the report carries (almost) nothing about mortality.
   [weak] = advise(_data(text_label_association=0.0, text_leak=0.0), ["mortality_12m"])

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 
@@ -152,6 +153,15 @@ def advise(data_cfg, labels: list[str], *, train_split: str = "train", eval_spli
   y_ev, m_ev = _labels(held, labels)
   out = []
   for k, name in enumerate(labels):
+    lacking = [f"the {split} split has {int(np.sum(m[:, k] * y[:, k]))} positive and "
+               f"{int(np.sum(m[:, k] * (1 - y[:, k])))} negative examples"
+               for split, y, m in ((train_split, y_tr, m_tr), (eval_split, y_ev, m_ev))
+               if min(np.sum(m[:, k] * y[:, k]), np.sum(m[:, k] * (1 - y[:, k]))) == 0]
+    if lacking:  # the probes or their AUROCs would be undefined: no number to decide on
+      out.append(Advice(name, math.nan, math.nan, math.nan, math.nan, "undecided", False,
+                        f"no advice: {'; '.join(lacking)} (the probes need both)"))
+      continue
+
     def probe(xtr, xev):
       scores = linear_probe(xtr, y_tr[:, k:k + 1], m_tr[:, k:k + 1], xev, task_kind="binary")
       return np.asarray(scores).reshape(len(xev), -1)[:, -1]
@@ -173,7 +183,13 @@ def main(config, task: str | None = None) -> list[Advice]:
           f"{a.text_image_r:+6.2f}  "
           f"{a.pretrain:<10}  {'yes' if a.distill else 'no'}")
   for a in advice:
-    print(f"\n{a.label}: pre-train with {a.pretrain}; distillation: {'yes' if a.distill else 'no'}. "
-          f"Why: {a.reason}.")
-  print("\n" + json.dumps([dataclasses.asdict(a) for a in advice]))
+    if a.pretrain == "undecided":
+      print(f"\n{a.label}: {a.reason}.")
+    else:
+      print(f"\n{a.label}: pre-train with {a.pretrain}; distillation: {'yes' if a.distill else 'no'}. "
+            f"Why: {a.reason}.")
+  # Strict JSON for machines: an undefined AUROC is null, not NaN.
+  rows = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in dataclasses.asdict(a).items()}
+          for a in advice]
+  print("\n" + json.dumps(rows, allow_nan=False))
   return advice
