@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -61,4 +63,27 @@ def test_sigterm_saves_and_exits_zero(uninterrupted, tmp_path):
   rc, out = tu.run(tu.runner_cmd(workdir, *STEPS, dump=dump))
   assert rc == 0, out[-4000:]
   assert tu.result(out)["resumed_from"] == res["step"]
+  _assert_same_run(workdir, ref_workdir, tu.load_npz(dump), ref_params)
+
+
+def test_unreadable_latest_checkpoint_falls_back_to_the_one_before(uninterrupted, tmp_path):
+  ref_workdir, ref_params = uninterrupted
+  workdir = str(tmp_path / "bitrot")
+  shutil.copytree(ref_workdir, workdir)
+  assert tu.finished_steps(workdir) == [4, 8, 12]
+  # A changed model no older step fits either: that error, and nothing moved.
+  rc, out = tu.run(tu.runner_cmd(workdir, *STEPS, "--config.model.embed_dim=32",
+                                 "--config.train.allow_config_change=True"))
+  assert rc != 0 and not os.path.exists(os.path.join(workdir, "unreadable_checkpoints")), out[-4000:]
+  # Step 12's array files truncated (a disk error, a cut-off copy): resume from step 8, keep 12 aside.
+  arrays = glob.glob(os.path.join(workdir, "checkpoints", "12", "params", "**", "d", "*"), recursive=True)
+  assert arrays
+  for path in arrays:
+    os.truncate(path, 10)
+  dump = os.path.join(workdir, "params.npz")
+  rc, out = tu.run(tu.runner_cmd(workdir, *STEPS, dump=dump))
+  assert rc == 0, out[-4000:]
+  assert tu.result(out)["resumed_from"] == 8 and "checkpoint step 12" in out
+  assert os.path.isdir(os.path.join(workdir, "unreadable_checkpoints", "12", "params"))
+  assert tu.finished_steps(workdir) == [4, 8, 12]  # saved again
   _assert_same_run(workdir, ref_workdir, tu.load_npz(dump), ref_params)

@@ -21,7 +21,8 @@ import copy
 import json
 import logging
 import os
-from typing import Any, Mapping
+import shutil
+from typing import Any, Callable, Mapping
 
 import jax
 import ml_collections
@@ -273,6 +274,52 @@ class Checkpointer:
     Returns (state, meta). Only the items present in ``abstract_state`` are read.
     """
     return restore_items(self.manager, step, abstract_state, key_sharding=key_sharding)
+
+  def restore_newest_readable(self, abstract_state: Mapping[str, Any], *, key_sharding: Any,
+                              check_config: Callable[[int, dict], None]) -> tuple[int, dict, dict]:
+    """Restores the newest step that reads: (step, state, meta). ``check_config(step, saved)``
+    runs on each step's saved config before its arrays are read; what it raises propagates.
+
+    A step that fails to read (a truncated or bit-rotted file) is passed over, and once an older
+    step has restored with the same ``abstract_state`` (which shows the failure was that step's
+    files, not a changed model) the failed ones are moved to ``workdir/unreadable_checkpoints/``:
+    kept for inspection, out of Orbax's sight, so the run can save those steps again. If no step
+    restores, the newest step's error is raised and nothing is moved.
+    """
+    failures: list[tuple[int, Exception]] = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        saved = self.saved_config(step)
+      except Exception as e:  # pylint: disable=broad-except
+        failures.append((step, e))
+        continue
+      check_config(step, saved)
+      try:
+        state, meta = self.restore(step, abstract_state, key_sharding=key_sharding)
+      except Exception as e:  # pylint: disable=broad-except
+        failures.append((step, e))
+        continue
+      if failures:
+        self._set_aside(failures, restored=step)
+      return step, state, meta
+    raise failures[0][1]
+
+  def _set_aside(self, failures: list[tuple[int, Exception]], *, restored: int) -> None:
+    aside = os.path.join(self.workdir, "unreadable_checkpoints")
+    for step, error in failures:
+      log.warning("checkpoint step %d in %s does not read (%s: %s); resuming from step %d, and "
+                  "moving it to %s", step, self.directory, type(error).__name__, str(error)[:300],
+                  restored, aside)
+      if jax.process_index() == 0:
+        os.makedirs(aside, exist_ok=True)
+        dest = os.path.join(aside, str(step))
+        while os.path.exists(dest):  # set aside before, in an earlier run
+          dest += "_"
+        shutil.move(os.path.join(self.directory, str(step)), dest)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      multihost_utils.sync_global_devices("radjax_unreadable_checkpoints_moved")
+    self.manager.reload()
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

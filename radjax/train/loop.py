@@ -290,10 +290,7 @@ def _train(config: Any, workdir: str, method: Any, make_loader: Callable[..., An
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   config_dict = ckpt_lib.config_to_dict(config)
 
-  latest = ckpt.latest_step()
-  data_state = None
-  if latest is not None:
-    saved = ckpt.saved_config(latest)
+  def check_config(step: int, saved: dict) -> None:
     diff = ckpt_lib.config_diff(saved, config_dict)
     if diff and not bool(_get(tcfg, "allow_config_change", False)):
       ckpt.close()
@@ -302,12 +299,17 @@ def _train(config: Any, workdir: str, method: Any, make_loader: Callable[..., An
       details = "; ".join(f"{k}: saved={flat_saved.get(k, '<missing>')!r} now={flat_now.get(k, '<missing>')!r}"
                           for k in diff[:20])
       raise ConfigMismatchError(
-          f"{workdir} holds a run (checkpoint step {latest}) with a different config; differing keys: "
+          f"{workdir} holds a run (checkpoint step {step}) with a different config; differing keys: "
           f"{', '.join(diff)} ({details}). Use a new workdir, or set "
           "--config.train.allow_config_change=True to resume with the new config.")
     if diff:
       log.warning("resuming %s with changed config keys: %s", workdir, ", ".join(diff))
-    state, meta = ckpt.restore(latest, abstract_state, key_sharding=rep)
+
+  latest = ckpt.latest_step()
+  data_state = None
+  if latest is not None:
+    latest, state, meta = ckpt.restore_newest_readable(abstract_state, key_sharding=rep,
+                                                       check_config=check_config)
     data_state = ckpt_lib.local_data_state(meta)
     writer.truncate_after(latest)
     log.info("resumed from %s at step %d", ckpt.directory, latest)
