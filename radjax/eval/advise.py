@@ -153,10 +153,10 @@ def advise(data_cfg, labels: list[str], *, train_split: str = "train", eval_spli
   y_ev, m_ev = _labels(held, labels)
   out = []
   for k, name in enumerate(labels):
-    lacking = [f"the {split} split has {int(np.sum(m[:, k] * y[:, k]))} positive and "
-               f"{int(np.sum(m[:, k] * (1 - y[:, k])))} negative examples"
-               for split, y, m in ((train_split, y_tr, m_tr), (eval_split, y_ev, m_ev))
-               if min(np.sum(m[:, k] * y[:, k]), np.sum(m[:, k] * (1 - y[:, k]))) == 0]
+    counts = {split: (int(np.sum(m[:, k] * y[:, k])), int(np.sum(m[:, k] * (1 - y[:, k]))))
+              for split, y, m in ((train_split, y_tr, m_tr), (eval_split, y_ev, m_ev))}
+    lacking = [f"the {split} split has {pos} positive and {neg} negative examples"
+               for split, (pos, neg) in counts.items() if min(pos, neg) == 0]
     if lacking:  # the probes or their AUROCs would be undefined: no number to decide on
       out.append(Advice(name, math.nan, math.nan, math.nan, math.nan, "undecided", False,
                         f"no advice: {'; '.join(lacking)} (the probes need both)"))
