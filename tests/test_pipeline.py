@@ -190,6 +190,9 @@ def test_default_synth_knobs_read_back_from_data_dir(tmp_path):
   cfg.data_dir = str(tmp_path)
   with pytest.raises(ValueError, match="not built in data.data_dir"):
     len(sources.get_source(cfg, "train"))
+  cfg.builder_config = "px512_mine"  # a variant no build made: the same error, naming it
+  with pytest.raises(ValueError, match="config 'px512_mine'.* is not built in data.data_dir"):
+    len(sources.get_source(cfg, "train"))
 
 
 def test_unknown_dataset_and_files_only_dataset():

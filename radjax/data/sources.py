@@ -83,18 +83,15 @@ class ArrayRecordSource:
       if os.path.isfile(os.path.join(folder, "dataset_info.json")):
         import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
         return tfds.builder_from_directory(folder)
-      raise ValueError(
-          f"dataset {self._name!r} (config {config!r}) is not built in data.data_dir="
-          f"{self._data_dir!r} (looked in {folder}): check data.builder_config against the "
-          f"folders there, or run `radjax data build` for it")
-    builder = cls(data_dir=self._data_dir, config=config, file_format="array_record")
-    if not builder.is_prepared():
-      cfg = getattr(builder.builder_config, "name", None)
-      raise ValueError(
-          f"dataset {self._name!r}" + (f" (config {cfg!r})" if cfg else "") + f" is not built in "
-          f"data.data_dir={self._data_dir!r} (looked in {builder.data_dir}): run "
-          f"`radjax data build {self._name} --data_dir {self._data_dir}` with the same settings")
-    return builder
+    else:
+      builder = cls(data_dir=self._data_dir, config=config, file_format="array_record")
+      if builder.is_prepared():
+        return builder
+      config, folder = getattr(builder.builder_config, "name", None), builder.data_dir
+    raise ValueError(
+        f"dataset {self._name!r}" + (f" (config {config!r})" if config else "") + f" is not built "
+        f"in data.data_dir={self._data_dir!r} (looked in {folder}): run "
+        f"`radjax data build {self._name} --data_dir {self._data_dir}` with the same settings")
 
   @functools.cached_property
   def _source(self):

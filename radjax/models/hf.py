@@ -136,7 +136,7 @@ def load_hf_config(path: str) -> dict[str, Any]:
 def load_hf_tokenizer(path: str):
   """The directory's tokenizer via transformers.AutoTokenizer, offline."""
   from transformers import AutoTokenizer
-  return AutoTokenizer.from_pretrained(path, local_files_only=True)
+  return AutoTokenizer.from_pretrained(os.path.expanduser(path), local_files_only=True)
 
 
 def load_hf_bert_encoder(path: str, *, rngs: nnx.Rngs | None = None, **overrides) -> BertEncoder:
