@@ -49,19 +49,34 @@ def cmd_advise(args, extra):
 
 
 def cmd_data_build(args, extra):
-  builder_kwargs = {}
+  from radjax.data import build
+  builder_kwargs = build.key_values(args.builder_arg, "--builder_arg")
+  builder_fields = build.key_values(args.builder_config, "--builder_config")
   if args.config:
+    if "=" in args.config and not args.config.split(":")[0].endswith(".py"):
+      raise ConfigError(f"--config {args.config}: --config takes a config file (configs/FILE.py); "
+                        "builder config fields go in --builder_config KEY=VALUE")
     data_cfg = _config_from(args, extra).data
     if args.dataset != data_cfg.dataset:
       raise ConfigError(f"--dataset {args.dataset} differs from the config's data.dataset {data_cfg.dataset}")
-    if args.dataset == "synth_cxr":
-      from radjax.data.builders.synth_cxr import config_from_data_config
-      builder_kwargs["config"] = config_from_data_config(data_cfg)
+    if args.dataset != "synth_cxr":
+      raise ConfigError(f"--config sets SynthCXR's knobs (data.synth); {args.dataset} takes its build "
+                        "settings from --builder_config KEY=VALUE")
+    if builder_fields:
+      raise ConfigError("give SynthCXR's knobs either in --config or in --builder_config, not both")
+    from radjax.data.builders.synth_cxr import config_from_data_config
+    builder_kwargs["config"] = config_from_data_config(data_cfg)
   elif extra:
     raise ConfigError(f"overrides {extra} need --config")
-  from radjax.data import build
-  build.build_dataset(args.dataset, args.data_dir, manual_dir=args.manual_dir, strict=args.strict,
-                      builder_kwargs=builder_kwargs, num_workers=args.num_workers)
+  if builder_fields:
+    builder_kwargs["config"] = builder_fields
+  try:
+    build.build_dataset(args.dataset, args.data_dir, manual_dir=args.manual_dir, strict=args.strict,
+                        builder_kwargs=builder_kwargs, num_workers=args.num_workers,
+                        progress=not args.no_progress)
+  except (ValueError, FileNotFoundError) as e:  # a strict build's DataQualityError included
+    print(f"radjax data build: {e}", file=sys.stderr)
+    return 2
 
 
 def _data_config(args, extra):
@@ -122,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--manual_dir", default=None, help="your local copy of a credentialed dataset")
   p.add_argument("--strict", action="store_true", help="fail on the first unreadable or malformed input")
   p.add_argument("--num_workers", type=int, default=0, help="threads decoding and resizing inputs")
+  p.add_argument("--builder_config", action="append", default=[], metavar="KEY=VALUE",
+                 help="a field of the dataset's build settings, e.g. views=PA or image_size=512 "
+                      "(repeatable; builds a named variant beside the default)")
+  p.add_argument("--builder_arg", action="append", default=[], metavar="KEY=VALUE",
+                 help="where the builder finds other inputs, e.g. mimic_iv_dir=~/physionet/mimiciv/3.1, "
+                      "reports=~/physionet/mimic-cxr-reports.zip or volume_dir=... (repeatable)")
+  p.add_argument("--no_progress", action="store_true", help="no progress bars")
   p.set_defaults(func=cmd_data_build)
   p = with_config(data.add_parser("show", help="render a grid of images with impressions and labels"), required=False)
   p.add_argument("--dataset", default="synth_cxr")

@@ -78,6 +78,23 @@ def test_cli_typo_fails_before_work(tmp_path):
   assert not any(tmp_path.iterdir()), "nothing may be written before the config is valid"
 
 
+@pytest.mark.parametrize("command, override, message", [
+    (["train", "--config", os.path.abspath(CONFIG)], "--config.data.labels=cardiomegally",
+     "data.labels: unknown label(s) ['cardiomegally']"),
+    (["study", "--config", os.path.abspath("configs/study_synthetic.py:quick")],
+     "--config.study.tasks=diagnostc", "study.tasks: unknown task 'diagnostc'")])
+def test_cli_invalid_config_value_is_one_clear_line(tmp_path, command, override, message):
+  # A key that exists with a value only the code can check (a label name, a task) is still the
+  # user's config: exit 2 with the key and the valid choices, no traceback, nothing written.
+  workdir = tmp_path / "run"
+  result = subprocess.run([sys.executable, "-m", "radjax.cli", *command, "--workdir", str(workdir),
+                           override], capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2, result.stderr
+  assert f"radjax: config error: {message}" in result.stderr and "known: " in result.stderr
+  assert "Traceback" not in result.stderr
+  assert not workdir.exists()
+
+
 @pytest.mark.parametrize("command, flag", [
     (["train", "--config", os.path.abspath(CONFIG), "--workdir"], "--workdir"),
     (["study", "--config", os.path.abspath("configs/study_synthetic.py:quick"), "--workdir"], "--workdir"),

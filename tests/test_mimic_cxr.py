@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -170,6 +171,21 @@ def test_all_images_all_views_negbio(built, tmp_path):
   assert "view" not in report["filtered"]
 
 
+def test_missing_reports_are_named_before_any_work(built, tmp_path):
+  # The reports are a separate PhysioNet project: without them every study would be decoded and
+  # then dropped. The check names them, and accepts a zip given elsewhere.
+  manual = tmp_path / "mimic-cxr-jpg"
+  shutil.copytree(built["manual"], manual)
+  zip_path = tmp_path / "mimic-cxr-reports.zip"
+  (manual / "mimic-cxr-reports.zip").rename(zip_path)
+  mimic_cxr.check_manual_dir(manual)  # one report extracted next to the images is enough to look
+  for txt in (manual / "files").rglob("s*.txt"):
+    txt.unlink()
+  with pytest.raises(FileNotFoundError, match="the reports: .*--builder_arg reports=PATH"):
+    mimic_cxr.check_manual_dir(manual)
+  mimic_cxr.check_manual_dir(manual, reports=str(zip_path))
+
+
 def test_config_names():
   assert mimic_cxr.make_config().name == "default"
   assert mimic_cxr.make_config(image_size=256).name == "default"
@@ -179,6 +195,14 @@ def test_config_names():
     mimic_cxr.make_config(image_sise=224)
   with pytest.raises(ValueError, match="images_per_study"):
     mimic_cxr.make_config(images_per_study="two")
+  # Command-line strings take the type of the field's default.
+  typed = mimic_cxr.make_config(views="PA, ap", image_size="224", outcomes="False")
+  assert (typed.views, typed.image_size, typed.outcomes) == (("PA", "AP"), 224, False)
+  assert typed.name == "pa-ap_one_224_jpeg_chexpert_auto_nooutcomes"
+  for bad, expected in [({"views": 3}, "tuple"), ({"image_size": "2x"}, "int"), ({"image_size": True}, "int"),
+                        ({"outcomes": "maybe"}, "bool"), ({"outcomes": 1}, "bool")]:
+    with pytest.raises(ValueError, match=f"MIMIC-CXR config field {next(iter(bad))}=.*expected {expected}"):
+      mimic_cxr.make_config(**bad)
 
 
 def test_parse_study_datetime():
@@ -219,24 +243,44 @@ def test_outcome_definitions_hand_cases():
 
 
 def test_command_line_build(built, tmp_path, capsys):
-  rc = build_lib.build_main(["--dataset", "mimic_cxr", "--data_dir", str(tmp_path / "d"), "--manual_dir",
-                             str(built["manual"]), "--config", "image_size=16", "--config", "views=['PA']",
-                             "--builder_arg", f"mimic_iv_dir={built['manual'] / 'mimic-iv-2.2'}", "--no_progress"])
+  from radjax import cli
+  rc = cli.main(["data", "build", "--dataset", "mimic_cxr", "--data_dir", str(tmp_path / "d"), "--manual_dir",
+                 str(built["manual"]), "--builder_config", "image_size=16", "--builder_config", "views=pa",
+                 "--builder_arg", f"mimic_iv_dir={built['manual'] / 'mimic-iv-2.2'}", "--no_progress"])
   assert rc == 0
   report = json.loads((tmp_path / "d" / "mimic_cxr" / "build_report.json").read_text())
   assert report["config"] == "pa_one_16_jpeg_chexpert_auto"
   assert report["splits"] == {"train": 1, "test": 1}  # the AP-only studies are filtered
   assert report["warnings"]["empty_split"] == 1
-  assert "examples: train 1, test 1" in capsys.readouterr().out
-  rc = build_lib.build_main(["--dataset", "mimic_cxr", "--data_dir", str(tmp_path / "d2"), "--strict",
-                             "--manual_dir", str(built["manual"]), "--no_progress"])
+  out = capsys.readouterr().out
+  assert "examples: train 1, test 1" in out
+  assert f"--config.data.data_dir={tmp_path / 'd'} --config.data.builder_config=pa_one_16_jpeg_chexpert_auto" in out
+  rc = cli.main(["data", "build", "--dataset", "mimic_cxr", "--data_dir", str(tmp_path / "d2"), "--strict",
+                 "--manual_dir", str(built["manual"]), "--no_progress"])
   assert rc == 2 and "strict build" in capsys.readouterr().err
   # As a script its module is __main__: the builders' drops must still be recognised as drops.
   result = subprocess.run([sys.executable, "-m", "radjax.data.build", "--dataset", "mimic_cxr", "--data_dir",
-                           str(tmp_path / "d3"), "--manual_dir", str(built["manual"]), "--config", "image_size=16",
-                           "--no_progress"], capture_output=True, text=True, timeout=300)
+                           str(tmp_path / "d3"), "--manual_dir", str(built["manual"]), "--builder_config",
+                           "image_size=16", "--builder_config", "outcomes=false", "--no_progress"],
+                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
-  assert json.loads((tmp_path / "d3" / "mimic_cxr" / "build_report.json").read_text())["dropped"]
+  report = json.loads((tmp_path / "d3" / "mimic_cxr" / "build_report.json").read_text())
+  assert report["dropped"] and report["config_fields"]["outcomes"] is False
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--builder_config", "outcomes=maybe"], "MIMIC-CXR config field outcomes='maybe': expected bool"),
+    (["--builder_config", "view=PA"], "unknown MIMIC-CXR config field(s) ['view']"),
+    (["--builder_arg", "mimic_iv=/x"], "takes no builder argument(s) ['mimic_iv']; it takes mimic_iv_dir, reports"),
+    (["--config", "image_size=16"], "builder config fields go in --builder_config KEY=VALUE"),
+    (["--config", "configs/study_mimic.py"], "mimic_cxr takes its build settings from --builder_config")])
+def test_command_line_build_refuses_bad_settings(built, tmp_path, capsys, flags, message):
+  from radjax import cli
+  rc = cli.main(["data", "build", "--dataset", "mimic_cxr", "--data_dir", str(tmp_path / "d"), "--manual_dir",
+                 str(built["manual"]), "--no_progress", *flags])
+  assert rc == 2
+  assert message in capsys.readouterr().err
+  assert not (tmp_path / "d").exists()
 
 
 def test_readme_study_runs_on_the_build(built, tmp_path):

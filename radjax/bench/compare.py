@@ -22,6 +22,8 @@ import subprocess
 import sys
 from typing import Any
 
+from radjax.config import ConfigError
+
 INSTALL_HINT = (
     "open_clip_torch is not installed, so `radjax bench compare --peer open_clip` cannot run.\n"
     "It is an optional benchmark peer, never a radjax dependency. Install it with:\n"
@@ -58,7 +60,7 @@ def open_clip_model_name(config: Any) -> str:
     variant = str(img.get("variant", "50"))
     if variant in ("50", "101"):
       return f"RN{variant}"
-  raise ValueError(f"bench compare: no open_clip model matches model.image={dict(img)}; use "
+  raise ConfigError(f"bench compare: no open_clip model matches model.image={dict(img)}; use "
                    "configs/bench/clip_vitb16.py or configs/bench/clip_rn50.py")
 
 

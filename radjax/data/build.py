@@ -53,6 +53,7 @@ import csv
 import dataclasses
 import gzip
 import hashlib
+import inspect
 import io
 import itertools
 import json
@@ -280,6 +281,48 @@ def row_is_complete(row: Mapping[Any, Any]) -> bool:
 
 # ----------------------------------------------------------------------------- build
 
+def override_fields(defaults: Any, names: Sequence[str], overrides: Mapping[str, Any],
+                    what: str) -> dict[str, Any]:
+  """Fields ``names`` of builder config ``defaults`` with ``overrides`` applied, each converted to
+  its default's type, so command-line strings work: "PA,AP" for a tuple of names, "false" for a
+  bool, "512" for an int. An unknown field or a value of the wrong kind raises ValueError naming
+  the field."""
+  unknown = sorted(set(overrides) - set(names))
+  if unknown:
+    raise ValueError(f"unknown {what} config field(s) {unknown}; known: {list(names)}")
+  fields = {name: getattr(defaults, name) for name in names}
+  for name, value in overrides.items():
+    fields[name] = _like(fields[name], value, f"{what} config field {name}")
+  return fields
+
+
+def _like(default: Any, value: Any, what: str) -> Any:
+  if isinstance(default, tuple):
+    items = value.split(",") if isinstance(value, str) else value
+    if isinstance(items, (list, tuple)) and all(isinstance(v, str) for v in items):
+      return tuple(v.strip() for v in items if v.strip())
+  elif isinstance(default, bool):
+    if isinstance(value, bool):
+      return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+      return value.lower() == "true"
+  elif isinstance(default, int):
+    if isinstance(value, int) and not isinstance(value, bool):
+      return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+      return int(value)
+  elif isinstance(default, float):
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      return float(value)
+    if isinstance(value, str):
+      with contextlib.suppress(ValueError):
+        return float(value)
+  elif isinstance(default, str) and isinstance(value, str):
+    return value
+  raise ValueError(f"{what}={value!r}: expected {type(default).__name__}"
+                   + (" (comma-separated names)" if isinstance(default, tuple) else ""))
+
+
 def _label_tally(labels: Mapping[str, Any], tally: dict[str, dict[str, int]]) -> None:
   for name, value in labels.items():
     counts = tally.setdefault(name, {"pos": 0, "neg": 0, "uncertain": 0, "missing": 0})
@@ -420,6 +463,11 @@ def _config_name(builder: Any) -> str | None:
 
 def _resolve_builder_kwargs(cls: Any, builder_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
   kwargs = dict(builder_kwargs or {})
+  own = [p.name for p in inspect.signature(cls.__init__).parameters.values() if p.kind == p.KEYWORD_ONLY]
+  unknown = sorted(set(kwargs) - set(own) - {"config"})
+  if unknown:
+    raise ValueError(f"{cls.name} takes no builder argument(s) {unknown}"
+                     + (f"; it takes {', '.join(own)}" if own else ""))
   config = kwargs.get("config")
   if isinstance(config, Mapping):
     if not hasattr(cls, "make_config"):
@@ -479,6 +527,11 @@ def build_dataset(name: str, data_dir: str | os.PathLike, manual_dir: str | os.P
     if verbose:
       print(msg, flush=True)
 
+  def say_summary(report: Mapping[str, Any]) -> None:
+    say(format_summary(report))
+    if report.get("config") not in (None, "default"):
+      say(f"  read it with --config.data.data_dir={data_root} --config.data.builder_config={report['config']}")
+
   fields = config_fields(builder)
   if builder.is_prepared():
     if version_report.exists():
@@ -497,7 +550,7 @@ def build_dataset(name: str, data_dir: str | os.PathLike, manual_dir: str | os.P
       _write_json(version_report, report)
     _write_json(top_report, report)
     say(f"{name}: already built at {version_dir}; nothing to do.")
-    say(format_summary(report))
+    say_summary(report)
     return {**report, "status": "already_built"}
 
   config_name = _config_name(builder) or "default"
@@ -550,69 +603,32 @@ def build_dataset(name: str, data_dir: str | os.PathLike, manual_dir: str | os.P
     with contextlib.suppress(OSError):  # remove empty parents of the cache
       cache_dir.parent.rmdir()
       cache_dir.parent.parent.rmdir()
-  say(format_summary(report))
+  say_summary(report)
   return report
 
 
 # ----------------------------------------------------------------------------- command line
 
-def _parse_value(raw: str) -> Any:
+def key_values(pairs: Sequence[str], flag: str) -> dict[str, Any]:
+  """``["k=v", ...]`` from a repeatable command-line flag -> ``{k: v}``, values as Python literals
+  where they parse as one (``512``, ``False``, ``['PA']``), else as strings."""
   import ast  # pylint: disable=import-outside-toplevel
-  try:
-    return ast.literal_eval(raw)
-  except (ValueError, SyntaxError):
-    return raw
-
-
-def add_build_args(parser: Any) -> None:
-  """Adds the ``radjax data build`` flags to an argparse parser."""
-  parser.add_argument("--dataset", required=True, help="registered dataset name (radjax.data.builders.names())")
-  parser.add_argument("--data_dir", required=True, help="where the ArrayRecord files and build_report.json go")
-  parser.add_argument("--manual_dir", default=None, help="your copy of the raw data (MIMIC-CXR-JPG / INSPECT)")
-  parser.add_argument("--strict", action="store_true", help="fail on the first skipped file or row")
-  parser.add_argument("--num_workers", type=int, default=0, help="preprocessing threads (0: min(4, cpus))")
-  parser.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
-                      help="builder config override, e.g. image_size=224 or views=\"['PA']\" (repeatable)")
-  parser.add_argument("--builder_arg", action="append", default=[], metavar="KEY=VALUE",
-                      help="builder argument, e.g. mimic_iv_dir=/data/mimiciv/2.2 or volume_dir=... (repeatable)")
-  parser.add_argument("--no_progress", action="store_true", help="no progress bars")
-
-
-def _key_values(pairs: Sequence[str], flag: str) -> dict[str, Any]:
   out = {}
   for pair in pairs:
     key, sep, raw = pair.partition("=")
-    if not sep or not key:
+    if not sep or not key.strip():
       raise ValueError(f"{flag} expects KEY=VALUE, got {pair!r}")
-    out[key.strip()] = _parse_value(raw)
+    try:
+      out[key.strip()] = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      out[key.strip()] = raw
   return out
 
 
-def run_from_args(args: Any) -> dict[str, Any]:
-  """Runs ``build_dataset`` from parsed ``add_build_args`` flags."""
-  builder_kwargs = _key_values(args.builder_arg, "--builder_arg")
-  config = _key_values(args.config, "--config")
-  if config:
-    if "config" in builder_kwargs:
-      raise ValueError("give the config either as --config KEY=VALUE overrides or --builder_arg config=NAME")
-    builder_kwargs["config"] = config
-  return build_dataset(args.dataset, args.data_dir, manual_dir=args.manual_dir, strict=args.strict,
-                       builder_kwargs=builder_kwargs, num_workers=args.num_workers,
-                       progress=not args.no_progress)
-
-
 def build_main(argv: Sequence[str] | None = None) -> int:
-  """``python -m radjax.data.build --dataset NAME --data_dir OUT [--manual_dir DIR] [--strict] ...``"""
-  import argparse  # pylint: disable=import-outside-toplevel
-  parser = argparse.ArgumentParser(prog="radjax data build", description=__doc__.split("\n\n")[0])
-  add_build_args(parser)
-  args = parser.parse_args(argv)
-  try:
-    run_from_args(args)
-  except (ValueError, FileNotFoundError) as e:  # DataQualityError included
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return 0
+  """``python -m radjax.data.build ARGS`` is ``radjax data build ARGS``."""
+  from radjax import cli  # pylint: disable=import-outside-toplevel
+  return cli.main(["data", "build", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from radjax.config import ConfigError
 from radjax.data import sources
 
 UNCERTAIN_POLICIES = ("ignore", "ones", "zeros")
@@ -57,10 +58,10 @@ def label_names(data_cfg: Any) -> tuple[str, ...]:
     known = sources.dataset_label_names(data_cfg, "all")
     unknown = [n for n in names if known and n not in known]
     if unknown:
-      raise ValueError(f"data.labels: unknown label(s) {unknown} for dataset {data_cfg.dataset!r}; "
+      raise ConfigError(f"data.labels: unknown label(s) {unknown} for dataset {data_cfg.dataset!r}; "
                        f"known: {', '.join(known)}")
   if not names:
-    raise ValueError(f"data.labels={data_cfg.labels!r} selects no labels")
+    raise ConfigError(f"data.labels={data_cfg.labels!r} selects no labels")
   return tuple(names)
 
 
@@ -101,16 +102,16 @@ class Preprocess:
   def __init__(self, data_cfg: Any, tokenizer: Any, train: bool, names: tuple[str, ...]):
     policy = str(data_cfg.uncertain_policy)
     if policy not in UNCERTAIN_POLICIES:
-      raise ValueError(f"data.uncertain_policy={policy!r}; use one of {UNCERTAIN_POLICIES}")
+      raise ConfigError(f"data.uncertain_policy={policy!r}; use one of {UNCERTAIN_POLICIES}")
     self.size = int(data_cfg.image_size)
     if self.size < 8:
-      raise ValueError(f"data.image_size must be >= 8, got {self.size}")
+      raise ConfigError(f"data.image_size must be >= 8, got {self.size}")
     self.channels = int(data_cfg.channels)
     if self.channels not in (1, 3):
-      raise ValueError(f"data.channels must be 1 or 3, got {self.channels}")
+      raise ConfigError(f"data.channels must be 1 or 3, got {self.channels}")
     self.max_len = int(data_cfg.max_text_len)
     if self.max_len < 2:
-      raise ValueError(f"data.max_text_len must be >= 2, got {self.max_len}")
+      raise ConfigError(f"data.max_text_len must be >= 2, got {self.max_len}")
     self.augment = bool(train and data_cfg.augment)
     self.names = names
     self.policy = policy
@@ -273,7 +274,7 @@ def make_loader(data_cfg: Any, split: str, *, batch_size: int, seed: int, train:
                     shard_index=shard_index, shard_count=shard_count, num_epochs=num_epochs, indices=indices)
   workers = int(data_cfg.num_workers)
   if workers < 0:
-    raise ValueError(f"data.num_workers must be >= 0, got {workers}")
+    raise ConfigError(f"data.num_workers must be >= 0, got {workers}")
   # Element-level prefetch threads only help while the GIL is released (PIL, tokenizers);
   # numpy-heavy SynthCXR rendering scales with worker processes instead.
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2 if workers == 0 else 1, prefetch_buffer_size=4))

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from radjax.config import ConfigError
 from radjax.data import builders
 from radjax.data import synth_cxr
 
@@ -35,7 +36,7 @@ def known_datasets() -> list[str]:
 def _check_dataset(data_cfg: Any) -> str:
   name = data_cfg.dataset
   if name not in builders.names():
-    raise ValueError(f"unknown dataset data.dataset={name!r}; known datasets: {', '.join(builders.names())}")
+    raise ConfigError(f"unknown dataset data.dataset={name!r}; known datasets: {', '.join(builders.names())}")
   return name
 
 
@@ -88,7 +89,7 @@ class ArrayRecordSource:
       if builder.is_prepared():
         return builder
       config, folder = getattr(builder.builder_config, "name", None), builder.data_dir
-    raise ValueError(
+    raise ConfigError(
         f"dataset {self._name!r}" + (f" (config {config!r})" if config else "") + f" is not built "
         f"in data.data_dir={self._data_dir!r} (looked in {folder}): run "
         f"`radjax data build {self._name} --data_dir {self._data_dir}` with the same settings")
@@ -97,7 +98,7 @@ class ArrayRecordSource:
   def _source(self):
     builder = self._builder
     if self._split not in builder.info.splits:
-      raise ValueError(f"dataset {self._name!r} has no split {self._split!r}; built splits: "
+      raise ConfigError(f"dataset {self._name!r} has no split {self._split!r}; built splits: "
                        f"{', '.join(sorted(builder.info.splits))}")
     return builder.as_data_source(split=self._split)
 
@@ -131,7 +132,7 @@ def get_source(data_cfg: Any, split: str):
   name = _check_dataset(data_cfg)
   if data_cfg.data_dir is None:
     if name != "synth_cxr":
-      raise ValueError(f"dataset {name!r} is read from files: set data.data_dir to the folder given to "
+      raise ConfigError(f"dataset {name!r} is read from files: set data.data_dir to the folder given to "
                        f"`radjax data build {name} --data_dir DIR`")
     synth = synth_cxr.SynthCXR(data_cfg.synth)
     synth.num_examples(split)  # validates the split name
@@ -148,7 +149,7 @@ def dataset_label_names(data_cfg: Any, kind: str) -> tuple[str, ...]:
   diag = tuple(getattr(cls, "DIAGNOSTIC_LABELS", ()))
   prog = tuple(getattr(cls, "PROGNOSTIC_LABELS", ()))
   if not diag and not prog:
-    raise ValueError(f"dataset {name!r} does not declare DIAGNOSTIC_LABELS / PROGNOSTIC_LABELS: "
+    raise ConfigError(f"dataset {name!r} does not declare DIAGNOSTIC_LABELS / PROGNOSTIC_LABELS: "
                      f"set data.labels to a comma-separated list of its label names")
   return {"diagnostic": diag, "prognostic": prog, "all": diag + prog}[kind]
 

@@ -34,6 +34,8 @@ from typing import Any, Mapping
 import numpy as np
 from scipy import special
 
+from radjax.config import ConfigError
+
 FINDINGS = ("cardiomegaly", "pleural_effusion", "pneumothorax", "consolidation", "edema",
             "atelectasis", "nodule", "support_device")
 DIAGNOSTIC_LABELS = FINDINGS
@@ -157,37 +159,37 @@ class SynthParams:
     for f in ("seed", "image_size", "n_pretrain", "n_train", "n_validation", "n_test"):
       v = get(f, getattr(defaults, f))
       if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-        raise ValueError(f"{prefix}.{f} must be an integer, got {v!r}")
+        raise ConfigError(f"{prefix}.{f} must be an integer, got {v!r}")
       vals[f] = int(v)
     if vals["seed"] < 0:
-      raise ValueError(f"{prefix}.seed must be >= 0, got {vals['seed']}")
+      raise ConfigError(f"{prefix}.seed must be >= 0, got {vals['seed']}")
     if not 32 <= vals["image_size"] <= 512:
-      raise ValueError(f"{prefix}.image_size must be in [32, 512], got {vals['image_size']}")
+      raise ConfigError(f"{prefix}.image_size must be in [32, 512], got {vals['image_size']}")
     for f in ("n_pretrain", "n_train", "n_validation", "n_test"):
       if vals[f] < 0:
-        raise ValueError(f"{prefix}.{f} must be >= 0, got {vals[f]}")
+        raise ConfigError(f"{prefix}.{f} must be >= 0, got {vals[f]}")
     for f in ("text_label_association", "text_leak", "report_error_rate", "report_image_evidence"):
       v = get(f, getattr(defaults, f))
       try:
         v = float(v)
       except (TypeError, ValueError):
-        raise ValueError(f"{prefix}.{f} must be a number in [0, 1], got {v!r}") from None
+        raise ConfigError(f"{prefix}.{f} must be a number in [0, 1], got {v!r}") from None
       if not 0.0 <= v <= 1.0:
-        raise ValueError(f"{prefix}.{f} must be in [0, 1], got {v}")
+        raise ConfigError(f"{prefix}.{f} must be in [0, 1], got {v}")
       vals[f] = v
     prev = get("prevalence", None) or {}
     items = prev.items() if hasattr(prev, "items") else prev
     checked = []
     for name, p in sorted(dict(items).items()):
       if name not in DEFAULT_PREVALENCE:
-        raise ValueError(f"{prefix}.prevalence.{name}: unknown label {name!r}; known: "
+        raise ConfigError(f"{prefix}.prevalence.{name}: unknown label {name!r}; known: "
                          f"{', '.join(DEFAULT_PREVALENCE)}")
       try:
         p = float(p)
       except (TypeError, ValueError):
-        raise ValueError(f"{prefix}.prevalence.{name} must be a probability, got {p!r}") from None
+        raise ConfigError(f"{prefix}.prevalence.{name} must be a probability, got {p!r}") from None
       if not 0.0 <= p <= 1.0:
-        raise ValueError(f"{prefix}.prevalence.{name} must be in [0, 1], got {p}")
+        raise ConfigError(f"{prefix}.prevalence.{name} must be in [0, 1], got {p}")
       checked.append((name, p))
     vals["prevalence"] = tuple(checked)
     return cls(**vals)
@@ -199,7 +201,7 @@ class SynthParams:
 
   def num_examples(self, split: str) -> int:
     if split not in _SPLIT_ID:
-      raise ValueError(f"unknown split {split!r}; SynthCXR splits: {', '.join(SPLITS)}")
+      raise ConfigError(f"unknown split {split!r}; SynthCXR splits: {', '.join(SPLITS)}")
     return getattr(self, f"n_{split}")
 
 

@@ -22,6 +22,8 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
+from radjax.config import ConfigError
+
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 _ROLE_NAMES = {  # role -> candidate token strings (BERT first, then RoBERTa/GPT-style)
     "pad": ("[PAD]", "<pad>"),
@@ -206,7 +208,7 @@ def load_tokenizer(path: str) -> Tokenizer:
   if os.path.isfile(path):
     return Tokenizer(tokenizers.Tokenizer.from_file(path), _special_names(os.path.dirname(path)), path)
   if not os.path.isdir(path):
-    raise ValueError(f"data.tokenizer={path!r}: no such file or directory")
+    raise ConfigError(f"data.tokenizer={path!r}: no such file or directory")
   tj = os.path.join(path, "tokenizer.json")
   specials = _special_names(path)
   if os.path.exists(tj):
@@ -221,10 +223,10 @@ def load_tokenizer(path: str) -> Tokenizer:
     import transformers  # pylint: disable=import-outside-toplevel
     hf = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
   except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f"data.tokenizer={path!r}: no tokenizer.json or vocab.txt, and transformers "
+    raise ConfigError(f"data.tokenizer={path!r}: no tokenizer.json or vocab.txt, and transformers "
                      f"could not load it offline ({type(e).__name__}: {e})") from e
   if not getattr(hf, "is_fast", False):
-    raise ValueError(f"data.tokenizer={path!r}: only fast (tokenizers-backed) tokenizers are supported")
+    raise ConfigError(f"data.tokenizer={path!r}: only fast (tokenizers-backed) tokenizers are supported")
   specials.update({r: getattr(hf, f"{r}_token") for r in _ROLE_NAMES if getattr(hf, f"{r}_token", None)})
   return Tokenizer(hf.backend_tokenizer, specials, path)
 
@@ -251,7 +253,7 @@ def get_tokenizer(data_cfg: Any, texts_fn: Callable[[], Iterable[str]] | None = 
     return load_tokenizer(str(data_cfg.tokenizer))
   vocab_size = int(data_cfg.vocab_size)
   if vocab_size < len(SPECIALS) + 30:
-    raise ValueError(f"data.vocab_size={vocab_size} is too small to train a WordPiece tokenizer")
+    raise ConfigError(f"data.vocab_size={vocab_size} is too small to train a WordPiece tokenizer")
   texts = None
   if texts_fn is not None:
     texts = list(texts_fn())

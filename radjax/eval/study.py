@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 
 from radjax import defaults, paths
+from radjax.config import ConfigError
 from radjax.eval import metrics as metrics_lib
 from radjax.eval import report as report_lib
 
@@ -92,7 +93,7 @@ def task_labels(config, task: str) -> tuple[tuple[str, ...], str]:
     if task in names:
       return (task,), kind
   known = sorted(set(groups) | {n for names in groups.values() for n in names})
-  raise ValueError(f"study.tasks: unknown task {task!r} for dataset {config.data.dataset!r}; "
+  raise ConfigError(f"study.tasks: unknown task {task!r} for dataset {config.data.dataset!r}; "
                    f"known: {', '.join(known)}")
 
 
@@ -100,13 +101,13 @@ def cells(config) -> list[Cell]:
   s = config.study
   for f in s.finetune:
     if f not in FINETUNES:
-      raise ValueError(f"study.finetune: unknown fine-tuning {f!r}; known: {', '.join(FINETUNES)}")
+      raise ConfigError(f"study.finetune: unknown fine-tuning {f!r}; known: {', '.join(FINETUNES)}")
   from radjax.methods import method_names
   for m in s.pretrain:
     if m not in method_names():
-      raise ValueError(f"study.pretrain: unknown method {m!r}; known: {', '.join(method_names())}")
+      raise ConfigError(f"study.pretrain: unknown method {m!r}; known: {', '.join(method_names())}")
   if not s.pretrain_seeds or len(set(s.pretrain_seeds)) != len(s.pretrain_seeds):
-    raise ValueError(f"study.pretrain_seeds: need distinct seeds, got {tuple(s.pretrain_seeds)}")
+    raise ConfigError(f"study.pretrain_seeds: need distinct seeds, got {tuple(s.pretrain_seeds)}")
   sizes = ["all" if n <= 0 else int(n) for n in s.n_train]
   return [Cell(p, f, t, n, seed, int(ps)) for t in s.tasks for p in s.pretrain for ps in s.pretrain_seeds
           for f in s.finetune for n in sizes for seed in s.seeds]
@@ -387,7 +388,7 @@ def _check_workdir_config(config, workdir: str) -> None:
     from radjax.train.checkpoint import config_diff
     diff = config_diff(saved, current)
     if diff:
-      raise ValueError(f"{workdir} holds a study with a different config (keys: {', '.join(diff)}); "
+      raise ConfigError(f"{workdir} holds a study with a different config (keys: {', '.join(diff)}); "
                        "use a new --workdir")
   with open(path, "w") as f:
     json.dump(current, f, indent=2, sort_keys=True)
@@ -403,7 +404,7 @@ def sweep_settings(config) -> list[tuple[str, dict[str, float]]]:
     knob, _, values = part.partition("=")
     knob = knob.strip()
     if knob not in config.data.synth:
-      raise ValueError(f"study.sweep: {knob!r} is not a data.synth knob")
+      raise ConfigError(f"study.sweep: {knob!r} is not a data.synth knob")
     axes.append([(knob, float(v)) for v in values.split(",")])
   settings = [[]]
   for axis in axes:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from radjax import models
+from radjax.config import ConfigError
 
 _REGISTRY: dict[str, Callable[[], "Method"]] = {}
 
@@ -48,7 +49,7 @@ def register(name: str):
 def get_method(name: str) -> Method:
   from radjax import methods  # noqa: F401  (imports every method module, filling the registry)
   if name not in _REGISTRY:
-    raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(_REGISTRY))}")
+    raise ConfigError(f"unknown method {name!r}; known methods: {', '.join(sorted(_REGISTRY))}")
   return _REGISTRY[name]()
 
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from radjax.config import ConfigError
 from radjax.losses import clip_loss, contrastive_accuracy, masked_reconstruction_loss
 from radjax.methods import base
 from radjax.models.decoders import MAEDecoder
@@ -26,7 +27,7 @@ class MAE(nnx.Module):
     self.image_encoder = base.image_encoder(config, rngs)
     enc = self.image_encoder
     if not isinstance(enc, ViT):
-      raise ValueError(f"MAE needs a ViT image encoder, got config.model.image.name="
+      raise ConfigError(f"MAE needs a ViT image encoder, got config.model.image.name="
                        f"{config.model.image.name!r}")
     self.decoder = MAEDecoder(
         enc.embed_dim, enc.patch_size ** 2 * config.data.channels, enc.grid_size,

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from radjax import defaults
+from radjax.config import ConfigError
 from radjax.losses import distillation_loss, multilabel_bce
 from radjax.methods import base
 from radjax.models.heads import ClassifierHead
@@ -40,11 +41,11 @@ def load_encoder_into(encoder: nnx.Module, config, workdir: str) -> None:
     pretrained, saved = load_pretrained(workdir)
   for key in ("image_size", "channels"):
     if saved.data[key] != config.data[key]:
-      raise ValueError(f"method.init_from={workdir}: it was trained with data.{key}={saved.data[key]}, "
+      raise ConfigError(f"method.init_from={workdir}: it was trained with data.{key}={saved.data[key]}, "
                        f"this run has {config.data[key]}")
   saved_image, run_image = _image_model(saved), _image_model(config)
   if saved_image != run_image:
-    raise ValueError(f"method.init_from={workdir}: its model.image {saved_image} differs "
+    raise ConfigError(f"method.init_from={workdir}: its model.image {saved_image} differs "
                      f"from this run's {run_image}")
   nnx.update(encoder, nnx.state(pretrained.image_encoder))
 

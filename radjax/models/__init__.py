@@ -10,6 +10,7 @@ from typing import Any
 
 from flax import nnx
 
+from radjax.config import ConfigError
 from radjax.models.bert import BertConfig, BertEncoder, bert_config_from_hf
 from radjax.models.clip_text import CLIPTextConfig, CLIPTextEncoder
 from radjax.models.decoders import MAEDecoder, MLMHead, ReportDecoder
@@ -47,7 +48,7 @@ def image_encoder_config(cfg, *, image_size: int, channels: int, dtype: Any = No
     return ViTConfig.from_mapping(sub, image_size=image_size, channels=channels, dtype=dtype)
   if name == "resnet":
     return ResNetConfig.from_mapping(sub, image_size=image_size, channels=channels, dtype=dtype)
-  raise ValueError(f"model.image.name must be 'vit' or 'resnet', got {name!r}")
+  raise ConfigError(f"model.image.name must be 'vit' or 'resnet', got {name!r}")
 
 
 def build_image_encoder(cfg, rngs: nnx.Rngs, *, image_size: int, channels: int,
@@ -88,12 +89,12 @@ def text_encoder_config(cfg, *, vocab_size: int, max_len: int, dtype: Any = None
                       pooler=pool == "pooler", dtype=dtype, **kw)
   if name == "clip_text":
     if hf_path:
-      raise ValueError("model.text.hf_path is only supported for name='bert'")
+      raise ConfigError("model.text.hf_path is only supported for name='bert'")
     kw = {"pool": pool} if pool else {}
     return CLIPTextConfig(vocab_size=vocab_size, context_length=max_len, width=sub["hidden_size"],
                           num_heads=sub["num_heads"], num_layers=sub["num_layers"],
                           mlp_dim=sub["intermediate_size"], proj_dim=None, dtype=dtype, **kw)
-  raise ValueError(f"model.text.name must be 'bert' or 'clip_text', got {name!r}")
+  raise ConfigError(f"model.text.name must be 'bert' or 'clip_text', got {name!r}")
 
 
 def build_text_encoder(cfg, rngs: nnx.Rngs, *, vocab_size: int, max_len: int,

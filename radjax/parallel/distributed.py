@@ -20,6 +20,8 @@ from typing import Any
 
 import jax
 
+from radjax.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "detect", "off")
@@ -74,7 +76,7 @@ def initialize(dist_cfg: Any = None) -> bool:
     return True
   mode = str(_get(dist_cfg, "mode", "auto"))
   if mode not in MODES:
-    raise ValueError(f"distributed.mode={mode!r}; expected one of {MODES}")
+    raise ConfigError(f"distributed.mode={mode!r}; expected one of {MODES}")
   if mode == "off":
     return False
 
@@ -97,7 +99,7 @@ def initialize(dist_cfg: Any = None) -> bool:
     if num_processes is None or process_id is None:
       hint = _cluster_hint()
       if hint is None:
-        raise ValueError(
+        raise ConfigError(
             f"distributed: coordinator_address={address!r} given but num_processes/process_id are "
             "not (set config.distributed.num_processes/process_id or JAX_NUM_PROCESSES/JAX_PROCESS_ID)")
     if num_processes is not None and int(num_processes) == 1:

@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from radjax.config import ConfigError
+
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -30,21 +32,21 @@ def mesh_shape(mesh_cfg: Mapping[str, Any], num_devices: int) -> tuple[int, int,
   for axis in AXES:
     size = int(mesh_cfg.get(axis, 1) if hasattr(mesh_cfg, "get") else getattr(mesh_cfg, axis))
     if size == 0 or size < -1:
-      raise ValueError(f"mesh.{axis}={size}: a mesh axis size must be a positive int or -1 (inferred)")
+      raise ConfigError(f"mesh.{axis}={size}: a mesh axis size must be a positive int or -1 (inferred)")
     sizes.append(size)
   unknown = [a for a, s in zip(AXES, sizes) if s == -1]
   if len(unknown) > 1:
-    raise ValueError(f"mesh: only one axis may be -1 (inferred), got {unknown} as -1")
+    raise ConfigError(f"mesh: only one axis may be -1 (inferred), got {unknown} as -1")
   fixed = math.prod(s for s in sizes if s != -1)
   desc = ", ".join(f"{a}={s}" for a, s in zip(AXES, sizes))
   if unknown:
     if num_devices % fixed:
-      raise ValueError(
+      raise ConfigError(
           f"mesh ({desc}): the fixed axis sizes multiply to {fixed}, which does not divide the "
           f"{num_devices} available devices")
     sizes[AXES.index(unknown[0])] = num_devices // fixed
   elif fixed != num_devices:
-    raise ValueError(
+    raise ConfigError(
         f"mesh ({desc}): axis sizes multiply to {fixed} but there are {num_devices} devices; "
         "set one axis to -1 to infer it")
   return tuple(sizes)  # type: ignore[return-value]

@@ -30,6 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from radjax import paths
+from radjax.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +213,7 @@ class Checkpointer:
       if mode == "auto":
         mode = "min" if "loss" in best_metric or "error" in best_metric else "max"
       if mode not in ("min", "max"):
-        raise ValueError(f"train.best_mode={best_mode!r}; expected 'auto', 'min' or 'max'")
+        raise ConfigError(f"train.best_mode={best_mode!r}; expected 'auto', 'min' or 'max'")
       best_opts = ocp.CheckpointManagerOptions(
           max_to_keep=1, create=True, cleanup_tmp_directories=True,
           best_fn=lambda m: float(m[best_metric]), best_mode=mode,

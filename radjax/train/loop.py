@@ -36,6 +36,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from radjax import paths
+from radjax.config import ConfigError
 from radjax.parallel import distributed
 from radjax.parallel import mesh as mesh_lib
 from radjax.train import checkpoint as ckpt_lib
@@ -74,6 +75,8 @@ def _default_method(config: Any) -> Any:
 
 def _default_loader_factory(config: Any) -> Callable[..., Any]:
   from radjax.data import pipeline, tokenizer  # pylint: disable=import-outside-toplevel
+  # A bad data.* knob fails here, before the tokenizer, the model and the checkpoint are built.
+  pipeline.Preprocess(config.data, None, train=True, names=pipeline.label_names(config.data))
   tok = tokenizer.get_tokenizer(config.data)
   return functools.partial(pipeline.make_loader, tokenizer=tok)
 
@@ -252,9 +255,6 @@ def train(config: Any, workdir: str, *, method: Any = None,
 def _train(config: Any, workdir: str, method: Any, make_loader: Callable[..., Any] | None,
            preemption: _Preemption) -> dict:
   is_main = jax.process_index() == 0
-  if is_main:
-    os.makedirs(workdir, exist_ok=True)
-
   tcfg = config.train
   total_steps = int(tcfg.steps)
   log_every = max(int(_get(tcfg, "log_every", 10)), 1)
@@ -269,7 +269,7 @@ def _train(config: Any, workdir: str, method: Any, make_loader: Callable[..., An
   n_proc = jax.process_count()
   split_ways = mesh_lib.batch_split(mesh)
   if global_batch % n_proc or global_batch % (accum * split_ways):
-    raise ValueError(
+    raise ConfigError(
         f"train.batch_size={global_batch} must be divisible by the process count ({n_proc}) and by "
         f"optim.grad_accum_steps x (mesh data x fsdp) = {accum} x {split_ways}")
   local_batch = global_batch // n_proc
@@ -283,6 +283,8 @@ def _train(config: Any, workdir: str, method: Any, make_loader: Callable[..., An
   graphdef, abstract_state, shardings, sharded_init = state_lib.setup(
       method, config, mesh, tx, ema=ema_decay > 0)
 
+  if is_main:
+    os.makedirs(workdir, exist_ok=True)
   ckpt = ckpt_lib.Checkpointer(
       workdir, keep=int(_get(tcfg, "keep_checkpoints", 2)),
       async_save=bool(_get(tcfg, "async_checkpoint", True)),

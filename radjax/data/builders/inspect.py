@@ -50,7 +50,7 @@ import tensorflow_datasets as tfds
 
 from radjax.data import ct as ct_lib
 from radjax.data import reports as reports_lib
-from radjax.data.build import Drop, build_context, read_table, row_is_complete
+from radjax.data.build import Drop, build_context, override_fields, read_table, row_is_complete
 
 TASKS = ("pe_positive_nlp", "1_month_mortality", "6_month_mortality", "12_month_mortality",
          "1_month_readmission", "6_month_readmission", "12_month_readmission", "12_month_PH")
@@ -64,7 +64,7 @@ MANUAL_INSTRUCTIONS = """\
 manual_dir must be your INSPECT copy (Stanford AIMI), in either public layout:
   v2:   Final_metadata*.csv, Final_labels*.csv, Final_splits*.csv, Final_impressions*.csv
   2025: labels_YYYYMMDD.tsv, impressions_YYYYMMDD.tsv, study_mapping_YYYYMMDD.tsv, splits_YYYYMMDD.tsv
-and the CT volumes as .nii.gz under CTPA/ (or anon_nii_gz/, or pass volume_dir=).
+and the CT volumes as .nii.gz under CTPA/ (or anon_nii_gz/, or pass --builder_arg volume_dir=DIR).
 Reading volumes needs nibabel: pip install 'radjax[inspect]'."""
 
 
@@ -100,11 +100,7 @@ _DEFAULT = InspectConfig(name="default", description="256 px, 16 slices at 5 mm,
 def make_config(**overrides: Any) -> InspectConfig:
   """A config from field overrides ("default" when nothing changes; else ``name`` or a derived one)."""
   name = overrides.pop("name", None)
-  unknown = sorted(set(overrides) - set(_CONFIG_FIELDS))
-  if unknown:
-    raise ValueError(f"unknown INSPECT config field(s) {unknown}; known: {list(_CONFIG_FIELDS)}")
-  fields = {f: getattr(_DEFAULT, f) for f in _CONFIG_FIELDS}
-  fields.update({k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+  fields = override_fields(_DEFAULT, _CONFIG_FIELDS, overrides, "INSPECT")
   if name is None:
     if all(fields[f] == getattr(_DEFAULT, f) for f in _CONFIG_FIELDS):
       return _DEFAULT

@@ -77,7 +77,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from radjax.data import reports as reports_lib
-from radjax.data.build import Drop, build_context, read_table, row_is_complete
+from radjax.data.build import Drop, build_context, override_fields, read_table, row_is_complete
 
 CHEXPERT_LABELS = (
     "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum",
@@ -96,9 +96,9 @@ manual_dir must be your PhysioNet MIMIC-CXR-JPG copy (https://physionet.org/cont
   files/pXX/pSUBJECT/sSTUDY/DICOM_ID.jpg, mimic-cxr-2.0.0-metadata.csv.gz,
   mimic-cxr-2.0.0-split.csv.gz, mimic-cxr-2.0.0-chexpert.csv.gz (or -negbio.csv.gz),
 plus the MIMIC-CXR reports (mimic-cxr-reports.zip, or its files/pXX/pSUBJECT/sSTUDY.txt
-extracted next to the images) and, for the outcome labels, MIMIC-IV
-hosp/admissions.csv.gz and hosp/patients.csv.gz (under manual_dir/hosp, manual_dir/mimic-iv*/hosp,
-or given with mimic_iv_dir=)."""
+extracted next to the images, or given with --builder_arg reports=PATH) and, for the outcome
+labels, MIMIC-IV hosp/admissions.csv.gz and hosp/patients.csv.gz (under manual_dir/hosp,
+manual_dir/mimic-iv*/hosp, or given with --builder_arg mimic_iv_dir=DIR)."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -181,6 +181,16 @@ def _find_reports(manual_dir: Path, reports: str | Path | None) -> tuple[Path | 
   return folder, zip_path
 
 
+def _holds_reports(folder: Path | None, zip_path: Path | None) -> bool:
+  """Whether the reports zip exists or the first subject folder under ``folder/files`` holds a
+  report (a cheap look: the whole tree is hundreds of thousands of files)."""
+  if zip_path is not None:
+    return True
+  groups = sorted((folder / "files").glob("p[0-9]*")) if folder is not None else []
+  subject = next(iter(sorted(groups[0].glob("p[0-9]*"))), None) if groups else None
+  return subject is not None and next(subject.glob("s*.txt"), None) is not None
+
+
 def check_manual_dir(manual_dir: Path, *, config: Any = None, mimic_iv_dir: str | None = None,
                      reports: str | None = None) -> None:
   """Raises FileNotFoundError listing every expected file that is missing."""
@@ -193,9 +203,15 @@ def check_manual_dir(manual_dir: Path, *, config: Any = None, mimic_iv_dir: str 
     missing.append(f"{manual_dir}/files/ (pXX/pSUBJECT/sSTUDY/DICOM_ID.jpg)")
   if reports is not None and not Path(reports).expanduser().exists():
     missing.append(f"{reports} (reports zip or folder)")
+  elif reports is None and not _holds_reports(*_find_reports(manual_dir, None)):
+    # Else every study would be read, then dropped for want of its report.
+    missing.append(f"the reports: {manual_dir}/mimic-cxr-reports.zip (from the MIMIC-CXR project, not "
+                   "MIMIC-CXR-JPG), its files/pXX/pSUBJECT/sSTUDY.txt extracted there, or "
+                   "--builder_arg reports=PATH")
   if config.outcomes and find_mimic_iv_hosp(manual_dir, mimic_iv_dir) is None:
     missing.append("MIMIC-IV hosp/admissions.csv.gz and hosp/patients.csv.gz (under manual_dir/hosp, "
-                   "manual_dir/mimic-iv*/hosp, or mimic_iv_dir=); or build with config outcomes=False")
+                   "manual_dir/mimic-iv*/hosp, or --builder_arg mimic_iv_dir=DIR); or build without the "
+                   "outcome labels: --builder_config outcomes=false")
   if missing:
     raise FileNotFoundError("MIMIC-CXR manual_dir is incomplete; missing:\n  " + "\n  ".join(missing)
                             + "\n" + MANUAL_INSTRUCTIONS)
@@ -215,13 +231,8 @@ def make_config(**overrides: Any) -> MimicCXRConfig:
   """A config from field overrides; its name is "default" when nothing changes, else
   ``overrides["name"]`` or one derived from the fields (so each variant builds apart)."""
   name = overrides.pop("name", None)
-  unknown = sorted(set(overrides) - set(_CONFIG_FIELDS))
-  if unknown:
-    raise ValueError(f"unknown MIMIC-CXR config field(s) {unknown}; known: {list(_CONFIG_FIELDS)}")
-  fields = {f: getattr(_DEFAULT, f) for f in _CONFIG_FIELDS}
-  fields.update(overrides)
-  if "views" in overrides:
-    fields["views"] = tuple(v.upper() for v in overrides["views"])
+  fields = override_fields(_DEFAULT, _CONFIG_FIELDS, overrides, "MIMIC-CXR")
+  fields["views"] = tuple(v.upper() for v in fields["views"])
   if name is None:
     if all(fields[f] == getattr(_DEFAULT, f) for f in _CONFIG_FIELDS):
       return _DEFAULT
