@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from radjax import host_malloc, paths, xla_flags
@@ -46,6 +47,43 @@ def cmd_advise(args, extra):
   config = _config_from(args, extra)
   from radjax.eval import advise
   advise.main(config, task=args.task)
+
+
+def cmd_evaluate(args, extra):
+  from radjax.eval import classifier
+  try:
+    result = classifier.evaluate(args.workdir, args.split, checkpoint=args.checkpoint, n_boot=args.n_boot,
+                                 overrides=parse_overrides(extra))
+  except FileNotFoundError as e:
+    print(f"radjax evaluate: {e}", file=sys.stderr)
+    return 2
+  print(classifier.format_evaluation(result))
+  out = args.out or os.path.join(paths.local_dir(args.workdir), f"evaluation_{result['dataset']}_{args.split}.json")
+  classifier.write_evaluation(result, out)
+  print(f"wrote {out}")
+
+
+def cmd_predict(args, extra):
+  from radjax.eval import classifier
+  if extra:
+    raise ConfigError(f"predict reads the run's own config; overrides {extra} do not apply")
+  try:  # everything that can fail on the inputs, before the output is opened
+    files = classifier.image_files(args.images)
+    model, config, which = classifier.load_classifier(args.workdir, args.checkpoint)
+  except FileNotFoundError as e:
+    print(f"radjax predict: {e}", file=sys.stderr)
+    return 2
+  print(f"radjax predict: {len(files)} file(s), {args.workdir} ({which})", file=sys.stderr)
+  out = open(args.out, "w", newline="") if args.out else sys.stdout
+  try:
+    scored, failed = classifier.write_predictions(model, config, files, out, batch_size=args.batch)
+  finally:
+    if args.out:
+      out.close()
+  print(f"radjax predict: scored {scored} image(s)" + (f" into {args.out}" if args.out else "")
+        + (f"; {failed} file(s) could not be read (their rows name the error)" if failed else ""),
+        file=sys.stderr)
+  return 1 if failed else 0
 
 
 def cmd_data_build(args, extra):
@@ -129,6 +167,24 @@ def build_parser() -> argparse.ArgumentParser:
   p = with_config(sub.add_parser("advise", help="should this task use reports, and how?"))
   p.add_argument("--task", default=None, help="label name; default: every label of the config's task")
   p.set_defaults(func=cmd_advise)
+
+  def with_run(p):
+    p.add_argument("--workdir", required=True, help="a fine-tuning run (method supervised)")
+    p.add_argument("--checkpoint", choices=["auto", "best", "latest"], default="auto",
+                   help="auto: the best checkpoint when the run kept one, else the latest")
+    return p
+
+  p = with_run(sub.add_parser("evaluate", help="AUROC of a fine-tuned classifier on a split, with intervals"))
+  p.add_argument("--split", default="test")
+  p.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+  p.add_argument("--out", default=None, help="JSON path (default: WORKDIR/evaluation_DATASET_SPLIT.json)")
+  p.set_defaults(func=cmd_evaluate)
+
+  p = with_run(sub.add_parser("predict", help="label probabilities for image files: the deployed model"))
+  p.add_argument("images", nargs="+", help="image files (PNG, JPEG, TIFF, ...) or folders of them")
+  p.add_argument("--out", default=None, help="CSV path (default: standard output)")
+  p.add_argument("--batch", type=int, default=32)
+  p.set_defaults(func=cmd_predict)
 
   data = sub.add_parser("data", help="build or look at datasets").add_subparsers(dest="data_command", required=True)
   p = with_config(data.add_parser("build", help="materialise a dataset as ArrayRecord (TFDS)"), required=False)

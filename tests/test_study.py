@@ -3,6 +3,7 @@
 import csv
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -160,7 +161,11 @@ def test_rerun_is_a_no_op_and_killed_study_resumes_to_same_results(finished, tmp
   _run(workdir)
   assert (workdir / "results.csv").read_text() == expected
 
+  # Killed while fitting cells, from the finished study's pre-training and features (a killed
+  # pre-training run resumes as tests/test_train_resume.py checks).
   killed = tmp_path / "killed"
+  for cache in ("pretrain", "features"):
+    shutil.copytree(workdir / cache, killed / cache)
   proc = subprocess.Popen(_command(killed), cwd=ROOT, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   deadline = time.time() + 500

@@ -92,7 +92,7 @@ class ArrayRecordSource:
     raise ConfigError(
         f"dataset {self._name!r}" + (f" (config {config!r})" if config else "") + f" is not built "
         f"in data.data_dir={self._data_dir!r} (looked in {folder}): run "
-        f"`radjax data build {self._name} --data_dir {self._data_dir}` with the same settings")
+        f"`radjax data build --dataset {self._name} --data_dir {self._data_dir}` with the same settings")
 
   @functools.cached_property
   def _source(self):
@@ -133,7 +133,7 @@ def get_source(data_cfg: Any, split: str):
   if data_cfg.data_dir is None:
     if name != "synth_cxr":
       raise ConfigError(f"dataset {name!r} is read from files: set data.data_dir to the folder given to "
-                       f"`radjax data build {name} --data_dir DIR`")
+                       f"`radjax data build --dataset {name} --data_dir DIR`")
     synth = synth_cxr.SynthCXR(data_cfg.synth)
     synth.num_examples(split)  # validates the split name
     return synth.source(split)

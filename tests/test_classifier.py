@@ -1,0 +1,127 @@
+"""`radjax evaluate` and `radjax predict`: a fine-tuned classifier used on images alone."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from radjax import cli
+from radjax.config import load_config
+from radjax.data.pipeline import image_norm, label_names
+from radjax.data.sources import get_source
+from radjax.eval import classifier
+from radjax.train import loop
+from radjax.train.checkpoint import load_pretrained
+
+TINY = [
+    "--config.train.batch_size=8", "--config.train.progress=False", "--config.train.steps=4",
+    "--config.train.eval_every=2", "--config.train.eval_batches=1", "--config.train.checkpoint_every=2",
+    "--config.data.synth.n_pretrain=8", "--config.data.synth.n_train=32", "--config.data.synth.n_validation=8",
+    "--config.data.synth.n_test=40", "--config.data.synth.image_size=32", "--config.data.image_size=32",
+    "--config.data.max_text_len=16", "--config.data.vocab_size=300", "--config.model.image.width=32",
+    "--config.model.image.depth=1", "--config.model.image.num_heads=2", "--config.model.image.mlp_dim=64",
+    "--config.optim.lr=3e-3",
+]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("classifier") / "ft")
+  loop.train(load_config("configs/finetune_synth.py", TINY), workdir)
+  return workdir
+
+
+def _reference_probabilities(workdir, step, indices):
+  """The best checkpoint's probabilities on test films, preprocessed by hand (32 px films at
+  32 px: no resize, so normalising is all there is)."""
+  model, config = load_pretrained(workdir, step=step, best=True)
+  source = get_source(config.data, "test")
+  mean, std = image_norm(config.data)
+  films = np.stack([np.asarray(source[i]["image"], np.float32).reshape(32, 32, 1) for i in indices])
+  logits = np.asarray(model((films / 255 - mean) / std))
+  labels = np.asarray([[source[i]["labels"][n] for n in label_names(config.data)] for i in indices])
+  return 1 / (1 + np.exp(-logits)), labels, source
+
+
+def _best_step(workdir):
+  return max(int(n) for n in os.listdir(os.path.join(workdir, "best")) if n.isdigit())
+
+
+def test_evaluate_matches_an_independent_computation(run, tmp_path, capsys):
+  out = tmp_path / "eval.json"
+  assert cli.main(["evaluate", "--workdir", run, "--n_boot", "200", "--out", str(out)]) == 0
+  result = json.loads(out.read_text())
+  step = _best_step(run)
+  assert result["checkpoint"] == f"best checkpoint, step {step}" and result["examples"] == 40
+  probs, labels, _ = _reference_probabilities(run, step, range(40))
+  names = list(result["labels"])
+  assert len(names) == probs.shape[1]
+  aurocs = []
+  for k, name in enumerate(names):
+    r = result["labels"][name]
+    assert (r["positives"], r["negatives"]) == (int(labels[:, k].sum()), int((1 - labels[:, k]).sum()))
+    if 0 < labels[:, k].sum() < 40:
+      expected = roc_auc_score(labels[:, k], probs[:, k])
+      assert r["auroc"] == pytest.approx(expected, abs=2e-6)
+      assert r["auroc_lo"] <= r["auroc"] <= r["auroc_hi"]
+      aurocs.append(expected)
+    else:
+      assert r["auroc"] is None
+  assert result["macro_auroc"]["auroc"] == pytest.approx(np.mean(aurocs), abs=2e-6)
+  assert "macro" in capsys.readouterr().out
+
+
+def test_predict_scores_image_files_as_evaluation_does(run, tmp_path, capsys):
+  step = _best_step(run)
+  probs, _, source = _reference_probabilities(run, step, [0, 1, 2])
+  folder = tmp_path / "films"
+  (folder / "nested").mkdir(parents=True)
+  for i in range(3):
+    Image.fromarray(np.asarray(source[i]["image"]).reshape(32, 32)).save(
+        folder / ("nested" if i == 2 else "") / f"film{i}.png")
+  (folder / "film9.jpg").write_bytes(b"not a jpeg")
+  (folder / "notes.txt").write_text("ignored: not an image suffix")
+  out = tmp_path / "scores.csv"
+  assert cli.main(["predict", "--workdir", run, "--out", str(out), str(folder)]) == 1  # one unreadable
+  rows = list(csv.DictReader(out.open()))
+  assert [os.path.basename(r["path"]) for r in rows] == ["film0.png", "film1.png", "film9.jpg", "film2.png"]
+  names = [c for c in rows[0] if c not in ("path", "error")]
+  by_name = {os.path.basename(r["path"]): r for r in rows}
+  for i in range(3):
+    row = by_name[f"film{i}.png"]
+    np.testing.assert_allclose([float(row[n]) for n in names], probs[i], atol=2e-6)
+    assert row["error"] == ""
+  assert "unreadable image" in by_name["film9.jpg"]["error"] and by_name["film9.jpg"][names[0]] == ""
+  assert "1 file(s) could not be read" in capsys.readouterr().err
+
+
+def test_read_image_stretches_16_bit_films(tmp_path):
+  ramp = np.linspace(1000, 5000, 64 * 64).reshape(64, 64).astype(np.uint16)
+  Image.fromarray(ramp).save(tmp_path / "film16.png")
+  x = classifier.read_image(str(tmp_path / "film16.png"))
+  assert x.dtype == np.uint8 and x.shape == (64, 64)
+  assert (x.min(), x.max()) == (0, 255) and (np.diff(x.ravel().astype(int)) >= 0).all()
+
+
+def test_refusals_name_the_reason(run, tmp_path, capsys):
+  assert cli.main(["predict", "--workdir", run, str(tmp_path / "film.png")]) == 2
+  assert "film.png: no such file or folder" in capsys.readouterr().err
+  Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "film.png")
+  assert cli.main(["predict", "--workdir", str(tmp_path / "nothing"), str(tmp_path / "film.png")]) == 2
+  assert f"no checkpoint in {tmp_path / 'nothing' / 'checkpoints'}" in capsys.readouterr().err
+  assert cli.main(["evaluate", "--workdir", run, "--config.data.image_size=64"]) == 2
+  assert "data.image_size" in capsys.readouterr().err
+  pre = str(tmp_path / "clip")
+  loop.train(load_config("configs/clip_synth.py", TINY[:3] + [
+      "--config.train.steps=1", "--config.data.synth.n_pretrain=8", "--config.data.synth.image_size=32",
+      "--config.data.image_size=32", "--config.data.max_text_len=16", "--config.data.vocab_size=300",
+      "--config.model.image.width=32", "--config.model.image.depth=1", "--config.model.image.num_heads=2",
+      "--config.model.image.mlp_dim=64", "--config.model.text.hidden_size=32", "--config.model.text.num_layers=1",
+      "--config.model.text.num_heads=2", "--config.model.text.intermediate_size=64",
+      "--config.model.embed_dim=32"]), pre)
+  assert cli.main(["evaluate", "--workdir", pre]) == 2
+  assert "'clip' run, which has no classifier head: fine-tune it first" in capsys.readouterr().err
