@@ -1,6 +1,8 @@
 """The paper's grid on MIMIC-CXR-JPG (+ MIMIC-IV outcomes), for users with access and accelerators.
 
-radjax data build --dataset mimic_cxr --manual_dir ~/physionet/mimic-cxr-jpg/2.1.0 --data_dir ~/tfds
+radjax data build --dataset mimic_cxr --manual_dir ~/physionet/mimic-cxr-jpg/2.1.0 --data_dir ~/tfds \
+    --builder_arg reports=~/physionet/mimic-cxr/2.1.0/mimic-cxr-reports.zip \
+    --builder_arg mimic_iv_dir=~/physionet/mimiciv/3.1
 radjax study --config configs/study_mimic.py:vitb16 --workdir runs/mimic --config.data.data_dir=~/tfds
 (`:resnet50` for the CNN backbone.)
 """

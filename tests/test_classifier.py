@@ -115,6 +115,9 @@ def test_refusals_name_the_reason(run, tmp_path, capsys):
   assert f"no checkpoint in {tmp_path / 'nothing' / 'checkpoints'}" in capsys.readouterr().err
   assert cli.main(["evaluate", "--workdir", run, "--config.data.image_size=64"]) == 2
   assert "data.image_size" in capsys.readouterr().err
+  # "diagnostic" names another dataset's labels there: the head's 8 outputs would be misread.
+  assert cli.main(["evaluate", "--workdir", run, "--config.data.dataset=mimic_cxr"]) == 2
+  assert "the model predicts cardiomegaly, pleural_effusion" in capsys.readouterr().err
   pre = str(tmp_path / "clip")
   loop.train(load_config("configs/clip_synth.py", TINY[:3] + [
       "--config.train.steps=1", "--config.data.synth.n_pretrain=8", "--config.data.synth.image_size=32",

@@ -41,8 +41,14 @@ def load_classifier(workdir: str, checkpoint: str = "auto", overrides: Sequence[
   from radjax import paths
   from radjax.methods.supervised import Classifier
   from radjax.train.checkpoint import load_pretrained
+  from radjax.data.pipeline import label_names
   if checkpoint not in CHECKPOINTS:
     raise ConfigError(f"--checkpoint {checkpoint!r}; expected one of {', '.join(CHECKPOINTS)}")
+  for key, _ in overrides:
+    section, _, field = key.partition(".")
+    if section != "data" or field in _FIXED_DATA_KEYS:
+      raise ConfigError(f"--config.{key}: only the data.* keys the model does not depend on can change "
+                        f"here (not {', '.join('data.' + k for k in _FIXED_DATA_KEYS)})")
   workdir = paths.local_dir(workdir, "--workdir")
   best_steps = _steps(os.path.join(workdir, "best"))
   use_best = checkpoint == "best" or (checkpoint == "auto" and bool(best_steps))
@@ -54,12 +60,12 @@ def load_classifier(workdir: str, checkpoint: str = "auto", overrides: Sequence[
     raise ConfigError(f"{workdir} holds a {config.method.name!r} run, which has no classifier head: "
                       "fine-tune it first (configs/finetune_synth.py with "
                       f"--config.method.init_from={workdir}), or compare methods with `radjax study`")
+  trained_labels = label_names(config.data)
   for key, raw in overrides:
-    section, _, field = key.partition(".")
-    if section != "data" or field in _FIXED_DATA_KEYS:
-      raise ConfigError(f"--config.{key}: only the data.* keys the model does not depend on can change "
-                        f"here (not {', '.join('data.' + k for k in _FIXED_DATA_KEYS)})")
     apply_override(config, key, raw)
+  if label_names(config.data) != trained_labels:  # data.labels may name a group, e.g. "diagnostic"
+    raise ConfigError(f"the model predicts {', '.join(trained_labels)}; with these overrides the data "
+                      f"gives {', '.join(label_names(config.data))}")
   return model, config, f"{'best' if use_best else 'latest'} checkpoint, step {steps[-1]}"
 
 
