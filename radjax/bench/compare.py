@@ -61,7 +61,7 @@ def open_clip_model_name(config: Any) -> str:
     if variant in ("50", "101"):
       return f"RN{variant}"
   raise ConfigError(f"bench compare: no open_clip model matches model.image={dict(img)}; use "
-                   "configs/bench/clip_vitb16.py or configs/bench/clip_rn50.py")
+                    "configs/bench/clip_vitb16.py or configs/bench/clip_rn50.py")
 
 
 def _run_json(cmd: list[str], env: dict[str, str], what: str) -> dict[str, Any]:

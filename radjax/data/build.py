@@ -292,11 +292,11 @@ def override_fields(defaults: Any, names: Sequence[str], overrides: Mapping[str,
     raise ValueError(f"unknown {what} config field(s) {unknown}; known: {list(names)}")
   fields = {name: getattr(defaults, name) for name in names}
   for name, value in overrides.items():
-    fields[name] = _like(fields[name], value, f"{what} config field {name}")
+    fields[name] = _as_type_of(fields[name], value, f"{what} config field {name}")
   return fields
 
 
-def _like(default: Any, value: Any, what: str) -> Any:
+def _as_type_of(default: Any, value: Any, what: str) -> Any:
   if isinstance(default, tuple):
     items = value.split(",") if isinstance(value, str) else value
     if isinstance(items, (list, tuple)) and all(isinstance(v, str) for v in items):

@@ -59,7 +59,7 @@ def label_names(data_cfg: Any) -> tuple[str, ...]:
     unknown = [n for n in names if known and n not in known]
     if unknown:
       raise ConfigError(f"data.labels: unknown label(s) {unknown} for dataset {data_cfg.dataset!r}; "
-                       f"known: {', '.join(known)}")
+                        f"known: {', '.join(known)}")
   if not names:
     raise ConfigError(f"data.labels={data_cfg.labels!r} selects no labels")
   return tuple(names)

@@ -99,7 +99,7 @@ class ArrayRecordSource:
     builder = self._builder
     if self._split not in builder.info.splits:
       raise ConfigError(f"dataset {self._name!r} has no split {self._split!r}; built splits: "
-                       f"{', '.join(sorted(builder.info.splits))}")
+                        f"{', '.join(sorted(builder.info.splits))}")
     return builder.as_data_source(split=self._split)
 
   def __len__(self) -> int:
@@ -133,7 +133,7 @@ def get_source(data_cfg: Any, split: str):
   if data_cfg.data_dir is None:
     if name != "synth_cxr":
       raise ConfigError(f"dataset {name!r} is read from files: set data.data_dir to the folder given to "
-                       f"`radjax data build --dataset {name} --data_dir DIR`")
+                        f"`radjax data build --dataset {name} --data_dir DIR`")
     synth = synth_cxr.SynthCXR(data_cfg.synth)
     synth.num_examples(split)  # validates the split name
     return synth.source(split)
@@ -150,7 +150,7 @@ def dataset_label_names(data_cfg: Any, kind: str) -> tuple[str, ...]:
   prog = tuple(getattr(cls, "PROGNOSTIC_LABELS", ()))
   if not diag and not prog:
     raise ConfigError(f"dataset {name!r} does not declare DIAGNOSTIC_LABELS / PROGNOSTIC_LABELS: "
-                     f"set data.labels to a comma-separated list of its label names")
+                      f"set data.labels to a comma-separated list of its label names")
   return {"diagnostic": diag, "prognostic": prog, "all": diag + prog}[kind]
 
 

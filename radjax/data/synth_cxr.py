@@ -183,7 +183,7 @@ class SynthParams:
     for name, p in sorted(dict(items).items()):
       if name not in DEFAULT_PREVALENCE:
         raise ConfigError(f"{prefix}.prevalence.{name}: unknown label {name!r}; known: "
-                         f"{', '.join(DEFAULT_PREVALENCE)}")
+                          f"{', '.join(DEFAULT_PREVALENCE)}")
       try:
         p = float(p)
       except (TypeError, ValueError):

@@ -224,7 +224,7 @@ def load_tokenizer(path: str) -> Tokenizer:
     hf = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
   except Exception as e:  # pylint: disable=broad-except
     raise ConfigError(f"data.tokenizer={path!r}: no tokenizer.json or vocab.txt, and transformers "
-                     f"could not load it offline ({type(e).__name__}: {e})") from e
+                      f"could not load it offline ({type(e).__name__}: {e})") from e
   if not getattr(hf, "is_fast", False):
     raise ConfigError(f"data.tokenizer={path!r}: only fast (tokenizers-backed) tokenizers are supported")
   specials.update({r: getattr(hf, f"{r}_token") for r in _ROLE_NAMES if getattr(hf, f"{r}_token", None)})

@@ -94,7 +94,7 @@ def task_labels(config, task: str) -> tuple[tuple[str, ...], str]:
       return (task,), kind
   known = sorted(set(groups) | {n for names in groups.values() for n in names})
   raise ConfigError(f"study.tasks: unknown task {task!r} for dataset {config.data.dataset!r}; "
-                   f"known: {', '.join(known)}")
+                    f"known: {', '.join(known)}")
 
 
 def cells(config) -> list[Cell]:
@@ -389,7 +389,7 @@ def _check_workdir_config(config, workdir: str) -> None:
     diff = config_diff(saved, current)
     if diff:
       raise ConfigError(f"{workdir} holds a study with a different config (keys: {', '.join(diff)}); "
-                       "use a new --workdir")
+                        "use a new --workdir")
   with open(path, "w") as f:
     json.dump(current, f, indent=2, sort_keys=True)
 

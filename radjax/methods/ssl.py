@@ -28,7 +28,7 @@ class MAE(nnx.Module):
     enc = self.image_encoder
     if not isinstance(enc, ViT):
       raise ConfigError(f"MAE needs a ViT image encoder, got config.model.image.name="
-                       f"{config.model.image.name!r}")
+                        f"{config.model.image.name!r}")
     self.decoder = MAEDecoder(
         enc.embed_dim, enc.patch_size ** 2 * config.data.channels, enc.grid_size,
         dim=config.method.decoder_dim, depth=config.method.decoder_layers,

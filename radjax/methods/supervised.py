@@ -42,11 +42,11 @@ def load_encoder_into(encoder: nnx.Module, config, workdir: str) -> None:
   for key in ("image_size", "channels"):
     if saved.data[key] != config.data[key]:
       raise ConfigError(f"method.init_from={workdir}: it was trained with data.{key}={saved.data[key]}, "
-                       f"this run has {config.data[key]}")
+                        f"this run has {config.data[key]}")
   saved_image, run_image = _image_model(saved), _image_model(config)
   if saved_image != run_image:
     raise ConfigError(f"method.init_from={workdir}: its model.image {saved_image} differs "
-                     f"from this run's {run_image}")
+                      f"from this run's {run_image}")
   nnx.update(encoder, nnx.state(pretrained.image_encoder))
 
 
