@@ -68,15 +68,17 @@ def cmd_predict(args, extra):
   if extra:
     raise ConfigError(f"predict reads the run's own config; overrides {extra} do not apply")
   try:  # everything that can fail on the inputs, before the output is opened
-    files = classifier.image_files(args.images)
     model, config, which = classifier.load_classifier(args.workdir, args.checkpoint)
+    ct = classifier.ct_settings(config)
+    files = classifier.image_files(args.images, classifier.IMAGE_SUFFIXES
+                                   + (classifier.VOLUME_SUFFIXES if ct else ()))
   except FileNotFoundError as e:
     print(f"radjax predict: {e}", file=sys.stderr)
     return 2
   print(f"radjax predict: {len(files)} file(s), {args.workdir} ({which})", file=sys.stderr)
   out = open(args.out, "w", newline="") if args.out else sys.stdout
   try:
-    scored, failed = classifier.write_predictions(model, config, files, out, batch_size=args.batch)
+    scored, failed = classifier.write_predictions(model, config, files, out, ct=ct, batch_size=args.batch)
   finally:
     if args.out:
       out.close()

@@ -66,6 +66,26 @@ def test_examples_labels_and_splits(built):
       np.testing.assert_array_equal(slices, want["slices"])
 
 
+def test_predict_reads_a_volume_as_the_build_stored_it(built):
+  """`radjax predict` on a CT volume gives the model the projection the build stored: the same
+  CT settings, read back from the named build's report."""
+  from radjax.config import load_config
+  from radjax.eval import classifier
+  config = load_config("configs/study_inspect.py", [f"--config.data.data_dir={built['data_dir']}",
+                                                    f"--config.data.builder_config={built['report']['config']}"])
+  settings = classifier.ct_settings(config)
+  assert settings == ct.CTConfig(**CONFIG)
+  for split, exp_examples in built["expected"]["examples"].items():
+    got = _read_split(Path(built["report"]["data_dir"]), split)
+    for imp, exp in exp_examples.items():
+      np.testing.assert_array_equal(classifier.read_image(exp["volume"], settings), got[imp]["image"])
+  with pytest.raises(ValueError, match="trained on films"):
+    classifier.read_image(exp["volume"], None)
+  config.data.builder_config = "never_built"
+  with pytest.raises(FileNotFoundError, match="never_built"):
+    classifier.ct_settings(config)
+
+
 def test_censored_is_masked_never_negative(built):
   got = _read_split(Path(built["report"]["data_dir"]), "validation")
   assert all(math.isnan(float(v)) for v in got["1003"]["labels"].values())

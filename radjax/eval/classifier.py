@@ -4,7 +4,8 @@
     radjax predict --workdir runs/ft --out scores.csv FILE_OR_FOLDER ...   a probability per label
 
 Both load the run's saved config and checkpoint (``best/`` when the run kept one, else the latest)
-and preprocess each image as training did, without augmentation (``Preprocess.image``). Neither
+and preprocess each image as training did, without augmentation (``Preprocess.image``); for a
+model trained on INSPECT, predict also takes CT volumes, projected as its build did. Neither
 reads a report: the deployed model needs the image only, and report text never reaches their
 output.
 """
@@ -22,6 +23,7 @@ import numpy as np
 from radjax.config import ConfigError, apply_override
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+VOLUME_SUFFIXES = (".nii", ".nii.gz")  # CT volumes, for models trained on INSPECT
 CHECKPOINTS = ("auto", "best", "latest")
 # What the model was trained on: changing it would feed the head inputs it never saw.
 _FIXED_DATA_KEYS = ("image_size", "channels", "labels")
@@ -149,16 +151,39 @@ def format_evaluation(result: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- predict
 
 
-def image_files(inputs: Sequence[str]) -> list[str]:
-  """Files named, and image files (``IMAGE_SUFFIXES``) under folders named, in sorted order."""
+def ct_settings(config):
+  """The CT-to-image settings (``radjax.data.ct.CTConfig``) of the INSPECT build the run trained
+  on, or None for a dataset of films. A named build's settings are read from its build report."""
+  import ast
+  import glob
+  from radjax.data.builders import inspect as inspect_builder
+  if config.data.dataset != "inspect":
+    return None
+  name = config.data.get("builder_config") or "default"
+  if name == "default":
+    return inspect_builder.make_config().ct_config()
+  pattern = os.path.join(os.path.expanduser(str(config.data.data_dir)), "inspect", name, "*", "build_report.json")
+  reports = sorted(glob.glob(pattern))
+  if not reports:
+    raise FileNotFoundError(f"the CT settings of INSPECT build {name!r} are in its build report, "
+                            f"{pattern}, which is not there: predict where data.data_dir is readable")
+  with open(reports[-1]) as f:
+    fields = json.load(f)["config_fields"]
+  # The report keeps tuples as their repr ("('lung', 'pe')").
+  fields = {k: ast.literal_eval(v) if isinstance(v, str) and v[:1] in "([" else v for k, v in fields.items()}
+  return inspect_builder.make_config(name=name, **fields).ct_config()
+
+
+def image_files(inputs: Sequence[str], suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[str]:
+  """Files named, and files ending in one of ``suffixes`` under folders named, in sorted order."""
   files = []
   for item in inputs:
     path = os.path.expanduser(item)
     if os.path.isdir(path):
       found = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names
-                     if f.lower().endswith(IMAGE_SUFFIXES))
+                     if f.lower().endswith(tuple(suffixes)))
       if not found:
-        raise FileNotFoundError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+        raise FileNotFoundError(f"{path}: no {', '.join(suffixes)} files in this folder")
       files += found
     elif os.path.exists(path):
       files.append(path)
@@ -167,10 +192,16 @@ def image_files(inputs: Sequence[str]) -> list[str]:
   return files
 
 
-def read_image(path: str) -> np.ndarray:
+def read_image(path: str, ct: Any = None) -> np.ndarray:
   """An image file -> uint8 [H, W] or [H, W, 3]. 16-bit and float images are stretched from their
-  own minimum to maximum (their display window is not recorded in a PNG or TIFF)."""
+  own minimum to maximum (their display window is not recorded in a PNG or TIFF). A CT volume
+  (``VOLUME_SUFFIXES``) becomes the projection an INSPECT build stores, with ``ct``'s settings."""
   from PIL import Image
+  if path.lower().endswith(VOLUME_SUFFIXES):
+    from radjax.data import ct as ct_lib
+    if ct is None:
+      raise ValueError("a CT volume, but this model was trained on films")
+    return ct_lib.projection_image(ct_lib.load_nifti(path), ct)
   with Image.open(path) as im:
     im.load()
     if im.mode in ("1", "L", "RGB"):
@@ -186,10 +217,12 @@ def read_image(path: str) -> np.ndarray:
   return np.round((x - lo) * (255.0 / max(hi - lo, 1e-12))).astype(np.uint8)
 
 
-def write_predictions(model, config, files: Sequence[str], out: Any, *, batch_size: int = 32) -> tuple[int, int]:
+def write_predictions(model, config, files: Sequence[str], out: Any, *, ct: Any = None,
+                      batch_size: int = 32) -> tuple[int, int]:
   """Writes a CSV (path, one probability per label, error) for each of ``files`` to the text stream
   ``out``; a file that cannot be read gets an empty row with its error and the rest go on.
-  Returns (images scored, files that failed)."""
+  ct: ``ct_settings(config)``, for CT volumes among ``files``. Returns (images scored, files that
+  failed)."""
   from radjax.data.pipeline import Preprocess, label_names
   names = label_names(config.data)
   preprocess = Preprocess(config.data, _NoReports(), train=False, names=names)
@@ -202,7 +235,7 @@ def write_predictions(model, config, files: Sequence[str], out: Any, *, batch_si
     images, errors = [], {}
     for path in chunk:
       try:
-        images.append(preprocess.image(read_image(path), None))
+        images.append(preprocess.image(read_image(path, ct), None))
       except Exception as e:  # pylint: disable=broad-except
         errors[path] = f"unreadable image: {type(e).__name__}: {e}"
     probs = iter([])
