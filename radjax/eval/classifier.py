@@ -135,6 +135,8 @@ def format_evaluation(result: dict[str, Any]) -> str:
   def interval(r):
     if r["auroc"] is None:
       return "n/a"
+    if r["auroc_lo"] is None:  # no resample held both classes
+      return f"{r['auroc']:.3f}"
     return f"{r['auroc']:.3f} [{r['auroc_lo']:.3f}, {r['auroc_hi']:.3f}]"
 
   width = max(len(n) for n in [*result["labels"], "macro"])
