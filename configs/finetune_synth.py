@@ -2,6 +2,8 @@
 
 radjax train --config configs/finetune_synth.py --workdir runs/ft_clip --config.method.init_from=runs/clip
 radjax train --config configs/finetune_synth.py:prognostic --workdir runs/ft_mortality
+radjax evaluate --workdir runs/ft_clip                 # test-split AUROCs of the image-only classifier
+radjax predict --workdir runs/ft_clip --out scores.csv films/
 
 The model is configs/pretrain_synth.py's CPU ViT, so a pre-training run of that config (or of
 configs/clip_synth.py) loads as it is. The study fine-tunes on frozen features (linear, distill);

@@ -153,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
       epilog="Any --config.KEY=VALUE argument overrides a field of the --config file.")
   sub = parser.add_subparsers(dest="command", required=True)
 
-  def with_config(p, required=True):
-    p.add_argument("--config", required=required, help="configs/FILE.py[:ARG]")
+  def with_config(p, required=True, help="configs/FILE.py[:ARG]"):
+    p.add_argument("--config", required=required, help=help)
     return p
 
   p = with_config(sub.add_parser("train", help="pre-train or fine-tune one model from a config"))
@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(func=cmd_predict)
 
   data = sub.add_parser("data", help="build or look at datasets").add_subparsers(dest="data_command", required=True)
-  p = with_config(data.add_parser("build", help="materialise a dataset as ArrayRecord (TFDS)"), required=False)
+  p = with_config(data.add_parser("build", help="materialise a dataset as ArrayRecord (TFDS)"), required=False,
+                  help="configs/FILE.py[:ARG]: build the SynthCXR its data.synth describes")
   p.add_argument("--dataset", required=True)
   p.add_argument("--data_dir", required=True)
   p.add_argument("--manual_dir", default=None, help="your local copy of a credentialed dataset")
