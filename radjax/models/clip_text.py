@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from radjax.models.layers import as_dtype, embed, param
+from radjax.models.layers import as_dtype, embed, normal, param
 from radjax.models.transformer import Transformer, take_rows
 
 
@@ -52,13 +52,13 @@ class CLIPTextEncoder(nnx.Module):
     self.config = c
     self.vocab_size = c.vocab_size
     self.token_embedding = embed(c.vocab_size, c.width, rngs=rngs, dtype=dtype)
-    self.positional_embedding = param(rngs, nnx.initializers.normal(0.01),
+    self.positional_embedding = param(rngs, normal(0.01),
                                       (c.context_length, c.width), ("pos", "embed"))
     self.transformer = Transformer(c.num_layers, c.width, c.num_heads, c.mlp_dim or 4 * c.width,
                                    pre_ln=True, final_ln=True, eps=1e-5, act=c.act, rngs=rngs,
                                    dtype=dtype)
     if c.proj_dim:
-      self.text_projection = param(rngs, nnx.initializers.normal(c.width ** -0.5),
+      self.text_projection = param(rngs, normal(c.width ** -0.5),
                                    (c.width, c.proj_dim), ("embed", "mlp"))
       self.embed_dim = c.proj_dim
     else:

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from radjax.models.layers import Dtype, as_dtype, embed, gelu, layer_norm, linear, param, zeros
+from radjax.models.layers import Dtype, as_dtype, embed, gelu, layer_norm, linear, normal, param, zeros
 from radjax.models.masking import gather_tokens
 from radjax.models.transformer import Transformer, sincos_2d
 
@@ -30,7 +30,7 @@ class MAEDecoder(nnx.Module):
     self.num_prefix_tokens = num_prefix_tokens
     self.dim = dim
     self.embed = linear(encoder_dim, dim, ("kv", "embed"), rngs=rngs, dtype=dtype)
-    self.mask_token = param(rngs, nnx.initializers.normal(0.02), (1, 1, dim), (None, None, "embed"))
+    self.mask_token = param(rngs, normal(0.02), (1, 1, dim), (None, None, "embed"))
     self.blocks = Transformer(depth, dim, num_heads, mlp_dim or 4 * dim, pre_ln=True,
                               final_ln=True, cross_dim=text_dim, rngs=rngs, dtype=dtype)
     self.pred = linear(dim, patch_dim, ("embed", "patch"), rngs=rngs, dtype=dtype)
@@ -96,7 +96,7 @@ class ReportDecoder(nnx.Module):
     self.max_len = max_len
     self.vocab_size = vocab_size
     self.token_embed = embed(vocab_size, dim, rngs=rngs, dtype=dtype)
-    self.posemb = param(rngs, nnx.initializers.normal(0.02), (max_len, dim), ("pos", "embed"))
+    self.posemb = param(rngs, normal(0.02), (max_len, dim), ("pos", "embed"))
     self.blocks = Transformer(depth, dim, num_heads, mlp_dim or 4 * dim, pre_ln=True,
                               final_ln=True, cross_dim=image_dim, dropout=dropout, rngs=rngs,
                               dtype=dtype)

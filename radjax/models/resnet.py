@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from radjax.models.layers import BatchNorm, Conv, as_dtype, linear, ones, param, partitioned, zeros
+from radjax.models.layers import (BatchNorm, Conv, as_dtype, linear, normal, ones, param, partitioned,
+                                  variance_scaling, zeros)
 from radjax.models.transformer import dot_product_attention
 from radjax.parallel.rules import constrain_batch
 
@@ -75,7 +76,7 @@ def resnet_variant(variant: str) -> tuple[str, tuple[int, ...]]:
 
 def conv(cin: int, cout: int, k: int, stride: int = 1, *, rngs: nnx.Rngs, dtype=None) -> Conv:
   # Explicit k//2 padding matches torchvision (XLA "SAME" pads stride-2 convs asymmetrically).
-  init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+  init = variance_scaling(2.0, "fan_out", "normal")
   return Conv(cin, cout, (k, k), strides=stride, padding=[(k // 2, k // 2)] * 2,
               use_bias=False, dtype=dtype, rngs=rngs,
               kernel_init=partitioned(init, None, None, "conv_in", "conv_out"))
@@ -156,9 +157,9 @@ class AttentionPool(nnx.Module):
     if dim % num_heads:
       raise ValueError(f"attention-pool width {dim} is not divisible by attn_heads {num_heads}")
     self.num_heads = num_heads
-    self.pos_embed = param(rngs, nnx.initializers.normal(dim ** -0.5), (grid * grid + 1, dim),
+    self.pos_embed = param(rngs, normal(dim ** -0.5), (grid * grid + 1, dim),
                            ("pos", "embed"))
-    init = nnx.initializers.normal(dim ** -0.5)
+    init = normal(dim ** -0.5)
     self.query, self.key, self.value = (
         linear(dim, dim, ("embed", "heads"), rngs=rngs, dtype=dtype, kernel_init=init)
         for _ in range(3))

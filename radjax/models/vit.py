@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from radjax.models.layers import as_dtype, linear, param
+from radjax.models.layers import as_dtype, linear, normal, param
 from radjax.models.masking import gather_tokens, patchify
 from radjax.models.transformer import Transformer, sincos_2d
 from radjax.parallel.rules import constrain_batch
@@ -92,7 +92,7 @@ class ViT(nnx.Module):
     self.patch_embed = linear(c.patch_size ** 2 * c.channels, c.width, ("patch", "embed"),
                               rngs=rngs, dtype=dtype)
     if c.posemb == "learned":
-      self.posemb = param(rngs, nnx.initializers.normal(0.02), (1, self.num_patches, c.width),
+      self.posemb = param(rngs, normal(0.02), (1, self.num_patches, c.width),
                           (None, "pos", "embed"))
     else:
       self.posemb = None
