@@ -504,8 +504,8 @@ def test_transformer_rows_take_key_padding_masks_only():
 
 @pytest.mark.parametrize("shape", [(7, 5), (3, 4, 6), (3, 3, 8, 16), (1, 1, 5, 2)])
 def test_flat_drawn_initializers_equal_flax_value_for_value(shape):
-  """radjax draws initial weights flat (a 4-D draw compiles ~20x slower on XLA:CPU) and must get
-  exactly the arrays flax's initializers give, so runs and checkpoints do not change."""
+  """radjax draws 3-D and 4-D initial weights flat (such a draw compiles ~20x slower on XLA:CPU)
+  and must get exactly the arrays flax's initializers give, so runs and checkpoints do not change."""
   from radjax.models import layers
   key = jax.random.key(3)
   for ours, flax_init in [(layers.default_kernel_init, nnx.initializers.lecun_normal()),

@@ -38,10 +38,13 @@ Dtype = Any
 # (jaxlib 0.10.2: jax.random.bits of [3, 3, 8, 16] 4.8 s, of [1152] 0.2 s), and a ResNet has a
 # dozen distinct conv kernel shapes. Threefry's counters run over the flattened index, so a flat
 # draw reshaped is bitwise the same array: these are jax.nn.initializers' normal and
-# variance_scaling, value for value, drawn flat.
+# variance_scaling, value for value. Matrices, the large and sharded parameters, keep their
+# 2-D draw, which XLA generates shard by shard.
 
 
 def _draw(sample, key, shape, dtype):
+  if len(shape) <= 2:
+    return sample(key, tuple(shape), dtype)
   return sample(key, (math.prod(shape),), dtype).reshape(shape)
 
 
