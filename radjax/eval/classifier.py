@@ -156,7 +156,6 @@ def format_evaluation(result: dict[str, Any]) -> str:
 def ct_settings(config):
   """The CT-to-image settings (``radjax.data.ct.CTConfig``) of the INSPECT build the run trained
   on, or None for a dataset of films. A named build's settings are read from its build report."""
-  import ast
   import glob
   from radjax.data.builders import inspect as inspect_builder
   if config.data.dataset != "inspect":
@@ -170,9 +169,7 @@ def ct_settings(config):
     raise FileNotFoundError(f"the CT settings of INSPECT build {name!r} are in its build report, "
                             f"{pattern}, which is not there: predict where data.data_dir is readable")
   with open(reports[-1]) as f:
-    fields = json.load(f)["config_fields"]
-  # The report keeps tuples as their repr ("('lung', 'pe')").
-  fields = {k: ast.literal_eval(v) if isinstance(v, str) and v[:1] in "([" else v for k, v in fields.items()}
+    fields = json.load(f)["config_fields"]  # tuples as JSON lists: make_config types them back
   return inspect_builder.make_config(name=name, **fields).ct_config()
 
 
