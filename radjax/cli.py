@@ -58,7 +58,7 @@ def cmd_evaluate(args, extra):
     print(f"radjax evaluate: {e}", file=sys.stderr)
     return 2
   print(classifier.format_evaluation(result))
-  out = args.out or os.path.join(paths.local_dir(args.workdir), f"evaluation_{result['dataset']}_{args.split}.json")
+  out = args.out or os.path.join(result["workdir"], f"evaluation_{result['dataset']}_{args.split}.json")
   classifier.write_evaluation(result, out)
   print(f"wrote {out}")
 

@@ -57,6 +57,7 @@ def test_evaluate_matches_an_independent_computation(run, tmp_path, capsys):
   result = json.loads(out.read_text())
   step = _best_step(run)
   assert result["checkpoint"] == f"best checkpoint, step {step}" and result["examples"] == 40
+  assert result["workdir"] == os.path.abspath(run)
   probs, labels, _ = _reference_probabilities(run, step, range(40))
   names = list(result["labels"])
   assert len(names) == probs.shape[1]

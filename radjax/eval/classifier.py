@@ -100,6 +100,7 @@ def evaluate(workdir: str, split: str = "test", *, checkpoint: str = "auto", n_b
   """AUROC (95% percentile-bootstrap interval over examples), AUPRC and class counts per label,
   and the macro AUROC over the labels that have both classes, on ``split`` of the run's dataset.
   Undefined values (a label without positives or negatives) are None."""
+  from radjax import paths
   from radjax.data.pipeline import label_names, make_loader
   from radjax.eval import metrics
   model, config, which = load_classifier(workdir, checkpoint, overrides)
@@ -126,7 +127,7 @@ def evaluate(workdir: str, split: str = "test", *, checkpoint: str = "auto", n_b
                        "positives": int(((y[:, k] == 1) & (m[:, k] > 0)).sum()),
                        "negatives": int(((y[:, k] == 0) & (m[:, k] > 0)).sum())}
   point, lo, hi = metrics.bootstrap_ci(metrics.multilabel_macro_auroc, s, y, m, n_boot=n_boot)
-  return {"workdir": os.path.abspath(workdir), "checkpoint": which, "dataset": config.data.dataset,
+  return {"workdir": paths.local_dir(workdir, "--workdir"), "checkpoint": which, "dataset": config.data.dataset,
           "split": split, "examples": int(len(s)), "labels": per_label,
           "macro_auroc": {"auroc": defined(point), "auroc_lo": defined(lo), "auroc_hi": defined(hi)}}
 
