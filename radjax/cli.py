@@ -64,21 +64,24 @@ def cmd_evaluate(args, extra):
 
 
 def cmd_predict(args, extra):
+  from radjax.data import dicom
   from radjax.eval import classifier
   if extra:
     raise ConfigError(f"predict reads the run's own config; overrides {extra} do not apply")
   try:  # everything that can fail on the inputs, before the output is opened
     model, config, which = classifier.load_classifier(args.workdir, args.checkpoint)
-    ct = classifier.ct_settings(config)
-    files = classifier.image_files(args.images, classifier.IMAGE_SUFFIXES
-                                   + (classifier.VOLUME_SUFFIXES if ct else ()))
-  except FileNotFoundError as e:
+    read_image = classifier.ImageReader(config)
+    files = classifier.image_files(args.images, read_image.suffixes)
+    if any(f.lower().endswith(dicom.SUFFIXES) or dicom.is_dicom(f) for f in files):
+      dicom.require_pydicom()
+  except (FileNotFoundError, ImportError) as e:
     print(f"radjax predict: {e}", file=sys.stderr)
     return 2
   print(f"radjax predict: {len(files)} file(s), {args.workdir} ({which})", file=sys.stderr)
   out = open(args.out, "w", newline="") if args.out else sys.stdout
   try:
-    scored, failed = classifier.write_predictions(model, config, files, out, ct=ct, batch_size=args.batch)
+    scored, failed = classifier.write_predictions(model, config, files, out, read_image=read_image,
+                                                   batch_size=args.batch)
   finally:
     if args.out:
       out.close()
@@ -183,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(func=cmd_evaluate)
 
   p = with_run(sub.add_parser("predict", help="label probabilities for image files: the deployed model"))
-  p.add_argument("images", nargs="+", help="image files (PNG, JPEG, TIFF, ...) or folders of them")
+  p.add_argument("images", nargs="+", help="image files (PNG, JPEG, TIFF, DICOM, ...) or folders of them")
   p.add_argument("--out", default=None, help="CSV path (default: standard output)")
   p.add_argument("--batch", type=int, default=32)
   p.set_defaults(func=cmd_predict)

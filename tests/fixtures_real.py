@@ -52,6 +52,44 @@ def write_csv(path: Path, header: list[str], rows: list[list], *, gz: bool = Fal
     path.write_bytes(data)
 
 
+def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", *, bits_stored: int = 12,
+                slope: float = 1.0, intercept: float = 0.0, modality: str = "DX", **attributes) -> None:
+  """A DICOM file as a digital radiograph's export writes it: ``pixels`` (uint16 [H, W] or
+  [frames, H, W]) as stored values, with a rescale, and a patient name to check it never leaks."""
+  import pydicom
+  from pydicom.dataset import Dataset, FileMetaDataset
+  from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+  sop_class = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
+  meta = FileMetaDataset()
+  meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, generate_uid()
+  meta.TransferSyntaxUID = ExplicitVRLittleEndian
+  ds = Dataset()
+  ds.file_meta = meta
+  ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+  ds.Modality, ds.PatientName, ds.PatientID = modality, "Doe^Jane", "MRN-0042"
+  pydicom.pixels.set_pixel_data(ds, np.asarray(pixels), photometric, bits_stored)
+  ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+  for name, value in attributes.items():
+    setattr(ds, name, value)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  ds.save_as(path, enforce_file_format=True)
+
+
+def equalize_like_opencv(img: np.ndarray) -> np.ndarray:
+  """OpenCV's equalizeHist, level by level as its source does it: the darkest level present maps
+  to 0 and each level above to saturate(round(running count x 255 / pixels above the darkest))."""
+  hist = np.bincount(img.ravel(), minlength=256)
+  darkest = next(v for v in range(256) if hist[v])
+  if hist[darkest] == img.size:
+    return img.copy()
+  scale = np.float32(255.0) / np.float32(img.size - hist[darkest])
+  lut, running = np.zeros(256, np.uint8), 0
+  for level in range(darkest + 1, 256):
+    running += int(hist[level])
+    lut[level] = min(255, max(0, int(np.rint(np.float32(running) * scale))))
+  return lut[img]
+
+
 def write_jpeg(path: Path, h: int, w: int, value: int) -> None:
   from PIL import Image
   path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,12 +3,14 @@
 import csv
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
+from fixtures_real import write_dicom
 from radjax import cli
 from radjax.config import load_config
 from radjax.data.pipeline import image_norm, label_names
@@ -35,13 +37,13 @@ def run(tmp_path_factory):
   return workdir
 
 
-def _reference_probabilities(workdir, step, indices):
-  """The best checkpoint's probabilities on test films, preprocessed by hand (32 px films at
-  32 px: no resize, so normalising is all there is)."""
+def _reference_probabilities(workdir, step, indices, transform=lambda film: film):
+  """The best checkpoint's probabilities on test films (each through ``transform``), preprocessed
+  by hand (32 px films at 32 px: no resize, so normalising is all there is)."""
   model, config = load_pretrained(workdir, step=step, best=True)
   source = get_source(config.data, "test")
   mean, std = image_norm(config.data)
-  films = np.stack([np.asarray(source[i]["image"], np.float32).reshape(32, 32, 1) for i in indices])
+  films = np.stack([transform(np.asarray(source[i]["image"], np.float32).reshape(32, 32, 1)) for i in indices])
   logits = np.asarray(model((films / 255 - mean) / std))
   labels = np.asarray([[source[i]["labels"][n] for n in label_names(config.data)] for i in indices])
   return 1 / (1 + np.exp(-logits)), labels, source
@@ -86,31 +88,44 @@ def test_predict_scores_image_files_as_evaluation_does(run, tmp_path, capsys):
         folder / ("nested" if i == 2 else "") / f"film{i}.png")
   (folder / "film9.jpg").write_bytes(b"not a jpeg")
   (folder / "notes.txt").write_text("ignored: not an image suffix")
+  # Film 3 as a radiograph's DICOM export: 12-bit detector values, stretched back to 8 bits.
+  film3 = np.asarray(source[3]["image"], np.float64).reshape(32, 32)
+  write_dicom(folder / "IM0003", (film3 * 9 + 700).astype(np.uint16), "MONOCHROME2")
   out = tmp_path / "scores.csv"
   assert cli.main(["predict", "--workdir", run, "--out", str(out), str(folder)]) == 1  # one unreadable
   rows = list(csv.DictReader(out.open()))
-  assert [os.path.basename(r["path"]) for r in rows] == ["film0.png", "film1.png", "film9.jpg", "film2.png"]
+  assert [os.path.basename(r["path"]) for r in rows] == ["IM0003", "film0.png", "film1.png", "film9.jpg",
+                                                         "film2.png"]
   names = [c for c in rows[0] if c not in ("path", "error")]
   by_name = {os.path.basename(r["path"]): r for r in rows}
   for i in range(3):
     row = by_name[f"film{i}.png"]
     np.testing.assert_allclose([float(row[n]) for n in names], probs[i], atol=2e-6)
     assert row["error"] == ""
+  stretch = lambda f: np.floor((f - f.min()) * 255 / (f.max() - f.min()))
+  [stretched] = _reference_probabilities(run, step, [3], stretch)[0]
+  np.testing.assert_allclose([float(by_name["IM0003"][n]) for n in names], stretched, atol=2e-6)
   assert "unreadable image" in by_name["film9.jpg"]["error"] and by_name["film9.jpg"][names[0]] == ""
   assert "1 file(s) could not be read" in capsys.readouterr().err
+  assert "Doe" not in out.read_text() and "MRN" not in out.read_text()  # the DICOM's patient stays out
 
 
 def test_read_image_stretches_16_bit_films(tmp_path):
   ramp = np.linspace(1000, 5000, 64 * 64).reshape(64, 64).astype(np.uint16)
   Image.fromarray(ramp).save(tmp_path / "film16.png")
-  x = classifier.read_image(str(tmp_path / "film16.png"))
+  x = classifier.ImageReader(load_config("configs/finetune_synth.py"))(str(tmp_path / "film16.png"))
   assert x.dtype == np.uint8 and x.shape == (64, 64)
   assert (x.min(), x.max()) == (0, 255) and (np.diff(x.ravel().astype(int)) >= 0).all()
 
 
-def test_refusals_name_the_reason(run, tmp_path, capsys):
+def test_refusals_name_the_reason(run, tmp_path, capsys, monkeypatch):
   assert cli.main(["predict", "--workdir", run, str(tmp_path / "film.png")]) == 2
   assert "film.png: no such file or folder" in capsys.readouterr().err
+  write_dicom(tmp_path / "dicoms" / "x.dcm", np.zeros((32, 32), np.uint16))
+  with monkeypatch.context() as m:
+    m.setitem(sys.modules, "pydicom", None)  # not installed: said once, before any work
+    assert cli.main(["predict", "--workdir", run, str(tmp_path / "dicoms")]) == 2
+  assert "reading DICOM needs pydicom" in capsys.readouterr().err
   Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "film.png")
   assert cli.main(["predict", "--workdir", str(tmp_path / "nothing"), str(tmp_path / "film.png")]) == 2
   assert f"no checkpoint in {tmp_path / 'nothing' / 'checkpoints'}" in capsys.readouterr().err

@@ -186,6 +186,35 @@ def test_missing_reports_are_named_before_any_work(built, tmp_path):
   mimic_cxr.check_manual_dir(manual, reports=str(zip_path))
 
 
+def test_predict_reads_films_and_dicoms_as_the_build_stored_them(built, tmp_path):
+  """`radjax predict` gives a MIMIC-CXR model what its build stored: a MIMIC-CXR-JPG film resized
+  and encoded with the named build's settings (read back from its report); a DICOM first
+  converted as MIMIC-CXR-JPG converts its DICOMs, here written out step by step."""
+  from PIL import Image
+  from radjax.config import load_config
+  from radjax.eval import classifier
+  config = load_config("configs/study_mimic.py", [f"--config.data.data_dir={built['data_dir']}",
+                                                  f"--config.data.builder_config={built['report']['config']}"])
+  read_image = classifier.ImageReader(config)
+  assert read_image.build.image_size == 16
+  for split, exp_examples in built["expected"]["examples"].items():
+    got = _read_split(Path(built["report"]["data_dir"]), split)
+    for study, exp in exp_examples.items():
+      [film] = built["manual"].glob(f"files/p*/p*/s{study}/{exp['dicom_id']}.jpg")
+      np.testing.assert_array_equal(read_image(str(film)), got[study]["image"][..., 0])
+  yy, xx = np.mgrid[0:48, 0:40]
+  stored = (800 + 30 * yy + 7 * xx + (yy * xx) % 97).astype(np.uint16)
+  fixtures_real.write_dicom(tmp_path / "IM0001", stored, "MONOCHROME1", slope=2.0, intercept=-1024.0)
+  shown = -(stored * 2.0 - 1024.0)  # rescaled, then inverted: MONOCHROME1 shows its minimum white
+  eight_bit = np.floor((shown - shown.min()) * 255 / (shown.max() - shown.min())).astype(np.uint8)
+  Image.fromarray(fixtures_real.equalize_like_opencv(eight_bit)).save(tmp_path / "as_published.jpg",
+                                                                      quality=95)
+  np.testing.assert_array_equal(read_image(str(tmp_path / "IM0001")),
+                                read_image(str(tmp_path / "as_published.jpg")))
+  assert classifier.image_files([str(tmp_path)], read_image.suffixes) == [
+      str(tmp_path / "IM0001"), str(tmp_path / "as_published.jpg")]
+
+
 def test_config_names():
   assert mimic_cxr.make_config().name == "default"
   assert mimic_cxr.make_config(image_size=256).name == "default"

@@ -4,8 +4,9 @@
     radjax predict --workdir runs/ft --out scores.csv FILE_OR_FOLDER ...   a probability per label
 
 Both load the run's saved config and checkpoint (``best/`` when the run kept one, else the latest)
-and preprocess each image as training did, without augmentation (``Preprocess.image``); for a
-model trained on INSPECT, predict also takes CT volumes, projected as its build did. Neither
+and preprocess each image as training did, without augmentation (``Preprocess.image``); predict
+first turns each file (a film, a DICOM, a CT volume) into the image the run's build would have
+stored for it (``ImageReader``). Neither
 reads a report: the deployed model needs the image only, and report text never reaches their
 output.
 """
@@ -154,36 +155,102 @@ def format_evaluation(result: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- predict
 
 
-def ct_settings(config):
-  """The CT-to-image settings (``radjax.data.ct.CTConfig``) of the INSPECT build the run trained
-  on, or None for a dataset of films. A named build's settings are read from its build report."""
+def build_settings(config):
+  """The builder config of the build the run trained on (``MimicCXRConfig``, ``InspectConfig``),
+  whose resizing and CT settings raw files must go through, or None for SynthCXR (its films are
+  generated, not converted). A named build's settings are read from its build report."""
   import glob
-  from radjax.data.builders import inspect as inspect_builder
-  if config.data.dataset != "inspect":
+  import importlib
+  dataset = config.data.dataset
+  if dataset not in ("mimic_cxr", "inspect"):
     return None
+  builder = importlib.import_module(f"radjax.data.builders.{dataset}")
   name = config.data.get("builder_config") or "default"
   if name == "default":
-    return inspect_builder.make_config().ct_config()
-  pattern = os.path.join(os.path.expanduser(str(config.data.data_dir)), "inspect", name, "*", "build_report.json")
+    return builder.make_config()
+  data_dir = os.path.expanduser(str(config.data.data_dir))
+  pattern = os.path.join(data_dir, dataset, name, "*", "build_report.json")
   reports = sorted(glob.glob(pattern))
   if not reports:
-    raise FileNotFoundError(f"the CT settings of INSPECT build {name!r} are in its build report, "
+    raise FileNotFoundError(f"the settings of {dataset} build {name!r} are in its build report, "
                             f"{pattern}, which is not there: predict where data.data_dir is readable")
   with open(reports[-1]) as f:
     fields = json.load(f)["config_fields"]  # tuples as JSON lists: make_config types them back
-  return inspect_builder.make_config(name=name, **fields).ct_config()
+  return builder.make_config(name=name, **fields)
+
+
+class ImageReader:
+  """Files -> uint8 [H, W] (or [H, W, 3]): the image the run's build would have stored for them.
+
+  - MIMIC-CXR: a MIMIC-CXR-JPG film is resized and encoded as the build did; a DICOM is first
+    converted as MIMIC-CXR-JPG converts its DICOMs (8 bits, histogram equalisation, JPEG).
+  - INSPECT: a CT volume (``VOLUME_SUFFIXES``) becomes the projection the build stores.
+  - SynthCXR: a file is read as it is; 16-bit and float images and DICOMs are stretched from their
+    own minimum to maximum (a PNG or TIFF records no display window).
+  """
+
+  def __init__(self, config):
+    from radjax.data import dicom
+    self.dataset = config.data.dataset
+    self.build = build_settings(config)
+    self.suffixes = IMAGE_SUFFIXES + dicom.SUFFIXES + (VOLUME_SUFFIXES if self.dataset == "inspect" else ())
+
+  def __call__(self, path: str) -> np.ndarray:
+    from radjax.data import dicom
+    if path.lower().endswith(VOLUME_SUFFIXES):
+      if self.dataset != "inspect":
+        raise ValueError("a CT volume, but this model was trained on films")
+      from radjax.data import ct as ct_lib
+      return ct_lib.projection_image(ct_lib.load_nifti(path), self.build.ct_config())
+    if self.dataset == "inspect":
+      raise ValueError("a film or a single slice, but this model reads CT volumes (.nii.gz; a DICOM "
+                       "series converts with dcm2niix)")
+    raw = _raw_values(path)
+    if self.dataset == "mimic_cxr":
+      from radjax.data.builders import mimic_cxr
+      # An 8-bit film is taken to be a MIMIC-CXR-JPG file (read from disk as the build read it);
+      # raw detector values are converted to one first.
+      return mimic_cxr.stored_image(path if raw is None else mimic_cxr.published_jpg(raw), self.build)
+    return _eight_bit(path) if raw is None else dicom.min_max_to_uint8(raw)
+
+
+_EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV")
+
+
+def _raw_values(path: str) -> np.ndarray | None:
+  """float64 [H, W] for a DICOM or a 16-bit or float image; None for an 8-bit image."""
+  from PIL import Image
+  from radjax.data import dicom
+  if dicom.is_dicom(path) or path.lower().endswith(dicom.SUFFIXES):
+    return dicom.read_radiograph(path)
+  with Image.open(path) as im:  # reads the header only, until asked for pixels
+    return None if im.mode in _EIGHT_BIT_MODES else np.asarray(im, dtype=np.float64)
+
+
+def _eight_bit(path: str) -> np.ndarray:
+  """An 8-bit image -> uint8 [H, W] (grayscale) or [H, W, 3] (colour)."""
+  from PIL import Image
+  with Image.open(path) as im:
+    if im.mode in ("1", "LA", "PA"):
+      im = im.convert("L")
+    elif im.mode not in ("L", "RGB"):
+      im = im.convert("RGB")
+    return np.asarray(im)
 
 
 def image_files(inputs: Sequence[str], suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[str]:
-  """Files named, and files ending in one of ``suffixes`` under folders named, in sorted order."""
+  """Files named, and under folders named the files ending in one of ``suffixes`` or, without
+  a suffix (as DICOM exports often are), starting as a DICOM file does; in sorted order."""
+  from radjax.data import dicom
   files = []
   for item in inputs:
     path = os.path.expanduser(item)
     if os.path.isdir(path):
-      found = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names
-                     if f.lower().endswith(tuple(suffixes)))
+      found = sorted(p for p in (os.path.join(root, f) for root, _, names in os.walk(path) for f in names)
+                     if p.lower().endswith(tuple(suffixes))
+                     or ("." not in os.path.basename(p) and dicom.is_dicom(p)))
       if not found:
-        raise FileNotFoundError(f"{path}: no {', '.join(suffixes)} files in this folder")
+        raise FileNotFoundError(f"{path}: no {', '.join(suffixes)} or DICOM files in this folder")
       files += found
     elif os.path.exists(path):
       files.append(path)
@@ -192,41 +259,16 @@ def image_files(inputs: Sequence[str], suffixes: Sequence[str] = IMAGE_SUFFIXES)
   return files
 
 
-def read_image(path: str, ct: Any = None) -> np.ndarray:
-  """An image file -> uint8 [H, W] or [H, W, 3]. 16-bit and float images are stretched from their
-  own minimum to maximum (their display window is not recorded in a PNG or TIFF). A CT volume
-  (``VOLUME_SUFFIXES``) becomes the projection an INSPECT build stores, with ``ct``'s settings."""
-  from PIL import Image
-  if path.lower().endswith(VOLUME_SUFFIXES):
-    from radjax.data import ct as ct_lib
-    if ct is None:
-      raise ValueError("a CT volume, but this model was trained on films")
-    return ct_lib.projection_image(ct_lib.load_nifti(path), ct)
-  with Image.open(path) as im:
-    im.load()
-    if im.mode in ("1", "L", "RGB"):
-      return np.asarray(im.convert("L") if im.mode == "1" else im)
-    if im.mode in ("P", "RGBA", "CMYK", "YCbCr", "LAB", "HSV"):
-      return np.asarray(im.convert("RGB"))
-    if im.mode in ("LA", "PA"):
-      return np.asarray(im.convert("L"))
-    x = np.asarray(im, dtype=np.float64)
-  lo, hi = float(x.min()), float(x.max())
-  if not np.isfinite([lo, hi]).all():
-    raise ValueError("non-finite pixel values")
-  return np.round((x - lo) * (255.0 / max(hi - lo, 1e-12))).astype(np.uint8)
-
-
-def write_predictions(model, config, files: Sequence[str], out: Any, *, ct: Any = None,
+def write_predictions(model, config, files: Sequence[str], out: Any, *, read_image: ImageReader | None = None,
                       batch_size: int = 32) -> tuple[int, int]:
   """Writes a CSV (path, one probability per label, error) for each of ``files`` to the text stream
   ``out``; a file that cannot be read gets an empty row with its error and the rest go on.
-  ct: ``ct_settings(config)``, for CT volumes among ``files``. Returns (images scored, files that
-  failed)."""
+  read_image: ``ImageReader(config)`` unless given. Returns (images scored, files that failed)."""
   from radjax.data.pipeline import Preprocess, label_names
   names = label_names(config.data)
   preprocess = Preprocess(config.data, _NoReports(), train=False, names=names)
   probabilities = probabilities_fn(model)
+  read_image = read_image or ImageReader(config)
   writer = csv.writer(out)
   writer.writerow(["path", *names, "error"])
   scored = failed = 0
@@ -235,7 +277,7 @@ def write_predictions(model, config, files: Sequence[str], out: Any, *, ct: Any 
     images, errors = [], {}
     for path in chunk:
       try:
-        images.append(preprocess.image(read_image(path, ct), None))
+        images.append(preprocess.image(read_image(path), None))
       except Exception as e:  # pylint: disable=broad-except
         errors[path] = f"unreadable image: {type(e).__name__}: {e}"
     probs = iter([])

@@ -311,7 +311,7 @@ def resize_short_side(img: Any, size: int) -> Any:
   return img.resize(new, Image.Resampling.BICUBIC, reducing_gap=3.0)
 
 
-def load_cxr(path: Path, size: int) -> np.ndarray:
+def load_cxr(path: Path | io.BytesIO, size: int) -> np.ndarray:
   """Reads a radiograph as 8-bit grayscale uint8 [H, W] with its short side resized to ``size``.
 
   Raises OSError/ValueError (from PIL) for unreadable, truncated or corrupt files."""
@@ -335,6 +335,24 @@ def encode_image(img: np.ndarray, fmt: str, quality: int = 95) -> bytes:
   else:
     Image.fromarray(img).save(buf, format="PNG")
   return buf.getvalue()
+
+
+def stored_image(film: Path | io.BytesIO, cfg: MimicCXRConfig) -> np.ndarray:
+  """A MIMIC-CXR-JPG film -> uint8 [H, W], the image a build with ``cfg`` stores for it, as it
+  reads back (resized, then encoded in the build's format)."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  encoded = encode_image(load_cxr(film, cfg.image_size), cfg.image_format, cfg.jpeg_quality)
+  with Image.open(io.BytesIO(encoded)) as im:
+    return np.asarray(im)
+
+
+def published_jpg(pixels: np.ndarray) -> io.BytesIO:
+  """A DICOM radiograph's pixels (``radjax.data.dicom.read_radiograph``) -> the JPEG file
+  MIMIC-CXR-JPG publishes for such a DICOM, by the conversion its paper describes (Johnson et
+  al. 2019): min-max scaled to 8 bits, histogram-equalised, JPEG quality 95."""
+  from radjax.data import dicom  # pylint: disable=import-outside-toplevel
+  film = dicom.equalize_histogram(dicom.min_max_to_uint8(pixels))
+  return io.BytesIO(encode_image(film, "jpeg", 95))
 
 
 @dataclasses.dataclass(frozen=True)
