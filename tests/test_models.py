@@ -471,24 +471,32 @@ def _pooled_only_cases():
 def test_pooled_only_matches_the_full_pooled_output(case):
   _, build, inputs, padding = case
   model = build()
-  full = lambda m, *a: m(*a)["pooled"]
-  part = lambda m, *a: m(*a, pooled_only=True)["pooled"]
-  assert set(model(*inputs, pooled_only=True)) == {"pooled"}
-  want = full(model, *inputs)
-  np.testing.assert_allclose(part(model, *inputs), want, atol=1e-5 * float(jnp.abs(want).max()))
-  # Gradients of a loss on the pooled output, leaf by leaf, to 1e-4 of the leaf's scale (and
-  # 1e-6 of the largest: the key bias's gradient is zero up to rounding).
-  probe = jax.random.normal(jax.random.key(3), want.shape)
-  grads = [jax.tree.leaves(nnx.grad(lambda m: (f(m, *inputs) * probe).sum())(model))
-           for f in (full, part)]
-  largest = max(float(jnp.abs(g).max()) for g in grads[0])
-  for g_full, g_part in zip(*grads):
+  assert set(nnx.eval_shape(lambda m: m(*inputs, pooled_only=True), model)) == {"pooled"}
+  probe = jax.random.normal(jax.random.key(3), nnx.eval_shape(lambda m: m(*inputs)["pooled"], model).shape)
+
+  # The pooled output and the gradients of a loss on it, in one jitted function per path: one
+  # compile costs a fraction of compiling each op of the forward and the backward eagerly.
+  @nnx.jit(static_argnums=1)
+  def pooled_and_grads(m, pooled_only):
+    def loss(m):
+      pooled = m(*inputs, pooled_only=pooled_only)["pooled"]
+      return (pooled * probe).sum(), pooled
+    (_, pooled), grads = nnx.value_and_grad(loss, has_aux=True)(m)
+    return pooled, jax.tree.leaves(grads)
+
+  (want, grads_full), (got, grads_part) = pooled_and_grads(model, False), pooled_and_grads(model, True)
+  np.testing.assert_allclose(got, want, atol=1e-5 * float(jnp.abs(want).max()))
+  # Leaf by leaf, to 1e-4 of the leaf's scale (and 1e-6 of the largest: the key bias's gradient
+  # is zero up to rounding).
+  largest = max(float(jnp.abs(g).max()) for g in grads_full)
+  for g_full, g_part in zip(grads_full, grads_part):
     np.testing.assert_allclose(g_part, g_full,
                                atol=1e-4 * float(jnp.abs(g_full).max()) + 1e-6 * largest)
   if padding is not None:
     # Positions after the pooled token (causal) or masked out (BERT) stay invisible to it.
+    part = nnx.jit(lambda m, *a: m(*a, pooled_only=True)["pooled"])
     ids = inputs[0].at[:2, 7].set(42)
-    np.testing.assert_allclose(part(model, ids, *inputs[1:]), part(model, *inputs), atol=1e-5)
+    np.testing.assert_allclose(part(model, ids, *inputs[1:]), got, atol=1e-5)
 
 
 def test_transformer_rows_take_key_padding_masks_only():
