@@ -49,38 +49,45 @@ def cmd_advise(args, extra):
   advise.main(config, task=args.task)
 
 
-def cmd_evaluate(args, extra):
+def _open_classifier(args, overrides=()):
   from radjax.eval import classifier
+  return classifier.open_classifier(args.workdir, model_file=args.model, checkpoint=args.checkpoint,
+                                    overrides=overrides)
+
+
+def cmd_evaluate(args, extra):
+  from radjax.eval import classifier, exported
   try:
-    result = classifier.evaluate(args.workdir, args.split, checkpoint=args.checkpoint, n_boot=args.n_boot,
-                                 overrides=parse_overrides(extra))
-  except FileNotFoundError as e:
+    result = classifier.evaluate(_open_classifier(args, parse_overrides(extra)), args.split, n_boot=args.n_boot)
+  except (FileNotFoundError, exported.UnreadableExport) as e:
     print(f"radjax evaluate: {e}", file=sys.stderr)
     return 2
   print(classifier.format_evaluation(result))
-  out = args.out or os.path.join(result["workdir"], f"evaluation_{result['dataset']}_{args.split}.json")
+  folder = result["workdir"] or os.path.dirname(result["model_file"])
+  out = args.out or os.path.join(folder, f"evaluation_{result['dataset']}_{args.split}.json")
   classifier.write_evaluation(result, out)
   print(f"wrote {out}")
 
 
 def cmd_predict(args, extra):
   from radjax.data import dicom
-  from radjax.eval import classifier
+  from radjax.eval import classifier, exported
   if extra:
-    raise ConfigError(f"predict reads the run's own config; overrides {extra} do not apply")
+    raise ConfigError(f"predict reads the classifier's own config; overrides {extra} do not apply")
   try:  # everything that can fail on the inputs, before the output is opened
-    model, config, which = classifier.load_classifier(args.workdir, args.checkpoint)
-    read_image = classifier.ImageReader(config)
+    deployed = _open_classifier(args)
+    read_image = deployed.image_reader()
     files = classifier.image_files(args.images, read_image.suffixes)
     if any(f.lower().endswith(dicom.SUFFIXES) or dicom.is_dicom(f) for f in files):
       dicom.require_pydicom()
-  except (FileNotFoundError, ImportError) as e:
+  except (FileNotFoundError, ImportError, exported.UnreadableExport) as e:
     print(f"radjax predict: {e}", file=sys.stderr)
     return 2
-  print(f"radjax predict: {len(files)} file(s), {args.workdir} ({which})", file=sys.stderr)
+  print(f"radjax predict: {len(files)} file(s), {deployed.workdir or deployed.model_file} "
+        f"({deployed.description})", file=sys.stderr)
   out = open(args.out, "w", newline="") if args.out else sys.stdout
   try:
-    scored, failed = classifier.write_predictions(model, config, files, out, read_image=read_image,
+    scored, failed = classifier.write_predictions(deployed, files, out, read_image=read_image,
                                                    batch_size=args.batch)
   finally:
     if args.out:
@@ -89,6 +96,20 @@ def cmd_predict(args, extra):
         + (f"; {failed} file(s) could not be read (their rows name the error)" if failed else ""),
         file=sys.stderr)
   return 1 if failed else 0
+
+
+def cmd_export(args, extra):
+  from radjax.eval import classifier
+  if extra:
+    raise ConfigError(f"export writes the run as it was trained; overrides {extra} do not apply")
+  try:
+    meta = classifier.export_classifier(args.workdir, args.out, args.checkpoint)
+  except FileNotFoundError as e:
+    print(f"radjax export: {e}", file=sys.stderr)
+    return 2
+  print(f"radjax export: wrote {args.out} ({os.path.getsize(args.out) / 2**20:.1f} MiB; "
+        f"{', '.join(meta['labels'])}; {meta['source']['checkpoint']}; runs on {', '.join(meta['platforms'])})")
+  return 0
 
 
 def cmd_data_build(args, extra):
@@ -173,8 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--task", default=None, help="label name; default: every label of the config's task")
   p.set_defaults(func=cmd_advise)
 
-  def with_run(p):
-    p.add_argument("--workdir", required=True, help="a fine-tuning run (method supervised)")
+  def with_run(p, exported=True):
+    which = p.add_mutually_exclusive_group(required=True) if exported else p
+    which.add_argument("--workdir", required=not exported, help="a fine-tuning run (method supervised)")
+    if exported:
+      which.add_argument("--model", help="a classifier file `radjax export` wrote")
     p.add_argument("--checkpoint", choices=["auto", "best", "latest"], default="auto",
                    help="auto: the best checkpoint when the run kept one, else the latest")
     return p
@@ -190,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", default=None, help="CSV path (default: standard output)")
   p.add_argument("--batch", type=int, default=32)
   p.set_defaults(func=cmd_predict)
+
+  p = with_run(sub.add_parser("export", help="the classifier as one file: weights and a portable "
+                                             "program (jax.export) for CPU and CUDA"), exported=False)
+  p.add_argument("--out", required=True, help="the file to write, e.g. runs/ft/classifier.radjax")
+  p.set_defaults(func=cmd_export)
 
   data = sub.add_parser("data", help="build or look at datasets").add_subparsers(dest="data_command", required=True)
   p = with_config(data.add_parser("build", help="materialise a dataset as ArrayRecord (TFDS)"), required=False,

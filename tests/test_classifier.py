@@ -113,7 +113,7 @@ def test_predict_scores_image_files_as_evaluation_does(run, tmp_path, capsys):
 def test_read_image_stretches_16_bit_films(tmp_path):
   ramp = np.linspace(1000, 5000, 64 * 64).reshape(64, 64).astype(np.uint16)
   Image.fromarray(ramp).save(tmp_path / "film16.png")
-  x = classifier.ImageReader(load_config("configs/finetune_synth.py"))(str(tmp_path / "film16.png"))
+  x = classifier.ImageReader("synth_cxr", None)(str(tmp_path / "film16.png"))
   assert x.dtype == np.uint8 and x.shape == (64, 64)
   assert (x.min(), x.max()) == (0, 255) and (np.diff(x.ravel().astype(int)) >= 0).all()
 
@@ -144,3 +144,92 @@ def test_refusals_name_the_reason(run, tmp_path, capsys, monkeypatch):
       "--config.model.embed_dim=32"]), pre)
   assert cli.main(["evaluate", "--workdir", pre]) == 2
   assert "'clip' run, which has no classifier head: fine-tune it first" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def test_exported_file_evaluates_and_predicts_as_the_run_does(run, tmp_path, capsys):
+  model_file = tmp_path / "ft.radjax"
+  assert cli.main(["export", "--workdir", run, "--out", str(model_file)]) == 0
+  step = _best_step(run)
+  assert f"best checkpoint, step {step}; runs on cpu, cuda" in capsys.readouterr().out
+  # With JAX and NumPy alone (no radjax, no model code): the file's function on its weights.
+  import io
+  import zipfile
+  import jax
+  probs, _, source = _reference_probabilities(run, step, range(5))
+  with zipfile.ZipFile(model_file) as zf:
+    meta = json.loads(zf.read("deployment.json"))
+    function = jax.export.deserialize(bytearray(zf.read("probabilities.jax_exported")))
+    weights = [np.load(io.BytesIO(zf.read(n))) for n in sorted(zf.namelist()) if n.startswith("weights/")]
+    everything = b"".join(zf.read(n) for n in zf.namelist())
+  assert meta["labels"] == list(label_names(load_config("configs/finetune_synth.py").data))
+  assert meta["inputs"]["shape"] == ["batch", 32, 32, 1]
+  films = np.stack([np.asarray(source[i]["image"], np.float32).reshape(32, 32, 1) for i in range(5)])
+  films = (films / 255 - meta["inputs"]["mean"]) / meta["inputs"]["std"]
+  for batch in (1, 5):  # the batch dimension is symbolic
+    np.testing.assert_allclose(function.call(weights, films[:batch]), probs[:batch], atol=2e-6)
+  for i in range(5):  # the reports the run never needed are not in the file either
+    assert str(source[i]["report"]).encode() not in everything
+  # evaluate and predict read the file as they read the run.
+  for flag, where in (("--workdir", run), ("--model", str(model_file))):
+    assert cli.main(["evaluate", flag, where, "--n_boot", "50", "--out", str(tmp_path / f"{flag}.json")]) == 0
+  by_run, by_file = (json.loads((tmp_path / f"{f}.json").read_text()) for f in ("--workdir", "--model"))
+  assert by_file["model_file"] == str(model_file) and by_file["workdir"] is None
+  assert by_file["checkpoint"] == f"exported from the best checkpoint, step {step}"
+  assert by_file["labels"] == by_run["labels"] and by_file["macro_auroc"] == by_run["macro_auroc"]
+  Image.fromarray(np.asarray(source[0]["image"]).reshape(32, 32)).save(tmp_path / "film0.png")
+  for flag, where in (("--workdir", run), ("--model", str(model_file))):
+    assert cli.main(["predict", flag, where, "--out", str(tmp_path / f"{flag}.csv"), str(tmp_path / "film0.png")]) == 0
+  assert (tmp_path / "--model.csv").read_text() == (tmp_path / "--workdir.csv").read_text()
+  (tmp_path / "not_a_model.radjax").write_bytes(b"PK not a zip")
+  assert cli.main(["predict", "--model", str(tmp_path / "not_a_model.radjax"), str(tmp_path / "film0.png")]) == 2
+  assert "not a classifier `radjax export` wrote" in capsys.readouterr().err
+
+
+def test_export_keeps_batch_statistics_and_scores_each_image_alone(tmp_path):
+  """A BatchNorm ResNet classifier: deployment normalises with the running averages (eval mode),
+  so an image scores the same in any batch, and the exported file carries those averages."""
+  import jax
+  from flax import nnx
+  from radjax.eval import exported
+  from radjax.methods import get_method
+  config = load_config("configs/finetune_synth.py", [
+      "--config.model.image.name=resnet", "--config.model.image.variant=18", "--config.model.image.norm=batch",
+      "--config.model.image.width=8", "--config.data.image_size=32"])
+  model = get_method("supervised").build(config, nnx.Rngs(0))
+  keys = iter(jax.random.split(jax.random.key(7), 1000))
+  randomised = lambda v: jax.random.uniform(next(keys), v.shape, v.dtype, 0.5, 1.5)
+  # Running averages and a head unlike their initial values (ones, zeros, a zero head).
+  nnx.update(model, jax.tree.map(randomised, nnx.state(model, nnx.BatchStat)))
+  nnx.update(model.head, jax.tree.map(lambda v: randomised(v) - 1, nnx.state(model.head, nnx.Param)))
+  model.eval()
+  x = np.random.default_rng(0).normal(size=(3, 32, 32, 1)).astype(np.float32)
+  want = np.asarray(jax.nn.sigmoid(model(x)))
+  np.testing.assert_allclose(np.asarray(jax.nn.sigmoid(model(x[1:2]))), want[1:2], atol=1e-6)
+  exported.export(model, config, None, "a test's model", str(tmp_path / "rn.radjax"))
+  probabilities, meta = exported.load(str(tmp_path / "rn.radjax"))
+  assert meta["source"]["image_model"]["norm"] == "batch"
+  np.testing.assert_allclose(probabilities(x), want, atol=2e-6)
+  np.testing.assert_allclose(probabilities(x[1:2]), want[1:2], atol=2e-6)
+  model.train()  # the mode training leaves: x[1]'s scores would depend on its batch
+  assert np.abs(np.asarray(model(x[1:3]))[0] - np.asarray(model(x))[1]).max() > 1e-3
+
+
+def test_predict_scores_each_image_alone_with_batch_norm(tmp_path):
+  """A BatchNorm classifier as trained and loaded: predict's probabilities for a film do not
+  depend on the batch it lands in (inference mode: the running averages)."""
+  workdir = str(tmp_path / "rn")
+  vit_knobs = [f for f in TINY if f.startswith("--config.model.image.")]
+  loop.train(load_config("configs/finetune_synth.py", [f for f in TINY if f not in vit_knobs] + [
+      "--config.train.steps=2", "--config.model.image.name=resnet", "--config.model.image.variant=18",
+      "--config.model.image.norm=batch", "--config.model.image.width=8"]), workdir)
+  source = get_source(load_config("configs/finetune_synth.py", TINY).data, "test")
+  for i in range(3):
+    Image.fromarray(np.asarray(source[i]["image"]).reshape(32, 32)).save(tmp_path / f"film{i}.png")
+  films = [str(tmp_path / f"film{i}.png") for i in range(3)]
+  for batch in (1, 3):
+    assert cli.main(["predict", "--workdir", workdir, "--batch", str(batch), "--out", str(tmp_path / f"{batch}.csv"),
+                     *films]) == 0
+  assert (tmp_path / "1.csv").read_text() == (tmp_path / "3.csv").read_text()

@@ -73,18 +73,17 @@ def test_predict_reads_a_volume_as_the_build_stored_it(built):
   from radjax.eval import classifier
   config = load_config("configs/study_inspect.py", [f"--config.data.data_dir={built['data_dir']}",
                                                     f"--config.data.builder_config={built['report']['config']}"])
-  read_image = classifier.ImageReader(config)
+  read_image = classifier.ImageReader("inspect", classifier.build_settings(config.data))
   assert read_image.build.ct_config() == ct.CTConfig(**CONFIG)
   for split, exp_examples in built["expected"]["examples"].items():
     got = _read_split(Path(built["report"]["data_dir"]), split)
     for imp, exp in exp_examples.items():
       np.testing.assert_array_equal(read_image(exp["volume"]), got[imp]["image"])
-  synth = load_config("configs/finetune_synth.py")
   with pytest.raises(ValueError, match="trained on films"):
-    classifier.ImageReader(synth)(exp["volume"])
+    classifier.ImageReader("synth_cxr", None)(exp["volume"])
   config.data.builder_config = "never_built"
   with pytest.raises(FileNotFoundError, match="never_built"):
-    classifier.ImageReader(config)
+    classifier.build_settings(config.data)
 
 
 def test_censored_is_masked_never_negative(built):

@@ -195,7 +195,7 @@ def test_predict_reads_films_and_dicoms_as_the_build_stored_them(built, tmp_path
   from radjax.eval import classifier
   config = load_config("configs/study_mimic.py", [f"--config.data.data_dir={built['data_dir']}",
                                                   f"--config.data.builder_config={built['report']['config']}"])
-  read_image = classifier.ImageReader(config)
+  read_image = classifier.ImageReader("mimic_cxr", classifier.build_settings(config.data))
   assert read_image.build.image_size == 16
   for split, exp_examples in built["expected"]["examples"].items():
     got = _read_split(Path(built["report"]["data_dir"]), split)

@@ -447,8 +447,12 @@ def _jsonable(value: Any) -> Any:
 
 def config_fields(builder: Any) -> dict[str, Any] | None:
   """The builder config's own fields (beyond TFDS's name/version/...), JSON-able, or None."""
+  return builder_config_fields(getattr(builder, "builder_config", None))
+
+
+def builder_config_fields(config: Any) -> dict[str, Any] | None:
+  """A builder config's own fields (beyond TFDS's name/version/...), JSON-able, or None."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  config = getattr(builder, "builder_config", None)
   if config is None or not dataclasses.is_dataclass(config):
     return None
   base = {f.name for f in dataclasses.fields(tfds.core.BuilderConfig)}

@@ -2,18 +2,21 @@
 
     radjax evaluate --workdir runs/ft [--split test]          AUROC per label, 95% bootstrap intervals
     radjax predict --workdir runs/ft --out scores.csv FILE_OR_FOLDER ...   a probability per label
+    radjax export --workdir runs/ft --out ft.radjax           the classifier as one file
+    radjax predict --model ft.radjax ...                      (evaluate too) from that file
 
-Both load the run's saved config and checkpoint (``best/`` when the run kept one, else the latest)
-and preprocess each image as training did, without augmentation (``Preprocess.image``); predict
-first turns each file (a film, a DICOM, a CT volume) into the image the run's build would have
-stored for it (``ImageReader``). Neither
-reads a report: the deployed model needs the image only, and report text never reaches their
-output.
+Both load the run's saved config and checkpoint (``best/`` when the run kept one, else the latest),
+or an exported file (``radjax.eval.exported``), and preprocess each image as training did, without
+augmentation (``Preprocess.image``); predict first turns each file (a film, a DICOM, a CT volume)
+into the image the run's build would have stored for it (``ImageReader``). Neither reads a report:
+the deployed model needs the image only, and report text never reaches their output.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -34,24 +37,16 @@ def _steps(folder: str) -> list[int]:
   return sorted(int(n) for n in os.listdir(folder) if n.isdigit()) if os.path.isdir(folder) else []
 
 
-def load_classifier(workdir: str, checkpoint: str = "auto", overrides: Sequence[tuple[str, str]] = ()):
+def load_classifier(workdir: str, checkpoint: str = "auto"):
   """The classifier trained in ``workdir`` -> ``(model, config, description of the checkpoint)``.
 
   checkpoint: "best" (``workdir/best``), "latest" (``workdir/checkpoints``) or "auto" (best when
-  the run kept one). overrides: ``("data.KEY", value)`` pairs for the saved config (another
-  ``data.data_dir`` for an external test set, say); the keys the model depends on cannot change.
-  """
+  the run kept one). The model is in inference mode (``model.eval()``)."""
   from radjax import paths
   from radjax.methods.supervised import Classifier
   from radjax.train.checkpoint import load_pretrained
-  from radjax.data.pipeline import label_names
   if checkpoint not in CHECKPOINTS:
     raise ConfigError(f"--checkpoint {checkpoint!r}; expected one of {', '.join(CHECKPOINTS)}")
-  for key, _ in overrides:
-    section, _, field = key.partition(".")
-    if section != "data" or field in _FIXED_DATA_KEYS:
-      raise ConfigError(f"--config.{key}: only the data.* keys the model does not depend on can change "
-                        f"here (not {', '.join('data.' + k for k in _FIXED_DATA_KEYS)})")
   workdir = paths.local_dir(workdir, "--workdir")
   best_steps = _steps(os.path.join(workdir, "best"))
   use_best = checkpoint == "best" or (checkpoint == "auto" and bool(best_steps))
@@ -63,13 +58,76 @@ def load_classifier(workdir: str, checkpoint: str = "auto", overrides: Sequence[
     raise ConfigError(f"{workdir} holds a {config.method.name!r} run, which has no classifier head: "
                       "fine-tune it first (configs/finetune_synth.py with "
                       f"--config.method.init_from={workdir}), or compare methods with `radjax study`")
+  # Inference mode: BatchNorm normalises with its running averages, so an image's probabilities
+  # do not depend on the other images in its batch (training and the loaded model use the batch's).
+  model.eval()
+  return model, config, f"{'best' if use_best else 'latest'} checkpoint, step {steps[-1]}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Deployed:
+  """A classifier as evaluate and predict use it, from a run or from an exported file.
+
+  probabilities: normalised images float32 [B, S, S, C] -> probabilities float32 [B, K].
+  data: the data config (``config.data``) its inputs are prepared by, overrides applied.
+  description: which weights ("best checkpoint, step 40", "exported ...").
+  workdir / model_file: where it came from (the other is None).
+  read_build: () -> the settings of the build it trained on (``build_settings``)."""
+  probabilities: Callable[[np.ndarray], np.ndarray]
+  data: Any
+  description: str
+  workdir: str | None
+  model_file: str | None
+  read_build: Callable[[], Any]
+
+  def image_reader(self) -> ImageReader:
+    return ImageReader(self.data.dataset, self.read_build())
+
+
+def open_classifier(workdir: str | None = None, *, model_file: str | None = None, checkpoint: str = "auto",
+                    overrides: Sequence[tuple[str, str]] = ()) -> Deployed:
+  """The classifier of a fine-tuning run (``workdir``) or of an exported file (``model_file``).
+
+  overrides: ``("data.KEY", value)`` pairs for its data config (another ``data.data_dir`` for an
+  external test set, say); the keys the model depends on cannot change."""
+  import ml_collections
+  from radjax import paths
+  from radjax.data.pipeline import label_names
+  from radjax.eval import exported
+  if (workdir is None) == (model_file is None):
+    raise ConfigError("give one of --workdir (a fine-tuning run) and --model (an exported classifier)")
+  for key, _ in overrides:
+    section, _, field = key.partition(".")
+    if section != "data" or field in _FIXED_DATA_KEYS:
+      raise ConfigError(f"--config.{key}: only the data.* keys the model does not depend on can change "
+                        f"here (not {', '.join('data.' + k for k in _FIXED_DATA_KEYS)})")
+  if workdir is not None:
+    model, config, description = load_classifier(workdir, checkpoint)
+    probabilities, trained = probabilities_fn(model), copy.deepcopy(config.data)
+    read_build = lambda: build_settings(trained)
+    workdir = paths.local_dir(workdir, "--workdir")
+  else:
+    model_file = os.path.abspath(os.path.expanduser(model_file))
+    if not os.path.isfile(model_file):
+      raise FileNotFoundError(f"{model_file}: no such file")
+    probabilities, meta = exported.load(model_file)
+    config = ml_collections.ConfigDict({"data": meta["data"]})
+    description = f"exported from the {meta['source']['checkpoint']}"
+    read_build = lambda: exported_build(meta)
   trained_labels = label_names(config.data)
   for key, raw in overrides:
     apply_override(config, key, raw)
   if label_names(config.data) != trained_labels:  # data.labels may name a group, e.g. "diagnostic"
     raise ConfigError(f"the model predicts {', '.join(trained_labels)}; with these overrides the data "
                       f"gives {', '.join(label_names(config.data))}")
-  return model, config, f"{'best' if use_best else 'latest'} checkpoint, step {steps[-1]}"
+  return Deployed(probabilities, config.data, description, workdir, model_file, read_build)
+
+
+def export_classifier(workdir: str, out: str, checkpoint: str = "auto") -> dict[str, Any]:
+  """Writes the run's classifier to the file ``out`` (``radjax.eval.exported``); returns its metadata."""
+  from radjax.eval import exported
+  model, config, description = load_classifier(workdir, checkpoint)
+  return exported.export(model, config, build_settings(config.data), description, out)
 
 
 def probabilities_fn(model) -> Callable[[np.ndarray], np.ndarray]:
@@ -96,39 +154,39 @@ class _NoReports:
 # ----------------------------------------------------------------------------- evaluate
 
 
-def evaluate(workdir: str, split: str = "test", *, checkpoint: str = "auto", n_boot: int = 1000,
-             batch_size: int = 64, overrides: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
+def evaluate(classifier: Deployed, split: str = "test", *, n_boot: int = 1000,
+             batch_size: int = 64) -> dict[str, Any]:
   """AUROC (95% percentile-bootstrap interval over examples), AUPRC and class counts per label,
-  and the macro AUROC over the labels that have both classes, on ``split`` of the run's dataset.
-  Undefined values (a label without positives or negatives) are None."""
-  from radjax import paths
+  and the macro AUROC over the labels that have both classes, on ``split`` of the classifier's
+  dataset (``open_classifier``). Undefined values (a label without positives or negatives) are
+  None."""
   from radjax.data.pipeline import label_names, make_loader
   from radjax.eval import metrics
-  model, config, which = load_classifier(workdir, checkpoint, overrides)
-  loader = make_loader(config.data, split, batch_size=batch_size, seed=0, train=False,
+  data = classifier.data
+  loader = make_loader(data, split, batch_size=batch_size, seed=0, train=False,
                        tokenizer=_NoReports(), num_epochs=1)
-  probabilities = probabilities_fn(model)
   scores, labels, masks = [], [], []
   for batch in loader:
-    scores.append(probabilities(batch["image"]))
+    scores.append(classifier.probabilities(batch["image"]))
     labels.append(batch["labels"])
     masks.append(batch["label_mask"])
   if not scores:
-    raise ValueError(f"split {split!r} of {config.data.dataset!r} is empty")
+    raise ValueError(f"split {split!r} of {data.dataset!r} is empty")
   s, y, m = np.concatenate(scores), np.concatenate(labels), np.concatenate(masks)
 
   def defined(x: float) -> float | None:
     return None if math.isnan(x) else round(float(x), 6)
 
   per_label = {}
-  for k, name in enumerate(label_names(config.data)):
+  for k, name in enumerate(label_names(data)):
     point, lo, hi = metrics.bootstrap_ci(metrics.auroc, s[:, k], y[:, k], m[:, k], n_boot=n_boot)
     per_label[name] = {"auroc": defined(point), "auroc_lo": defined(lo), "auroc_hi": defined(hi),
                        "auprc": defined(metrics.auprc(s[:, k], y[:, k], m[:, k])),
                        "positives": int(((y[:, k] == 1) & (m[:, k] > 0)).sum()),
                        "negatives": int(((y[:, k] == 0) & (m[:, k] > 0)).sum())}
   point, lo, hi = metrics.bootstrap_ci(metrics.multilabel_macro_auroc, s, y, m, n_boot=n_boot)
-  return {"workdir": paths.local_dir(workdir, "--workdir"), "checkpoint": which, "dataset": config.data.dataset,
+  return {"workdir": classifier.workdir, "model_file": classifier.model_file,
+          "checkpoint": classifier.description, "dataset": data.dataset,
           "split": split, "examples": int(len(s)), "labels": per_label,
           "macro_auroc": {"auroc": defined(point), "auroc_lo": defined(lo), "auroc_hi": defined(hi)}}
 
@@ -155,20 +213,20 @@ def format_evaluation(result: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- predict
 
 
-def build_settings(config):
-  """The builder config of the build the run trained on (``MimicCXRConfig``, ``InspectConfig``),
-  whose resizing and CT settings raw files must go through, or None for SynthCXR (its films are
-  generated, not converted). A named build's settings are read from its build report."""
+def build_settings(data):
+  """The builder config of the build a run read (``data``: its data config; ``MimicCXRConfig``,
+  ``InspectConfig``), whose resizing and CT settings raw files must go through, or None for
+  SynthCXR (its films are generated, not converted). A named build's settings are read from its
+  build report."""
   import glob
-  import importlib
-  dataset = config.data.dataset
-  if dataset not in ("mimic_cxr", "inspect"):
+  dataset = data.dataset
+  if dataset not in _CONVERTED_DATASETS:
     return None
-  builder = importlib.import_module(f"radjax.data.builders.{dataset}")
-  name = config.data.get("builder_config") or "default"
+  builder = _builder_module(dataset)
+  name = data.get("builder_config") or "default"
   if name == "default":
     return builder.make_config()
-  data_dir = os.path.expanduser(str(config.data.data_dir))
+  data_dir = os.path.expanduser(str(data.data_dir))
   pattern = os.path.join(data_dir, dataset, name, "*", "build_report.json")
   reports = sorted(glob.glob(pattern))
   if not reports:
@@ -177,6 +235,22 @@ def build_settings(config):
   with open(reports[-1]) as f:
     fields = json.load(f)["config_fields"]  # tuples as JSON lists: make_config types them back
   return builder.make_config(name=name, **fields)
+
+
+def exported_build(meta: dict[str, Any]):
+  """The build settings an exported file (``exported.load``'s metadata) holds, as a builder config."""
+  if meta["build"] is None:
+    return None
+  return _builder_module(meta["data"]["dataset"]).make_config(name=meta["build"]["name"],
+                                                              **meta["build"]["fields"])
+
+
+_CONVERTED_DATASETS = ("mimic_cxr", "inspect")
+
+
+def _builder_module(dataset: str):
+  import importlib
+  return importlib.import_module(f"radjax.data.builders.{dataset}")
 
 
 class ImageReader:
@@ -189,10 +263,10 @@ class ImageReader:
     own minimum to maximum (a PNG or TIFF records no display window).
   """
 
-  def __init__(self, config):
+  def __init__(self, dataset: str, build: Any):
+    """dataset: ``data.dataset`` of the run; build: its ``build_settings``."""
     from radjax.data import dicom
-    self.dataset = config.data.dataset
-    self.build = build_settings(config)
+    self.dataset, self.build = dataset, build
     self.suffixes = IMAGE_SUFFIXES + dicom.SUFFIXES + (VOLUME_SUFFIXES if self.dataset == "inspect" else ())
 
   def __call__(self, path: str) -> np.ndarray:
@@ -259,16 +333,16 @@ def image_files(inputs: Sequence[str], suffixes: Sequence[str] = IMAGE_SUFFIXES)
   return files
 
 
-def write_predictions(model, config, files: Sequence[str], out: Any, *, read_image: ImageReader | None = None,
-                      batch_size: int = 32) -> tuple[int, int]:
+def write_predictions(classifier: Deployed, files: Sequence[str], out: Any, *,
+                      read_image: ImageReader | None = None, batch_size: int = 32) -> tuple[int, int]:
   """Writes a CSV (path, one probability per label, error) for each of ``files`` to the text stream
   ``out``; a file that cannot be read gets an empty row with its error and the rest go on.
-  read_image: ``ImageReader(config)`` unless given. Returns (images scored, files that failed)."""
+  read_image: ``classifier.image_reader()`` unless given. Returns (images scored, files that failed)."""
   from radjax.data.pipeline import Preprocess, label_names
-  names = label_names(config.data)
-  preprocess = Preprocess(config.data, _NoReports(), train=False, names=names)
-  probabilities = probabilities_fn(model)
-  read_image = read_image or ImageReader(config)
+  names = label_names(classifier.data)
+  preprocess = Preprocess(classifier.data, _NoReports(), train=False, names=names)
+  probabilities = classifier.probabilities
+  read_image = read_image or classifier.image_reader()
   writer = csv.writer(out)
   writer.writerow(["path", *names, "error"])
   scored = failed = 0

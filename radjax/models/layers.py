@@ -20,6 +20,7 @@ Logical axis vocabulary used across radjax.models:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Any, Sequence
@@ -207,10 +208,33 @@ def _dense_bwd(materialise_x, res, g):
 _dense_f32acc.defvjp(_dense_fwd, _dense_bwd)
 
 
+_PORTABLE = False
+
+
+@contextlib.contextmanager
+def portable_paths():
+  """Models traced inside take the standard path of every layer, as on an accelerator without
+  radjax's specialisations: no CPU matmul, convolution or attention paths, whose layout
+  constraints are custom calls outside jax.export's stable set. For programs that are exported
+  to run on any platform (``radjax export``)."""
+  global _PORTABLE
+  previous, _PORTABLE = _PORTABLE, True
+  try:
+    yield
+  finally:
+    _PORTABLE = previous
+
+
+def specialised_backend() -> str:
+  """The backend whose specialised paths models take: ``jax.default_backend()``, or "portable"
+  inside :func:`portable_paths`."""
+  return "portable" if _PORTABLE else jax.default_backend()
+
+
 def use_cpu_dense(dtype: Dtype) -> bool:
   """True where :class:`Linear` (and :class:`Conv`'s 1x1 case) takes its own CPU path (bf16 or
   f32 compute on CPU)."""
-  on_cpu = jax.default_backend() == "cpu"
+  on_cpu = specialised_backend() == "cpu"
   return on_cpu and jnp.dtype(as_dtype(dtype)) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 
 

@@ -181,7 +181,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
                           *, is_causal: bool = False) -> jax.Array:
   """jax.nn.dot_product_attention, :func:`cpu_attention` on CPU (see CPU_ATTENTION) or
   :func:`cudnn_attention` on GPU when chosen (see GPU_ATTENTION)."""
-  backend = jax.default_backend()
+  backend = layers.specialised_backend()
   if CPU_ATTENTION and backend == "cpu":
     return cpu_attention(q, k, v, mask, is_causal)
   if backend == "gpu" and gpu_attention_implementation(q) == "cudnn":
