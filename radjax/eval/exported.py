@@ -36,8 +36,9 @@ class UnreadableExport(ValueError):
 
 def export(model: Any, config: Any, build: Any, description: str, out: str) -> dict[str, Any]:
   """Writes the classifier ``model`` (a ``methods.supervised.Classifier`` as loaded, with its run's
-  ``config`` and the ``build`` settings of ``classifier.build_settings``) to ``out``; returns
-  the metadata written."""
+  ``config`` and the ``build`` settings of ``classifier.build_settings``) to ``out``, in
+  inference mode (``model.eval()``: BatchNorm on its running averages); returns the metadata
+  written."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -45,6 +46,7 @@ def export(model: Any, config: Any, build: Any, description: str, out: str) -> d
   from radjax.data.build import builder_config_fields
   from radjax.data.pipeline import image_norm, label_names
   from radjax.models import layers
+  model.eval()
   graphdef, arrays, rest = nnx.split(model, (nnx.Param, nnx.BatchStat), ...)
   weights, treedef = jax.tree.flatten(arrays)
 
