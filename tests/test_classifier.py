@@ -183,6 +183,8 @@ def test_exported_file_evaluates_and_predicts_as_the_run_does(run, tmp_path, cap
   for flag, where in (("--workdir", run), ("--model", str(model_file))):
     assert cli.main(["predict", flag, where, "--out", str(tmp_path / f"{flag}.csv"), str(tmp_path / "film0.png")]) == 0
   assert (tmp_path / "--model.csv").read_text() == (tmp_path / "--workdir.csv").read_text()
+  assert cli.main(["predict", "--model", str(model_file), "--checkpoint", "latest", str(tmp_path / "film0.png")]) == 2
+  assert "an exported file holds one" in capsys.readouterr().err
   (tmp_path / "not_a_model.radjax").write_bytes(b"PK not a zip")
   assert cli.main(["predict", "--model", str(tmp_path / "not_a_model.radjax"), str(tmp_path / "film0.png")]) == 2
   assert "not a classifier `radjax export` wrote" in capsys.readouterr().err

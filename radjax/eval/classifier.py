@@ -96,6 +96,9 @@ def open_classifier(workdir: str | None = None, *, model_file: str | None = None
   from radjax.eval import exported
   if (workdir is None) == (model_file is None):
     raise ConfigError("give one of --workdir (a fine-tuning run) and --model (an exported classifier)")
+  if model_file is not None and checkpoint != "auto":
+    raise ConfigError(f"--checkpoint {checkpoint} chooses among a run's checkpoints; an exported file "
+                      "holds one (radjax export --checkpoint chooses it)")
   for key, _ in overrides:
     section, _, field = key.partition(".")
     if section != "data" or field in _FIXED_DATA_KEYS:
