@@ -32,11 +32,11 @@ def test_padding_around_cudnn_is_exact(t, causal):
   q, k, v, grad_out = (jax.random.normal(key, (3, t, 2, 8)) for key in (kq, kk, kv, kg))
   mask = _prefix_mask(kl, 3, t)
 
-  def grads(attention):
-    return jax.grad(lambda q, k, v: jnp.sum(attention(q, k, v) * grad_out), argnums=(0, 1, 2))(q, k, v)
+  def grads(attention):  # jitted: compiling each op eagerly costs ~20 s on a small CPU
+    return jax.jit(jax.grad(lambda q, k, v: jnp.sum(attention(q, k, v) * grad_out), argnums=(0, 1, 2)))(q, k, v)
 
-  padded = lambda q, k, v: transformer.cudnn_attention(q, k, v, mask, causal, implementation="xla")
-  plain = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
+  padded = jax.jit(lambda q, k, v: transformer.cudnn_attention(q, k, v, mask, causal, implementation="xla"))
+  plain = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal))
   np.testing.assert_allclose(padded(q, k, v), plain(q, k, v), atol=1e-5)
   for got, want in zip(grads(padded), grads(plain)):
     np.testing.assert_allclose(got, want, atol=1e-5)

@@ -297,7 +297,7 @@ def test_clip_style_resnet_grid_and_errors(size):
   has one row per token the network really produces (average pools round down)."""
   c = ResNetConfig("50", blocks=(1, 1, 1, 1), width=8, image_size=size, channels=1, style="clip")
   net = ResNet(c, rngs=nnx.Rngs(0))
-  out = net(jnp.ones((2, size, size, 1)))
+  out = nnx.jit(lambda net, x: net(x))(net, jnp.ones((2, size, size, 1)))  # one compile, not one per op
   assert out["tokens"].shape == (2, net.num_patches, 256) and out["pooled"].shape == (2, 256)
   assert net.attn_pool.pos_embed.shape == (net.num_patches + 1, 256)
   assert F.resnet_flops(c) > F.resnet_flops(dataclasses.replace(c, style="torchvision"))
