@@ -282,13 +282,14 @@ def test_vit_divisibility_error():
 @pytest.mark.parametrize("norm", ["group", "batch"])
 def test_resnet_forward(norm):
   net = ResNet(ResNetConfig("18", image_size=64, channels=1, norm=norm), rngs=nnx.Rngs(0))
-  out = net(jnp.ones((2, 64, 64, 1)))
+  shapes = lambda *args, **kw: nnx.eval_shape(lambda n: n(*args, **kw), net)  # traced, not run
+  out = shapes(jnp.ones((2, 64, 64, 1)))
   assert out["tokens"].shape == (2, 4, 512) and out["pooled"].shape == (2, 512)
   assert net.embed_dim == 512 and net.num_patches == 4
   net.eval()
-  assert net(jnp.ones((2, 64, 64, 1)))["pooled"].shape == (2, 512)
+  assert shapes(jnp.ones((2, 64, 64, 1)))["pooled"].shape == (2, 512)
   with pytest.raises(ValueError, match="keep_ids"):
-    net(jnp.ones((2, 64, 64, 1)), keep_ids=jnp.zeros((2, 1), jnp.int32))
+    shapes(jnp.ones((2, 64, 64, 1)), keep_ids=jnp.zeros((2, 1), jnp.int32))
 
 
 @pytest.mark.parametrize("size", [64, 72, 100])
@@ -549,11 +550,11 @@ def test_mae_decoder(text_dim):
   dec = MAEDecoder(vit.embed_dim, 64, vit.grid_size, dim=32, depth=1, text_dim=text_dim,
                    num_prefix_tokens=vit.num_prefix_tokens, rngs=nnx.Rngs(1))
   keep, mask, restore = random_masking(jax.random.key(0), 2, 16, 0.75)
-  enc = vit(jnp.ones((2, 32, 32, 1)), keep_ids=keep)
   kw = {}
   if text_dim:
     kw = dict(text_tokens=jnp.ones((2, 5, text_dim)), text_mask=jnp.ones((2, 5), jnp.int32))
-  pred = dec(enc["tokens"], restore, **kw)
+  pred = nnx.eval_shape(lambda vit, dec: dec(vit(jnp.ones((2, 32, 32, 1)), keep_ids=keep)["tokens"], restore, **kw),
+                        vit, dec)
   assert pred.shape == (2, 16, 64)
 
 
@@ -607,10 +608,11 @@ def test_patchify_roundtrip_and_masking():
 def test_registry_defaults_and_variants():
   cfg = defaults.model_config()
   rngs = nnx.Rngs(0)
+  shapes = lambda model, *args: nnx.eval_shape(lambda m: m(*args), model)  # traced, not run
   v = build_image_encoder(cfg, rngs, image_size=32, channels=1)
-  assert isinstance(v, ViT) and v(jnp.ones((2, 32, 32, 1)))["pooled"].shape == (2, v.embed_dim)
+  assert isinstance(v, ViT) and shapes(v, jnp.ones((2, 32, 32, 1)))["pooled"].shape == (2, v.embed_dim)
   t = build_text_encoder(cfg, rngs, vocab_size=64, max_len=16)
-  out = t(jnp.ones((2, 16), jnp.int32), jnp.ones((2, 16), jnp.int32))
+  out = shapes(t, jnp.ones((2, 16), jnp.int32), jnp.ones((2, 16), jnp.int32))
   assert isinstance(t, BertEncoder) and out["pooled"].shape == (2, cfg.text.hidden_size)
   r = build_image_encoder(dict(name="resnet", variant="18"), rngs, image_size=32, channels=1)
   assert isinstance(r, ResNet)
