@@ -279,17 +279,21 @@ def test_vit_divisibility_error():
     ViT(ViTConfig("ti", image_size=65, patch_size=16), rngs=nnx.Rngs(0))
 
 
+def _shapes(model, *args, **kwargs):
+  """The shapes ``model(*args, **kwargs)`` returns, traced, not run: a shape test compiles nothing."""
+  return nnx.eval_shape(lambda m: m(*args, **kwargs), model)
+
+
 @pytest.mark.parametrize("norm", ["group", "batch"])
 def test_resnet_forward(norm):
   net = ResNet(ResNetConfig("18", image_size=64, channels=1, norm=norm), rngs=nnx.Rngs(0))
-  shapes = lambda *args, **kw: nnx.eval_shape(lambda n: n(*args, **kw), net)  # traced, not run
-  out = shapes(jnp.ones((2, 64, 64, 1)))
+  out = _shapes(net, jnp.ones((2, 64, 64, 1)))
   assert out["tokens"].shape == (2, 4, 512) and out["pooled"].shape == (2, 512)
   assert net.embed_dim == 512 and net.num_patches == 4
   net.eval()
-  assert shapes(jnp.ones((2, 64, 64, 1)))["pooled"].shape == (2, 512)
+  assert _shapes(net, jnp.ones((2, 64, 64, 1)))["pooled"].shape == (2, 512)
   with pytest.raises(ValueError, match="keep_ids"):
-    shapes(jnp.ones((2, 64, 64, 1)), keep_ids=jnp.zeros((2, 1), jnp.int32))
+    _shapes(net, jnp.ones((2, 64, 64, 1)), keep_ids=jnp.zeros((2, 1), jnp.int32))
 
 
 @pytest.mark.parametrize("size", [64, 72, 100])
@@ -527,8 +531,8 @@ def test_flat_drawn_initializers_equal_flax_value_for_value(shape):
 def test_heads_shapes():
   rngs = nnx.Rngs(0)
   x = jnp.ones((3, 32))
-  assert ProjectionHead(32, 16, rngs=rngs)(x).shape == (3, 16)
-  assert ProjectionHead(32, 16, hidden_dim=64, rngs=rngs)(x).shape == (3, 16)
+  assert _shapes(ProjectionHead(32, 16, rngs=rngs), x).shape == (3, 16)
+  assert _shapes(ProjectionHead(32, 16, hidden_dim=64, rngs=rngs), x).shape == (3, 16)
   t = Temperature(0.07, init_bias=-10.0)
   np.testing.assert_allclose(t(), 1 / 0.07, rtol=1e-5)
   assert t.bias[...] == -10.0
@@ -539,7 +543,7 @@ def test_heads_shapes():
   tmask = jnp.ones((3, 7), jnp.int32).at[:, 5:].set(0)
   for fusion in ("concat", "cross_attention"):
     g = Teacher(32, 24, 5, fusion=fusion, hidden_dim=32, rngs=rngs)
-    assert g(image, text, tmask).shape == (3, 5)
+    assert _shapes(g, image, text, tmask).shape == (3, 5)
   with pytest.raises(ValueError, match="fusion"):
     Teacher(32, 24, 5, fusion="sum", rngs=rngs)
 
@@ -608,11 +612,10 @@ def test_patchify_roundtrip_and_masking():
 def test_registry_defaults_and_variants():
   cfg = defaults.model_config()
   rngs = nnx.Rngs(0)
-  shapes = lambda model, *args: nnx.eval_shape(lambda m: m(*args), model)  # traced, not run
   v = build_image_encoder(cfg, rngs, image_size=32, channels=1)
-  assert isinstance(v, ViT) and shapes(v, jnp.ones((2, 32, 32, 1)))["pooled"].shape == (2, v.embed_dim)
+  assert isinstance(v, ViT) and _shapes(v, jnp.ones((2, 32, 32, 1)))["pooled"].shape == (2, v.embed_dim)
   t = build_text_encoder(cfg, rngs, vocab_size=64, max_len=16)
-  out = shapes(t, jnp.ones((2, 16), jnp.int32), jnp.ones((2, 16), jnp.int32))
+  out = _shapes(t, jnp.ones((2, 16), jnp.int32), jnp.ones((2, 16), jnp.int32))
   assert isinstance(t, BertEncoder) and out["pooled"].shape == (2, cfg.text.hidden_size)
   r = build_image_encoder(dict(name="resnet", variant="18"), rngs, image_size=32, channels=1)
   assert isinstance(r, ResNet)
