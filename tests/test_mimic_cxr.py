@@ -213,6 +213,21 @@ def test_predict_reads_films_and_dicoms_as_the_build_stored_them(built, tmp_path
                                 read_image(str(tmp_path / "as_published.jpg")))
   assert classifier.image_files([str(tmp_path)], read_image.suffixes) == [
       str(tmp_path / "IM0001"), str(tmp_path / "as_published.jpg")]
+  # An exported classifier carries the named build's settings: predict needs no data_dir then.
+  from flax import nnx
+  from radjax.eval import exported
+  from radjax.methods import get_method
+  tiny = load_config("configs/study_mimic.py", [
+      f"--config.data.data_dir={built['data_dir']}", f"--config.data.builder_config={built['report']['config']}",
+      "--config.data.image_size=16", "--config.model.image.patch_size=8", "--config.model.image.width=16",
+      "--config.model.image.depth=1", "--config.model.image.num_heads=2", "--config.model.image.mlp_dim=32"])
+  exported.export(get_method("supervised").build(tiny, nnx.Rngs(0)), tiny, read_image.build, "a test's model",
+                  str(tmp_path / "mimic.radjax"))
+  deployed = classifier.open_classifier(model_file=str(tmp_path / "mimic.radjax"))
+  again = deployed.image_reader()
+  assert again.build.name == read_image.build.name
+  assert build_lib.builder_config_fields(again.build) == build_lib.builder_config_fields(read_image.build)
+  np.testing.assert_array_equal(again(str(tmp_path / "IM0001")), read_image(str(tmp_path / "IM0001")))
 
 
 def test_config_names():
