@@ -46,8 +46,8 @@ def read_radiograph(path: str) -> np.ndarray:
   ds = pydicom.dcmread(path)
   modality = str(ds.get("Modality", "")).upper()
   if modality in _NOT_RADIOGRAPHS:
-    raise ValueError(f"Modality {modality}: not a radiograph (a CT series is read as a NIfTI volume: "
-                     "convert it with dcm2niix)")
+    raise ValueError(f"Modality {modality}: not a radiograph (a model trained on INSPECT reads a CT "
+                     "series as a NIfTI volume: convert it with dcm2niix)")
   photometric = str(ds.get("PhotometricInterpretation", ""))
   if photometric not in ("MONOCHROME1", "MONOCHROME2"):
     raise ValueError(f"PhotometricInterpretation {photometric or 'missing'}: a radiograph is "
