@@ -78,7 +78,7 @@ def cmd_predict(args, extra):
     deployed = _open_classifier(args)
     read_image = deployed.image_reader()
     files = classifier.image_files(args.images, read_image.suffixes)
-    if any(f.lower().endswith(dicom.SUFFIXES) or dicom.is_dicom(f) for f in files):
+    if any(dicom.reads_as_dicom(f) for f in files):
       dicom.require_pydicom()
   except (FileNotFoundError, ImportError, exported.UnreadableExport) as e:
     print(f"radjax predict: {e}", file=sys.stderr)

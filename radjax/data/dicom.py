@@ -36,6 +36,12 @@ def is_dicom(path: str) -> bool:
   return len(head) == 132 and head[128:] == b"DICM"
 
 
+def reads_as_dicom(path: str) -> bool:
+  """Whether predict reads ``path`` with pydicom: a DICOM suffix (a file without the magic then
+  fails there, by name) or the DICOM magic (exports often have no suffix)."""
+  return path.lower().endswith(SUFFIXES) or is_dicom(path)
+
+
 def read_radiograph(path: str) -> np.ndarray:
   """A single-frame grayscale DICOM -> float64 [H, W], its modality values (rescale applied),
   oriented so that higher is brighter (MONOCHROME1 stores the opposite, so it is negated).

@@ -298,7 +298,7 @@ def _raw_values(path: str) -> np.ndarray | None:
   """float64 [H, W] for a DICOM or a 16-bit or float image; None for an 8-bit image."""
   from PIL import Image
   from radjax.data import dicom
-  if dicom.is_dicom(path) or path.lower().endswith(dicom.SUFFIXES):
+  if dicom.reads_as_dicom(path):
     return dicom.read_radiograph(path)
   with Image.open(path) as im:  # reads the header only, until asked for pixels
     return None if im.mode in _EIGHT_BIT_MODES else np.asarray(im, dtype=np.float64)
