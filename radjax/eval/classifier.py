@@ -252,8 +252,10 @@ _CONVERTED_DATASETS = ("mimic_cxr", "inspect")
 
 
 def _builder_module(dataset: str):
-  import importlib
-  return importlib.import_module(f"radjax.data.builders.{dataset}")
+  """The module of ``dataset``'s registered builder (it holds ``make_config``)."""
+  import sys
+  from radjax.data import builders
+  return sys.modules[builders.get_builder_class(dataset).__module__]
 
 
 class ImageReader:
