@@ -5,13 +5,15 @@ import json
 import os
 import sys
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from fixtures_real import write_dicom
-from radjax import cli
+from radjax import cli, methods
 from radjax.config import load_config
 from radjax.data.pipeline import image_norm, label_names
 from radjax.data.sources import get_source
@@ -230,8 +232,21 @@ def test_predict_scores_each_image_alone_with_batch_norm(tmp_path):
   assert len(alone) == 3
   for flag, batch in (("--workdir", 3), ("--model", 1), ("--model", 3)):
     _same_scores(_scores(tmp_path / f"{flag}{batch}.csv"), alone)
-  # Against the mode training leaves the model in, where a film's scores depend on its batch.
-  model, _, _ = classifier.load_classifier(workdir)
+  # Training's validation step, handed the model in the mode training leaves it in, scores the
+  # deployed model: its BCE is NumPy's over predict's probabilities, for the three films together
+  # as for the first alone.
+  model, config, _ = classifier.load_classifier(workdir)
   model.train()
+  mean, std = image_norm(config.data)
   images = np.stack([np.asarray(Image.open(f), np.float32)[..., None] / 255 for f in films])
+  labels = np.asarray([[source[i]["labels"][n] for n in label_names(config.data)] for i in range(3)], np.float32)
+  probabilities = np.stack([alone[f] for f in films])
+  eval_step = loop.make_eval_step(methods.get_method("supervised"), nnx.graphdef(model))
+  for n in (1, 3):
+    batch = {"image": (images[:n] - mean) / std, "labels": labels[:n], "label_mask": np.ones_like(labels[:n])}
+    bce = eval_step(nnx.state(model, nnx.Param), nnx.state(model, nnx.Not(nnx.Param)), batch,
+                    jax.random.key_data(jax.random.key(0)), 0)["bce"]
+    p, y = probabilities[:n], labels[:n]
+    np.testing.assert_allclose(bce, -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)), rtol=1e-5)
+  # In that mode (where calls also move the running averages) a film's scores depend on its batch.
   assert np.abs(np.asarray(model(images[:1]))[0] - np.asarray(model(images))[0]).max() > 1e-4

@@ -135,3 +135,27 @@ def test_spatial_pyramid_rejects_tokens_that_are_not_the_grid():
   from radjax.eval.features import spatial_pyramid
   with pytest.raises(ValueError, match="not a grid"):
     spatial_pyramid(np.zeros((1, 7, 2), np.float32), 1.0)
+
+
+def test_encode_images_runs_batch_norm_encoders_on_their_running_averages():
+  """A BatchNorm encoder's features are the deployed encoder's: a film's row does not depend on
+  the films batched with it, and the caller's encoder keeps its mode."""
+  from flax import nnx
+  from radjax.eval.features import encode_images
+  from radjax.models.resnet import ResNet, ResNetConfig
+  encoder = ResNet(ResNetConfig("18", image_size=32, channels=1, norm="batch", width=8), rngs=nnx.Rngs(0))
+  images = np.random.default_rng(0).normal(1.0, 2.0, (4, 32, 32, 1)).astype(np.float32)
+  encoder(images)  # in training mode: moves the running averages away from (0, 1)
+
+  def batches(size):
+    return [{"image": images[i:i + size], "labels": np.zeros((len(images[i:i + size]), 2), np.float32),
+             "label_mask": np.ones((len(images[i:i + size]), 2), np.float32), "index": np.arange(i, i + size)}
+            for i in range(0, len(images), size)]
+  together, alone = encode_images(encoder, batches(4))["feats"], encode_images(encoder, batches(1))["feats"]
+  np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-5)
+  assert encoder.stem_norm.use_running_average is False
+  encoder.eval()
+  pooled = np.asarray(encoder(images)["pooled"])
+  np.testing.assert_allclose(together[:, :pooled.shape[1]], pooled, rtol=1e-5, atol=1e-5)
+  encoder.train()
+  assert np.abs(np.asarray(encoder(images[:1])["pooled"]) - pooled[:1]).max() > 1e-3

@@ -58,9 +58,6 @@ def load_classifier(workdir: str, checkpoint: str = "auto"):
     raise ConfigError(f"{workdir} holds a {config.method.name!r} run, which has no classifier head: "
                       "fine-tune it first (configs/finetune_synth.py with "
                       f"--config.method.init_from={workdir}), or compare methods with `radjax study`")
-  # Inference mode: BatchNorm normalises with its running averages, so an image's probabilities
-  # do not depend on the other images in its batch (nnx's default mode, training's, uses the batch's).
-  model.eval()
   return model, config, f"{'best' if use_best else 'latest'} checkpoint, step {steps[-1]}"
 
 

@@ -17,7 +17,8 @@ from flax import nnx
 
 
 def encode_images(encoder: nnx.Module, loader, *, num_prefix_tokens: int | None = None) -> dict[str, np.ndarray]:
-  """Runs ``encoder`` over every batch of ``loader`` (one pass, no augmentation).
+  """Runs ``encoder`` in inference mode (BatchNorm on its running averages, as the deployed
+  encoder runs) over every batch of ``loader`` (one pass, no augmentation).
 
   Returns feats float32 [N, 6D], labels [N, K], label_mask [N, K] and index [N], sorted by index.
   """
@@ -26,7 +27,9 @@ def encode_images(encoder: nnx.Module, loader, *, num_prefix_tokens: int | None 
 
   @jax.jit
   def features(state, images):
-    out = nnx.merge(graphdef, state)(images)
+    model = nnx.merge(graphdef, state)
+    model.eval()
+    out = model(images)
     pyramid = spatial_pyramid(out["tokens"][:, prefix:], images.shape[1] / images.shape[2])
     return jnp.concatenate([out["pooled"], pyramid], axis=-1).astype(jnp.float32)
 

@@ -398,7 +398,9 @@ def load_pretrained(workdir: str, *, step: int | None = None, best: bool = False
   ``method`` is given) and its params (+ non-Param state) are restored from the latest
   checkpoint (``step``, or ``workdir/best`` with ``best=True``). ``use_ema`` None means
   "the EMA params when the run kept them". Arrays land replicated on ``mesh`` (default: a
-  single device), whatever mesh wrote them.
+  single device), whatever mesh wrote them. The model is in inference mode (``model.eval()``:
+  BatchNorm on its running averages, dropout off), as every caller uses it; fine-tuning copies
+  its state only.
   """
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
@@ -435,6 +437,7 @@ def load_pretrained(workdir: str, *, step: int | None = None, best: bool = False
     state, _ = restore_items(manager, step, abstract, key_sharding=sharding)
     params = state["ema" if use_ema else "params"]
     model = nnx.merge(graphdef, params, state["model_state"])
+    model.eval()
   finally:
     manager.close()
   config.lock()

@@ -154,9 +154,13 @@ def make_train_step(method: Any, graphdef: nnx.GraphDef, tx: optax.GradientTrans
 
 
 def make_eval_step(method: Any, graphdef: nnx.GraphDef):
+  """(params, model_state, batch, rng, index) -> metrics of the model in inference mode: BatchNorm
+  on its running averages, as evaluate and predict deploy it, so a validation figure (and the
+  ``best`` checkpoint it picks) does not depend on which films share an eval batch."""
   def eval_fn(params, model_state, batch, rng, index):
     key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(rng), 0x7FFFFFFF), index)
     model = nnx.merge(graphdef, params, model_state)
+    model.eval()
     loss, metrics = method.loss(model, batch, key, False)
     out = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
     out["loss"] = jnp.asarray(loss, jnp.float32)
