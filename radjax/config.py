@@ -75,7 +75,10 @@ def unknown_key_error(key: str, config: ml_collections.ConfigDict) -> ConfigErro
   return ConfigError(f"unknown config key {key!r}{hint}")
 
 
-def _parse_value(raw: str, current: Any, key: str) -> Any:
+def parse_value(raw: str, current: Any, where: str) -> Any:
+  """A command-line string as a value of ``current``'s type: a Python literal, "true"/"false" for a
+  bool, "a,b" for a tuple of names; any literal (or the string itself) when ``current`` is None.
+  Anything else raises ConfigError starting with ``where``."""
   if isinstance(current, str):
     return raw
   if isinstance(current, bool):
@@ -84,7 +87,7 @@ def _parse_value(raw: str, current: Any, key: str) -> Any:
       return True
     if lowered in ("false", "0", "no"):
       return False
-    raise ConfigError(f"--config.{key}: expected a boolean, got {raw!r}")
+    raise ConfigError(f"{where}: expected bool (true or false), got {raw!r}")
   try:
     value = ast.literal_eval(raw)
   except (ValueError, SyntaxError):
@@ -93,14 +96,13 @@ def _parse_value(raw: str, current: Any, key: str) -> Any:
     if isinstance(current, tuple) and all(isinstance(x, str) for x in current):
       # Names as a shell makes them easy to type (a,b), not as Python literals ("('a','b')").
       return tuple(part.strip() for part in raw.split(",") if part.strip())
-    raise ConfigError(f"--config.{key}: cannot parse {raw!r} as {type(current).__name__}") from None
+    raise ConfigError(f"{where}: expected {type(current).__name__}, got {raw!r}") from None
   if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
     value = float(value)
   if isinstance(current, tuple) and not isinstance(value, tuple):
     value = tuple(value) if isinstance(value, list) else (value,)
   if current is not None and not isinstance(value, type(current)):
-    raise ConfigError(
-        f"--config.{key}: expected {type(current).__name__}, got {raw!r} ({type(value).__name__})")
+    raise ConfigError(f"{where}: expected {type(current).__name__}, got {raw!r} ({type(value).__name__})")
   return value
 
 
@@ -115,7 +117,7 @@ def apply_override(config: ml_collections.ConfigDict, key: str, raw: str) -> Non
       node = node[part]
   leaf = parts[-1]
   with node.ignore_type():
-    node[leaf] = _parse_value(raw, node[leaf], key)
+    node[leaf] = parse_value(raw, node[leaf], f"--config.{key}")
 
 
 def parse_overrides(argv: Iterable[str]) -> list[tuple[str, str]]:

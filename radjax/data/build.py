@@ -67,6 +67,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from radjax import paths
+from radjax.config import parse_value
 
 # Standard drop reasons (builders may add their own; keep them snake_case).
 REASONS = {
@@ -297,30 +298,17 @@ def override_fields(defaults: Any, names: Sequence[str], overrides: Mapping[str,
 
 
 def _as_type_of(default: Any, value: Any, what: str) -> Any:
-  if isinstance(default, tuple):
-    items = value.split(",") if isinstance(value, str) else value
-    if isinstance(items, (list, tuple)) and all(isinstance(v, str) for v in items):
-      return tuple(v.strip() for v in items if v.strip())
-  elif isinstance(default, bool):
-    if isinstance(value, bool):
-      return value
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-      return value.lower() == "true"
-  elif isinstance(default, int):
-    if isinstance(value, int) and not isinstance(value, bool):
-      return value
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-      return int(value)
-  elif isinstance(default, float):
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-      return float(value)
-    if isinstance(value, str):
-      with contextlib.suppress(ValueError):
-        return float(value)
-  elif isinstance(default, str) and isinstance(value, str):
+  where = f"{what}={value!r}"
+  if isinstance(value, str):
+    return parse_value(value, default, where)
+  if isinstance(default, tuple) and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+    return tuple(value)
+  if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if type(value) is type(default):  # so that True is no int
     return value
-  raise ValueError(f"{what}={value!r}: expected {type(default).__name__}"
-                   + (" (comma-separated names)" if isinstance(default, tuple) else ""))
+  raise ValueError(f"{where}: expected {type(default).__name__}"
+                   + (" of names" if isinstance(default, tuple) else ""))
 
 
 def _label_tally(labels: Mapping[str, Any], tally: dict[str, dict[str, int]]) -> None:
