@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from radjax import host_malloc, paths, xla_flags
+from radjax import compile_cache, host_malloc, paths, xla_flags
 from radjax.config import ConfigError, load_config, parse_overrides
 
 
@@ -283,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
   if argv is None:  # the process's own command line: safe to re-execute it
     host_malloc.reexec_with_malloc_defaults()
   xla_flags.apply_default_xla_flags()  # before any command imports jax
+  compile_cache.enable()
   parser = build_parser()
   args, extra = parser.parse_known_args(argv)
   unknown = [a for a in extra if not a.startswith("--config.")]

@@ -8,6 +8,7 @@ operand dtype by it (:func:`radjax.models.layers.cpu_dot_dtype`).
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import platform
 from typing import Any
@@ -47,14 +48,7 @@ def describe_cpu(cpuinfo: str) -> dict[str, Any]:
   whether it has bfloat16 dot-product instructions (without them bf16 matmuls are emulated), and
   whether those are faster than float32 dots (``bf16_dots_faster``, which radjax's bf16 matmuls
   follow)."""
-  fields: dict[str, str] = {}
-  for line in cpuinfo.splitlines():
-    if not line.strip():
-      if fields:
-        break  # the end of the first processor's block
-      continue
-    key, _, value = line.partition(":")
-    fields.setdefault(key.strip().lower(), value.strip())
+  fields = _first_processor(cpuinfo)
   flags = set((fields.get("flags") or fields.get("features") or "").split())
   number = lambda key: int(fields[key]) if fields.get(key, "").isdigit() else None
   return {
@@ -67,14 +61,31 @@ def describe_cpu(cpuinfo: str) -> dict[str, Any]:
   }
 
 
+def _first_processor(cpuinfo: str) -> dict[str, str]:
+  """The fields (lower-case names) of the first processor's block of /proc/cpuinfo text."""
+  fields: dict[str, str] = {}
+  for line in cpuinfo.splitlines():
+    if not line.strip():
+      if fields:
+        break
+      continue
+    key, _, value = line.partition(":")
+    fields.setdefault(key.strip().lower(), value.strip())
+  return fields
+
+
+def _read_cpuinfo() -> str:
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+      return f.read()
+  except OSError:
+    return ""
+
+
 @functools.cache
 def host_cpu() -> dict[str, Any]:
   """:func:`describe_cpu` of this machine (from /proc/cpuinfo; model only where there is none)."""
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-      return describe_cpu(f.read())
-  except OSError:
-    return describe_cpu("")
+  return describe_cpu(_read_cpuinfo())
 
 
 def format_cpu(cpu: dict[str, Any]) -> str:
@@ -96,3 +107,15 @@ def format_cpu(cpu: dict[str, Any]) -> str:
 def bf16_dots_faster() -> bool:
   """Whether this machine's CPU multiplies bfloat16 faster than float32 (:func:`describe_cpu`)."""
   return bool(host_cpu()["bf16_dots_faster"])
+
+
+def instruction_set_key(cpuinfo: str | None = None) -> str:
+  """A short name for this CPU's instruction set, e.g. "x86_64-3f9a0c1d2e4b": the architecture and
+  a hash of the first processor's vendor, model name and flags (``cpuinfo``: the text of Linux's
+  /proc/cpuinfo, this machine's when None). Programs XLA compiled under one key may use
+  instructions a CPU of another key lacks."""
+  fields = _first_processor(_read_cpuinfo() if cpuinfo is None else cpuinfo)
+  identity = [platform.processor(), *(fields.get(k, "") for k in ("vendor_id", "model name", "cpu model"))]
+  identity += sorted((fields.get("flags") or fields.get("features") or "").split())
+  digest = hashlib.sha256("\n".join(identity).encode()).hexdigest()[:12]
+  return f"{platform.machine() or 'unknown'}-{digest}"

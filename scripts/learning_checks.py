@@ -46,10 +46,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
-from radjax import host_malloc, xla_flags  # noqa: E402
+from radjax import compile_cache, host_malloc, xla_flags  # noqa: E402
 
 host_malloc.reexec_with_malloc_defaults()  # as the radjax command does, before jax starts
 xla_flags.apply_default_xla_flags()
+compile_cache.enable()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
