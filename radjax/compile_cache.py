@@ -8,7 +8,8 @@ compiled already (ViT-B/16's CLIP step: about 45 s on a GPU, minutes on two CPU 
     / <instruction set key>
 
 unless ``$JAX_COMPILATION_CACHE_DIR`` already names a cache (then that one is used as it is).
-``RADJAX_COMPILATION_CACHE=off`` turns it off. The per-machine subfolder
+``RADJAX_COMPILATION_CACHE=off`` turns it off, and so does a folder that cannot be created or
+written (with one message, where JAX would warn at every compile). The per-machine subfolder
 (:func:`radjax.hostcpu.instruction_set_key`) keeps a home directory shared by machines of
 different CPUs from handing one machine's programs to another, which XLA would refuse and
 recompile, overwriting the other's.
@@ -51,6 +52,15 @@ def enable() -> str | None:
     return os.environ["JAX_COMPILATION_CACHE_DIR"]
   path = cache_dir()
   if path is None:
+    return None
+  try:
+    os.makedirs(path, exist_ok=True)
+    if not os.access(path, os.W_OK | os.X_OK):
+      raise PermissionError(f"{path} is not writable")
+  except OSError as e:
+    # JAX would warn on every compile; say it once and compile without the cache.
+    print(f"radjax: compilation cache off: cannot use {path} ({e}); set {ENV}=DIR or {ENV}=off",
+          file=sys.stderr)
     return None
   os.environ["JAX_COMPILATION_CACHE_DIR"] = path
   max_bytes = int(os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(MAX_BYTES)))

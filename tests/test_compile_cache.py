@@ -73,3 +73,13 @@ def test_a_second_process_reads_what_the_first_compiled(tmp_path):
   # A folder the user chose for JAX wins.
   env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "theirs")
   assert _run(env)["dir"] == str(tmp_path / "theirs")
+
+
+def test_a_folder_that_cannot_be_made_turns_the_cache_off_with_one_message(tmp_path, monkeypatch, capsys):
+  (tmp_path / "a_file").write_text("")
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+  monkeypatch.setenv(compile_cache.ENV, str(tmp_path / "a_file" / "cache"))
+  assert compile_cache.enable() is None
+  assert "JAX_COMPILATION_CACHE_DIR" not in os.environ
+  err = capsys.readouterr().err
+  assert "compilation cache off" in err and str(tmp_path / "a_file") in err
