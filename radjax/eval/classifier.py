@@ -130,17 +130,28 @@ def export_classifier(workdir: str, out: str, checkpoint: str = "auto") -> dict[
   return exported.export(model, config, build_settings(config.data), description, out)
 
 
+def probability_function(model) -> tuple[Callable[..., Any], list[Any]]:
+  """The classifier ``model`` in inference mode as ``(fn, weights)``: ``fn(weights, images float32
+  [B, H, W, C]) -> probabilities float32 [B, K]``, with ``weights`` its Params and BatchStats as a
+  flat list (what ``radjax export`` writes, one array per argument)."""
+  import jax
+  from flax import nnx
+  model.eval()
+  graphdef, arrays, rest = nnx.split(model, (nnx.Param, nnx.BatchStat), ...)
+  weights, treedef = jax.tree.flatten(arrays)
+
+  def probabilities(weights, images):
+    return jax.nn.sigmoid(nnx.merge(graphdef, jax.tree.unflatten(treedef, weights), rest)(images))
+
+  return probabilities, weights
+
+
 def probabilities_fn(model) -> Callable[[np.ndarray], np.ndarray]:
   """``images float32 [B, H, W, C] -> probabilities float32 [B, K]`` (one compile per batch shape)."""
   import jax
-  from flax import nnx
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def probabilities(state, images):
-    return jax.nn.sigmoid(nnx.merge(graphdef, state)(images))
-
-  return lambda images: np.asarray(probabilities(state, images))
+  probabilities, weights = probability_function(model)
+  probabilities = jax.jit(probabilities)
+  return lambda images: np.asarray(probabilities(weights, images))
 
 
 class _NoReports:

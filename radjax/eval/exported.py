@@ -41,18 +41,12 @@ def export(model: Any, config: Any, build: Any, description: str, out: str) -> d
   written."""
   import jax
   import jax.numpy as jnp
-  from flax import nnx
   from importlib import metadata
   from radjax.data.build import builder_config_fields
   from radjax.data.pipeline import image_norm, label_names
+  from radjax.eval.classifier import probability_function
   from radjax.models import layers
-  model.eval()
-  graphdef, arrays, rest = nnx.split(model, (nnx.Param, nnx.BatchStat), ...)
-  weights, treedef = jax.tree.flatten(arrays)
-
-  def probabilities(weights, images):
-    return jax.nn.sigmoid(nnx.merge(graphdef, jax.tree.unflatten(treedef, weights), rest)(images))
-
+  probabilities, weights = probability_function(model)
   size, channels = int(config.data.image_size), int(config.data.channels)
   batch, = jax.export.symbolic_shape("batch")
   with layers.portable_paths():
