@@ -212,7 +212,8 @@ def test_exported_file_evaluates_and_predicts_as_the_run_does(run, tmp_path, cap
 
 def test_predict_scores_each_image_alone_with_batch_norm(tmp_path):
   """A BatchNorm classifier as trained, loaded and exported: predict's probabilities for a film do
-  not depend on the batch it lands in (inference mode: the running averages)."""
+  not depend on the batch it lands in (inference mode: the running averages), and training's
+  validation step scores that same model."""
   workdir = str(tmp_path / "rn")
   vit_knobs = [f for f in TINY if f.startswith("--config.model.image.")]
   loop.train(load_config("configs/finetune_synth.py", [f for f in TINY if f not in vit_knobs] + [
