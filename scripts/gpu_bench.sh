@@ -11,7 +11,9 @@
 #   profile  3 ViT-B/16 b256 steps (faster attention) traced: op table in the JSON, trace -> $OUT/trace.tgz
 # The CUDA image has jax/flax/optax/orbax but not ml_collections or grain: they travel as
 # cp312 wheels in .whl/ (see BUILD_NOTES, "GPU"). Everything is written under $OUT as it goes,
-# so a run cut off at its limit still returns what it measured. Most important first.
+# so a run cut off at its limit still returns what it measured. Most important first. Parts share
+# compiled programs through radjax's compilation cache (~/.cache/radjax/xla on the device host), so
+# e.g. profile after b256 loads the b256 step instead of compiling it again.
 set -u
 OUT=${OUT:-/tmp/gpu_bench_out}
 mkdir -p "$OUT"

@@ -48,6 +48,8 @@ def test_bench_step_json(capsys):
   text = step.format_result(r)
   assert "examples/s" in text and "MFU" in text and "data wait" in text and "page faults" in text
   assert "cores busy" in text
+  assert r["compilation_cache"] == os.environ["JAX_COMPILATION_CACHE_DIR"]  # the test session's
+  assert f"compiled programs kept in {r['compilation_cache']}" in text
   assert set(r["host_cpu"]) == {"model", "family", "model_number", "matmul_isa", "native_bf16",
                                "bf16_dots_faster"}
 

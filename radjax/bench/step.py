@@ -329,6 +329,8 @@ def run(config: Any, *, steps: int = 10, warmup: int = 2, repeats: int = 3,
       "collectives": collective_counts(hlo),
       "init_s": t_init - t_start,
       "compile_s": t_compile - t_init,
+      # Where compiled programs are kept: with one, "compile" may be a load of an earlier run's.
+      "compilation_cache": jax.config.jax_compilation_cache_dir,
       "warmup_s": t_warm - t_compile,
       "final_loss": loss,
   }
@@ -383,7 +385,9 @@ def format_result(r: dict[str, Any]) -> str:
       f"  state           {r['num_params'] / 1e6:.2f} M params; per device: params "
       f"{_gib(r['param_bytes_per_device'])}, optimizer+rest {_gib(r['opt_bytes_per_device'])}",
       f"  time            init {r['init_s']:.1f} s, compile {r['compile_s']:.1f} s, "
-      f"warm-up {r['warmup_s']:.1f} s",
+      f"warm-up {r['warmup_s']:.1f} s ("
+      + (f"compiled programs kept in {r['compilation_cache']}: one an earlier run compiled loads instead"
+         if r.get("compilation_cache") else "no compilation cache") + ")",
   ]
   if r.get("collectives"):
     lines.append("  collectives     " + ", ".join(f"{k} x{v}" for k, v in sorted(r["collectives"].items())))
