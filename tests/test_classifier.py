@@ -1,6 +1,7 @@
 """`radjax evaluate` and `radjax predict`: a fine-tuned classifier used on images alone."""
 
 import csv
+import io
 import json
 import os
 import sys
@@ -125,6 +126,16 @@ def test_predict_scores_image_files_as_evaluation_does(run, tmp_path, capsys):
   assert "unreadable image" in by_name["film9.jpg"]["error"] and by_name["film9.jpg"][names[0]] == ""
   assert "1 file(s) could not be read" in capsys.readouterr().err
   assert "Doe" not in out.read_text() and "MRN" not in out.read_text()  # the DICOM's patient stays out
+  # Files are read by a pool of threads, a batch ahead: rows keep the files' order, errors stay on
+  # their file, and the scores are those one reader gives (batches of 2: a broken file mid-batch).
+  deployed, paths = classifier.open_classifier(run), [r["path"] for r in rows]
+  texts = []
+  for readers in (1, 3):
+    text = io.StringIO()
+    assert classifier.write_predictions(deployed, paths, text, batch_size=2, readers=readers) == (4, 1)
+    texts.append(text.getvalue())
+  assert texts[0] == texts[1]
+  assert [r["path"] for r in csv.DictReader(io.StringIO(texts[1]))] == paths
 
 
 def test_read_image_stretches_16_bit_films(tmp_path):

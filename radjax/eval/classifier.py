@@ -347,38 +347,50 @@ def image_files(inputs: Sequence[str], suffixes: Sequence[str] = IMAGE_SUFFIXES)
 
 
 def write_predictions(classifier: Deployed, files: Sequence[str], out: Any, *,
-                      read_image: ImageReader | None = None, batch_size: int = 32) -> tuple[int, int]:
+                      read_image: ImageReader | None = None, batch_size: int = 32,
+                      readers: int | None = None) -> tuple[int, int]:
   """Writes a CSV (path, one probability per label, error) for each of ``files`` to the text stream
-  ``out``; a file that cannot be read gets an empty row with its error and the rest go on.
-  read_image: ``classifier.image_reader()`` unless given. Returns (images scored, files that failed)."""
+  ``out``, in their order; a file that cannot be read gets an empty row with its error and the rest
+  go on. read_image: ``classifier.image_reader()`` unless given. ``readers`` threads (default: one
+  per core, at most 8) decode and prepare files, the next batch's while the model scores this one:
+  decoding a full-size film costs far more than scoring it. Returns (images scored, files that
+  failed)."""
+  import concurrent.futures
   from radjax.data.pipeline import Preprocess, label_names
+  from radjax.hostcpu import host_cpus
   names = label_names(classifier.data)
   preprocess = Preprocess(classifier.data, _NoReports(), train=False, names=names)
   probabilities = classifier.probabilities
   read_image = read_image or classifier.image_reader()
+
+  def prepare(path: str) -> tuple[np.ndarray | None, str | None]:
+    try:
+      return preprocess.image(read_image(path), None), None
+    except Exception as e:  # pylint: disable=broad-except
+      return None, f"unreadable image: {type(e).__name__}: {e}"
+
   writer = csv.writer(out)
   writer.writerow(["path", *names, "error"])
   scored = failed = 0
-  for start in range(0, len(files), batch_size):
-    chunk = files[start:start + batch_size]
-    images, errors = [], {}
-    for path in chunk:
-      try:
-        images.append(preprocess.image(read_image(path), None))
-      except Exception as e:  # pylint: disable=broad-except
-        errors[path] = f"unreadable image: {type(e).__name__}: {e}"
-    probs = iter([])
-    if images:
-      # A full batch every call: the last, short one would compile the model again.
-      batch = np.stack(images + images[-1:] * (batch_size - len(images)))
-      probs = iter(probabilities(batch)[:len(images)])
-    for path in chunk:
-      if path in errors:
-        writer.writerow([path, *[""] * len(names), errors[path]])
-        failed += 1
-      else:
-        writer.writerow([path, *[f"{p:.6f}" for p in next(probs)], ""])
-        scored += 1
+  chunks = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
+  with concurrent.futures.ThreadPoolExecutor(readers or min(8, host_cpus())) as pool:
+    upcoming = [pool.submit(prepare, path) for path in chunks[0]] if chunks else []
+    for k, chunk in enumerate(chunks):
+      prepared = [future.result() for future in upcoming]
+      upcoming = [pool.submit(prepare, path) for path in chunks[k + 1]] if k + 1 < len(chunks) else []
+      images = [image for image, _ in prepared if image is not None]
+      probs = iter([])
+      if images:
+        # A full batch every call: the last, short one would compile the model again.
+        batch = np.stack(images + images[-1:] * (batch_size - len(images)))
+        probs = iter(probabilities(batch)[:len(images)])
+      for path, (image, error) in zip(chunk, prepared):
+        if image is None:
+          writer.writerow([path, *[""] * len(names), error])
+          failed += 1
+        else:
+          writer.writerow([path, *[f"{p:.6f}" for p in next(probs)], ""])
+          scored += 1
   return scored, failed
 
 
