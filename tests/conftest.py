@@ -4,7 +4,7 @@ Compiled programs are shared through one JAX compilation cache per test session:
 workers and the ``radjax`` subprocesses tests start inherit its folder from the environment, so a
 program one of them compiled is not compiled again (the tests compile the same tiny models
 often). The folder is new for each session, so no test reads a program an earlier session (or
-another version of the code) wrote.
+another version of the code) wrote; a ``JAX_COMPILATION_CACHE_DIR`` already set is used instead.
 """
 
 import os

@@ -38,7 +38,6 @@ def test_cache_dir_defaults_to_the_user_cache_and_can_be_moved_or_turned_off(tmp
 
 _SCRIPT = """
 import json, sys
-from jax._src import monitoring
 from radjax import cli
 try:
   cli.main(["no-such-command"])  # fails in argument parsing, after the cache is set up
@@ -46,7 +45,7 @@ except SystemExit:
   pass
 import jax, jax.numpy as jnp
 hits = []
-monitoring.register_event_listener(lambda event, **kw: hits.append(event) if event.endswith("cache_hits") else None)
+jax.monitoring.register_event_listener(lambda event, **kw: hits.append(event) if event.endswith("cache_hits") else None)
 jax.jit(lambda x: jnp.tanh(x @ x.T).sum())(jnp.ones((64, 64))).block_until_ready()
 print(json.dumps({"dir": jax.config.jax_compilation_cache_dir, "hits": len(hits)}))
 """
