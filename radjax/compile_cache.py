@@ -17,10 +17,11 @@ recompile, overwriting the other's.
 Only programs that took at least a second to compile are kept (JAX's default threshold), and
 JAX evicts the least recently used beyond :data:`MAX_BYTES`. JAX writes an entry in place, so a
 process killed in that instant leaves it cut short: JAX then warns "Error reading persistent
-compilation cache entry" and compiles that program each time; deleting the folder mends it. A compiled program holds the
-model's computation and the constants traced into it; radjax passes weights and data as
-arguments, never as constants, so the cache holds no images or reports. JAX treats a cache as
-trusted code: do not point it at a folder others can write.
+compilation cache entry" and compiles that program each time; deleting the folder mends it.
+
+A compiled program holds the model's computation and the constants traced into it; radjax passes
+weights and data as arguments, never as constants, so the cache holds no images or reports. JAX
+treats a cache as trusted code: do not point it at a folder others can write.
 """
 
 from __future__ import annotations

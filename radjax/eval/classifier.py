@@ -136,12 +136,13 @@ def probability_function(model) -> tuple[Callable[..., Any], list[Any]]:
   flat list (what ``radjax export`` writes, one array per argument)."""
   import jax
   from flax import nnx
-  model.eval()
   graphdef, arrays, rest = nnx.split(model, (nnx.Param, nnx.BatchStat), ...)
   weights, treedef = jax.tree.flatten(arrays)
 
   def probabilities(weights, images):
-    return jax.nn.sigmoid(nnx.merge(graphdef, jax.tree.unflatten(treedef, weights), rest)(images))
+    classifier = nnx.merge(graphdef, jax.tree.unflatten(treedef, weights), rest)
+    classifier.eval()  # on the traced copy: the caller's model keeps its mode
+    return jax.nn.sigmoid(classifier(images))
 
   return probabilities, weights
 
