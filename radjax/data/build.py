@@ -32,6 +32,8 @@ Builder protocol (how a TFDS builder takes part; SynthCXRBuilder needs none of i
 - Optional class attributes/methods: ``RADJAX_OWN_PROGRESS = True`` (the builder
   generates through ``ctx.map``, whose progress bars replace TFDS's),
   ``MANUAL_DOWNLOAD_INSTRUCTIONS`` (TFDS; means the builder needs ``manual_dir``),
+  ``complete_config(manual_dir, config, **builder_kwargs)`` (the config with the fields that
+  depend on the files filled in, e.g. image_table's label columns, found in its table),
   ``check_manual_dir(manual_dir, **builder_kwargs)``
   (raise ``FileNotFoundError`` naming the expected files), ``make_config(**overrides)``
   (turns ``builder_kwargs["config"]`` given as a dict into a BuilderConfig).
@@ -242,7 +244,7 @@ def open_text(path: str | os.PathLike) -> io.TextIOBase:
 
 
 def read_table(path: str | os.PathLike, required: Iterable[str] = ()) -> Iterator[tuple[int, dict[str, str | None]]]:
-  """Yields (line number, row dict) from a CSV/TSV (``.tsv``/``.tsv.gz`` -> tab), gzipped or not.
+  """Yields (the row's first line number, row dict) from a CSV/TSV (``.tsv``/``.tsv.gz`` -> tab), gzipped or not.
 
   Header names are stripped; a row with too few or too many fields has ``None`` values
   or a ``None`` key (see ``row_is_complete``). Raises ValueError naming the file when a
@@ -250,11 +252,10 @@ def read_table(path: str | os.PathLike, required: Iterable[str] = ()) -> Iterato
   truncated gzip).
   """
   path = str(path)
-  delimiter = "\t" if path.removesuffix(".gz").endswith(".tsv") else ","
   csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
   try:
     with open_text(path) as f:
-      reader = csv.reader(f, delimiter=delimiter)
+      reader = csv.reader(f, delimiter=_delimiter(path))
       header = next(reader, None)
       if header is None:
         raise ValueError(f"{path}: empty table (no header row)")
@@ -262,7 +263,9 @@ def read_table(path: str | os.PathLike, required: Iterable[str] = ()) -> Iterato
       missing = [c for c in required if c not in header]
       if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; found {header}")
+      first_line = reader.line_num + 1
       for values in reader:
+        line, first_line = first_line, reader.line_num + 1  # a quoted field may span lines
         if not values or all(not v.strip() for v in values):
           continue
         row: dict[str | None, Any] = dict(zip(header, values))
@@ -270,9 +273,27 @@ def read_table(path: str | os.PathLike, required: Iterable[str] = ()) -> Iterato
           row.update({h: None for h in header[len(values):]})
         elif len(values) > len(header):
           row[None] = values[len(header):]
-        yield reader.line_num, row
+        yield line, row
   except (OSError, EOFError, csv.Error, UnicodeDecodeError) as e:
     raise ValueError(f"{path}: cannot be read as a table: {type(e).__name__}: {e}") from e
+
+
+def table_header(path: str | os.PathLike) -> list[str]:
+  """The column names of a table ``read_table`` reads (stripped). Raises ValueError naming the
+  file when it cannot be read or is empty."""
+  path = str(path)
+  try:
+    with open_text(path) as f:
+      header = next(csv.reader(f, delimiter=_delimiter(path)), None)
+  except (OSError, EOFError, csv.Error, UnicodeDecodeError) as e:
+    raise ValueError(f"{path}: cannot be read as a table: {type(e).__name__}: {e}") from e
+  if header is None:
+    raise ValueError(f"{path}: empty table (no header row)")
+  return [h.strip() for h in header]
+
+
+def _delimiter(path: str) -> str:
+  return "\t" if path.removesuffix(".gz").endswith(".tsv") else ","
 
 
 def row_is_complete(row: Mapping[Any, Any]) -> bool:
@@ -509,6 +530,10 @@ def build_dataset(name: str, data_dir: str | os.PathLike, manual_dir: str | os.P
   cls = get_builder_class(name)
   kwargs = _resolve_builder_kwargs(cls, builder_kwargs)
   manual_path = check_manual_dir(cls, name, manual_dir, kwargs)
+  complete = getattr(cls, "complete_config", None)
+  if complete is not None:
+    kwargs["config"] = complete(manual_path, kwargs.get("config"),
+                                **{k: v for k, v in kwargs.items() if k != "config"})
   data_root = Path(paths.local_dir(data_dir, "--data_dir"))
   builder = cls(data_dir=str(data_root), file_format="array_record", **kwargs)
   version_dir = Path(str(builder.data_dir))

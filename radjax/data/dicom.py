@@ -67,6 +67,20 @@ def read_radiograph(path: str) -> np.ndarray:
   return -x if photometric == "MONOCHROME1" else x
 
 
+# PIL modes whose values are 8-bit display levels (anything else holds raw values: I;16, I, F).
+_EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV")
+
+
+def raw_pixels(path: str) -> np.ndarray | None:
+  """float64 [H, W] for a DICOM (``read_radiograph``) or a 16-bit or float image, whose values need
+  a conversion to 8 bits; None for an 8-bit image, which is shown as it is."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  if reads_as_dicom(path):
+    return read_radiograph(path)
+  with Image.open(path) as im:  # reads the header only, until asked for pixels
+    return None if im.mode in _EIGHT_BIT_MODES else np.asarray(im, dtype=np.float64)
+
+
 def min_max_to_uint8(x: np.ndarray) -> np.ndarray:
   """float [...] -> uint8 [...]: shifted to start at 0, scaled so its maximum is 255, truncated."""
   x = np.asarray(x, np.float64)

@@ -55,7 +55,7 @@ def label_names(data_cfg: Any) -> tuple[str, ...]:
     names = sources.dataset_label_names(data_cfg, spec)
   else:
     names = tuple(n.strip() for n in spec.split(",") if n.strip())
-    known = sources.dataset_label_names(data_cfg, "all")
+    known = sources.dataset_label_names(data_cfg, "all", unbuilt_ok=True)
     unknown = [n for n in names if known and n not in known]
     if unknown:
       raise ConfigError(f"data.labels: unknown label(s) {unknown} for dataset {data_cfg.dataset!r}; "

@@ -76,7 +76,8 @@ class ArrayRecordSource:
   @functools.cached_property
   def _builder(self):
     cls = builders.get_builder_class(self._name)
-    config = self._config
+    # image_table's builds are never registered configs (their labels come from the table).
+    config = self._config or getattr(cls, "DEFAULT_BUILD_NAME", None)
     if isinstance(config, str) and config not in getattr(cls, "builder_configs", {}):
       # A variant built with other fields (e.g. image_size=512) is not a registered config: TFDS
       # finds it by name only through its folder, whose dataset_info.json describes it.
@@ -140,12 +141,24 @@ def get_source(data_cfg: Any, split: str):
   return ArrayRecordSource(name, os.path.expanduser(str(data_cfg.data_dir)), split, _builder_config(data_cfg))
 
 
-def dataset_label_names(data_cfg: Any, kind: str) -> tuple[str, ...]:
-  """Label names of kind "diagnostic" / "prognostic" / "all" for ``data_cfg.dataset``."""
+def dataset_label_names(data_cfg: Any, kind: str, *, unbuilt_ok: bool = False) -> tuple[str, ...]:
+  """Label names of kind "diagnostic" / "prognostic" / "all" for ``data_cfg.dataset``.
+
+  unbuilt_ok: () rather than an error where the names are the build's (image_table) and it cannot
+  be read here (an exported model scoring files away from its data)."""
   name = _check_dataset(data_cfg)
   if name == "synth_cxr":
     return synth_cxr.label_names(kind)
   cls = builders.get_builder_class(name)
+  if hasattr(cls, "label_groups"):  # the labels are the build's (image_table: its table's columns)
+    try:
+      if data_cfg.data_dir is None:
+        raise FileNotFoundError(f"dataset {name!r} takes its label names from its build: set data.data_dir")
+      return cls.label_groups(os.path.expanduser(str(data_cfg.data_dir)), _builder_config(data_cfg))[kind]
+    except FileNotFoundError as e:
+      if unbuilt_ok:
+        return ()
+      raise ConfigError(str(e)) from None
   diag = tuple(getattr(cls, "DIAGNOSTIC_LABELS", ()))
   prog = tuple(getattr(cls, "PROGNOSTIC_LABELS", ()))
   if not diag and not prog:

@@ -257,7 +257,7 @@ def exported_build(meta: dict[str, Any]):
                                                               **meta["build"]["fields"])
 
 
-_CONVERTED_DATASETS = ("mimic_cxr", "inspect")
+_CONVERTED_DATASETS = ("mimic_cxr", "inspect", "image_table")
 
 
 def _builder_module(dataset: str):
@@ -273,6 +273,7 @@ class ImageReader:
   - MIMIC-CXR: a MIMIC-CXR-JPG film is resized and encoded as the build did; a DICOM is first
     converted as MIMIC-CXR-JPG converts its DICOMs (8 bits, histogram equalisation, JPEG).
   - INSPECT: a CT volume (``VOLUME_SUFFIXES``) becomes the projection the build stores.
+  - image_table: a film is converted, resized and encoded as the build did (``raw_images``).
   - SynthCXR: a file is read as it is; 16-bit and float images and DICOMs are stretched from their
     own minimum to maximum (a PNG or TIFF records no display window).
   """
@@ -293,26 +294,16 @@ class ImageReader:
     if self.dataset == "inspect":
       raise ValueError("a film or a single slice, but this model reads CT volumes (.nii.gz; a DICOM "
                        "series converts with dcm2niix)")
-    raw = _raw_values(path)
+    raw = dicom.raw_pixels(path)
     if self.dataset == "mimic_cxr":
       from radjax.data.builders import mimic_cxr
       # An 8-bit film is taken to be a MIMIC-CXR-JPG file (read from disk as the build read it);
       # raw detector values are converted to one first.
       return mimic_cxr.stored_image(path if raw is None else mimic_cxr.published_jpg(raw), self.build)
+    if self.dataset == "image_table":
+      from radjax.data.builders import image_table
+      return image_table.stored_image(path, self.build)
     return _eight_bit(path) if raw is None else dicom.min_max_to_uint8(raw)
-
-
-_EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV")
-
-
-def _raw_values(path: str) -> np.ndarray | None:
-  """float64 [H, W] for a DICOM or a 16-bit or float image; None for an 8-bit image."""
-  from PIL import Image
-  from radjax.data import dicom
-  if dicom.reads_as_dicom(path):
-    return dicom.read_radiograph(path)
-  with Image.open(path) as im:  # reads the header only, until asked for pixels
-    return None if im.mode in _EIGHT_BIT_MODES else np.asarray(im, dtype=np.float64)
 
 
 def _eight_bit(path: str) -> np.ndarray:

@@ -54,16 +54,18 @@ def export(model: Any, config: Any, build: Any, description: str, out: str) -> d
         [jax.ShapeDtypeStruct(w.shape, w.dtype) for w in weights],
         jax.ShapeDtypeStruct((batch, size, size, channels), jnp.float32))
   mean, std = image_norm(config.data)
+  labels = label_names(config.data)
   meta = {
       "format": FORMAT, "format_version": FORMAT_VERSION,
-      "labels": list(label_names(config.data)),
+      "labels": list(labels),
       "inputs": {"shape": ["batch", size, size, channels], "dtype": "float32",
                  "preparation": "8-bit image, resized to image_size x image_size (bilinear), / 255, "
                                 "minus mean, over std; repeated to channels",
                  "mean": mean, "std": std},
-      "outputs": {"shape": ["batch", len(label_names(config.data))], "dtype": "float32",
+      "outputs": {"shape": ["batch", len(labels)], "dtype": "float32",
                   "meaning": "sigmoid probability per label, in labels order"},
-      "data": config.data.to_dict(),
+      # The names, not a group ("diagnostic"): a group of image_table labels is its build's.
+      "data": {**config.data.to_dict(), "labels": ",".join(labels)},
       "build": None if build is None else {"name": build.name, "fields": builder_config_fields(build)},
       "source": {"checkpoint": description, "method": config.method.name,
                  "image_model": config.model.image.to_dict()},

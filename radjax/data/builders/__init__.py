@@ -9,6 +9,7 @@ _BUILDERS = {
     "synth_cxr": "radjax.data.builders.synth_cxr:SynthCXRBuilder",
     "mimic_cxr": "radjax.data.builders.mimic_cxr:MimicCXRBuilder",
     "inspect": "radjax.data.builders.inspect:InspectBuilder",
+    "image_table": "radjax.data.builders.image_table:ImageTableBuilder",
 }
 
 
