@@ -269,8 +269,9 @@ def test_table_errors_name_what_is_wrong(tmp_path):
 
 
 def test_study_runs_on_a_table(tmp_path):
-  """The README's own-data commands, shrunk: build from a table, then the study's pre-training,
-  features, teacher and cells on its label groups."""
+  """The README's own-data commands, shrunk: build from a table, then the study's features, the
+  report-seeing teacher and the cells, with tasks taken from the build's label groups (MIMIC's test
+  runs a pre-training on a build)."""
   from radjax import cli
   manual = tmp_path / "export"
   (manual / "films").mkdir(parents=True)
@@ -293,12 +294,13 @@ def test_study_runs_on_a_table(tmp_path):
       "--config.model.text.num_layers=1", "--config.model.text.hidden_size=32",
       "--config.model.text.num_heads=2", "--config.model.text.intermediate_size=64",
       "--config.model.embed_dim=16", "--config.train.steps=2", "--config.train.batch_size=2",
-      "--config.train.progress=False", "--config.study.pretrain=clip", "--config.study.tasks=diagnostic,death",
-      "--config.study.finetune=linear", "--config.study.n_train=-1", "--config.study.seeds=0"])
+      "--config.train.progress=False", "--config.study.pretrain=none", "--config.study.tasks=diagnostic,death",
+      "--config.study.finetune=linear,distill", "--config.study.n_train=-1", "--config.study.seeds=0"])
   assert rc == 0
   with open(tmp_path / "study" / "results.csv") as f:
     rows = list(csv.DictReader(f))
-  assert {r["task"] for r in rows} == {"diagnostic", "death"}
+  assert {(r["task"], r["finetune"]) for r in rows} == {(t, f) for t in ("diagnostic", "death")
+                                                       for f in ("linear", "distill")}
   logged = "".join(p.read_text(errors="replace") for p in (tmp_path / "study").rglob("*")
                    if p.is_file() and p.suffix in (".json", ".jsonl", ".csv", ".md", ".txt"))
   assert "pleural" not in logged and "clear lungs" not in logged
