@@ -59,6 +59,7 @@ import inspect
 import io
 import itertools
 import json
+import logging
 import math
 import os
 import pickle
@@ -507,6 +508,20 @@ def check_manual_dir(cls: Any, name: str, manual_dir: str | os.PathLike | None,
     check(path, **{k: v for k, v in builder_kwargs.items() if k != "config"},
           config=builder_kwargs.get("config"))
   return path
+
+
+class _ExpectedTfdsNotices(logging.Filter):
+  """Drops TFDS's warnings about what radjax does on purpose: builds with unregistered configs
+  (MIMIC-CXR variants, every image_table build), whose folders have no dataset_info.json until
+  built. Printed at every build, they read as problems; they are not."""
+  EXPECTED = ("Using custom data configuration", "Variant folder ")
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(self.EXPECTED)
+
+
+# On the absl logger TFDS writes to, for as long as builds may run: only these two notices go.
+logging.getLogger("absl").addFilter(_ExpectedTfdsNotices())
 
 
 def build_dataset(name: str, data_dir: str | os.PathLike, manual_dir: str | os.PathLike | None = None,
