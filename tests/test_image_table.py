@@ -188,6 +188,57 @@ def test_predict_reads_films_as_the_build_stored_them(built, tmp_path):
                                 built["expected"]["images"]["b1"])
 
 
+def test_an_external_test_set_is_matched_by_label_name(built, tmp_path):
+  """A model evaluated on another hospital's build: its labels are found by name, whatever the
+  columns' order or the other build's groups, and a build without one of them is refused."""
+  from flax import nnx
+  from radjax.config import ConfigError, load_config
+  from radjax.eval import classifier, exported
+  from radjax.methods import get_method
+  tiny = load_config("configs/study_image_table.py", [
+      f"--config.data.data_dir={built['data_dir']}", "--config.data.builder_config=16_jpeg",
+      "--config.data.image_size=16", "--config.model.image.patch_size=8", "--config.model.image.width=16",
+      "--config.model.image.depth=1", "--config.model.image.num_heads=2", "--config.model.image.mlp_dim=32"])
+  assert tiny.data.labels == "diagnostic"  # effusion, nodule in the model's build
+  model_file = str(tmp_path / "a.radjax")
+  exported.export(get_method("supervised").build(tiny, nnx.Rngs(0)), tiny,
+                  classifier.build_settings(tiny.data), "a test's model", model_file)
+  other = tmp_path / "other"
+  (other / "films").mkdir(parents=True)
+  rows = []
+  for i in range(6):
+    Image.fromarray(_gradient(20, 20, 10 * i, 200).astype(np.uint8)).save(other / "films" / f"{i}.png")
+    # nodule first; effusion, here an outcome's neighbour, positive in 1 of 6, nodule in 4 of 6.
+    rows.append([f"films/{i}.png", f"IMPRESSION: film {i}.", "test", int(i % 3 != 0), int(i == 2), i % 2])
+  fixtures_real.write_csv(other / "t.csv", ["image", "report", "split", "nodule", "effusion", "relapse"], rows)
+  other_dir = tmp_path / "other_tfds"
+  build_lib.build_dataset("image_table", other_dir, manual_dir=other, progress=False, verbose=False,
+                          builder_kwargs={"config": {"image_size": SIZE, "prognostic": "effusion"}})
+  # A run's config (and a file exported before export wrote names) says "diagnostic": the model's
+  # build's group, which is not the other build's ("nodule", "relapse").
+  import zipfile
+  grouped = str(tmp_path / "grouped.radjax")
+  with zipfile.ZipFile(model_file) as src, zipfile.ZipFile(grouped, "w") as dst:
+    for item in src.namelist():
+      blob = src.read(item)
+      if item == "deployment.json":
+        meta = json.loads(blob)
+        meta["data"]["labels"] = "diagnostic"
+        blob = json.dumps(meta).encode()
+      dst.writestr(item, blob)
+  overrides = [("data.data_dir", str(other_dir)), ("data.num_workers", "0")]
+  for path in (model_file, grouped):
+    result = classifier.evaluate(classifier.open_classifier(model_file=path, overrides=overrides), "test", n_boot=10)
+    assert list(result["labels"]) == ["effusion", "nodule"]
+    assert [(r["positives"], r["negatives"]) for r in result["labels"].values()] == [(1, 5), (4, 2)]
+  fixtures_real.write_csv(other / "t.csv", ["image", "report", "split", "effusion"], [r[:3] + [r[4]] for r in rows])
+  build_lib.build_dataset("image_table", tmp_path / "third", manual_dir=other, progress=False, verbose=False)
+  with pytest.raises(ConfigError, match="the model predicts effusion, nodule; dataset 'image_table' has no "
+                                        "label"):
+    classifier.open_classifier(model_file=model_file, overrides=[("data.data_dir", str(tmp_path / "third")),
+                                                                 ("data.builder_config", "default")])
+
+
 def test_reading_a_build_by_its_label_groups(built):
   from radjax.config import ConfigError, load_config
   from radjax.data import pipeline, sources

@@ -228,6 +228,10 @@ def test_predict_reads_films_and_dicoms_as_the_build_stored_them(built, tmp_path
   assert again.build.name == read_image.build.name
   assert build_lib.builder_config_fields(again.build) == build_lib.builder_config_fields(read_image.build)
   np.testing.assert_array_equal(again(str(tmp_path / "IM0001")), read_image(str(tmp_path / "IM0001")))
+  # Files are converted as the model's own build did, whichever data.dataset an override names.
+  elsewhere = classifier.open_classifier(model_file=str(tmp_path / "mimic.radjax"), overrides=[
+      ("data.dataset", "image_table"), ("data.data_dir", str(tmp_path / "no_build_here"))])
+  np.testing.assert_array_equal(elsewhere.image_reader()(str(tmp_path / "IM0001")), read_image(str(tmp_path / "IM0001")))
 
 
 def test_config_names():

@@ -69,16 +69,18 @@ class Deployed:
   data: the data config (``config.data``) its inputs are prepared by, overrides applied.
   description: which weights ("best checkpoint, step 40", "exported ...").
   workdir / model_file: where it came from (the other is None).
-  read_build: () -> the settings of the build it trained on (``build_settings``)."""
+  read_build: () -> the settings of the build it trained on (``build_settings``).
+  trained_dataset: the dataset it trained on, whose conversion new files go through."""
   probabilities: Callable[[np.ndarray], np.ndarray]
   data: Any
   description: str
   workdir: str | None
   model_file: str | None
   read_build: Callable[[], Any]
+  trained_dataset: str
 
   def image_reader(self) -> ImageReader:
-    return ImageReader(self.data.dataset, self.read_build())
+    return ImageReader(self.trained_dataset, self.read_build())
 
 
 def open_classifier(workdir: str | None = None, *, model_file: str | None = None, checkpoint: str = "auto",
@@ -89,7 +91,8 @@ def open_classifier(workdir: str | None = None, *, model_file: str | None = None
   external test set, say); the keys the model depends on cannot change."""
   import ml_collections
   from radjax import paths
-  from radjax.data.pipeline import label_names
+  from radjax.data.pipeline import image_norm, label_names
+  from radjax.data.sources import dataset_label_names
   from radjax.eval import exported
   if (workdir is None) == (model_file is None):
     raise ConfigError("give one of --workdir (a fine-tuning run) and --model (an exported classifier)")
@@ -114,13 +117,23 @@ def open_classifier(workdir: str | None = None, *, model_file: str | None = None
     config = ml_collections.ConfigDict({"data": meta["data"]})
     description = f"exported from the {meta['source']['checkpoint']}"
     read_build = lambda: exported_build(meta)
-  trained_labels = label_names(config.data)
+  trained_labels, trained_dataset, trained_norm = label_names(config.data), config.data.dataset, image_norm(config.data)
+  if overrides:
+    # Another build (an external test set, perhaps a hospital's image_table) is matched by label
+    # name: a group such as "diagnostic" is each dataset's own.
+    config.data.labels = ",".join(trained_labels)
   for key, raw in overrides:
     apply_override(config, key, raw)
-  if label_names(config.data) != trained_labels:  # data.labels may name a group, e.g. "diagnostic"
-    raise ConfigError(f"the model predicts {', '.join(trained_labels)}; with these overrides the data "
-                      f"gives {', '.join(label_names(config.data))}")
-  return Deployed(probabilities, config.data, description, workdir, model_file, read_build)
+  if image_norm(config.data) != trained_norm:
+    raise ConfigError(f"the model was trained on {trained_dataset}, whose images are normalised with "
+                      f"(mean, std) {trained_norm}; {config.data.dataset}'s are normalised with "
+                      f"{image_norm(config.data)}: score it on a {trained_dataset} build")
+  known = dataset_label_names(config.data, "all", unbuilt_ok=True)
+  missing = [name for name in trained_labels if known and name not in known]
+  if missing:
+    raise ConfigError(f"the model predicts {', '.join(trained_labels)}; dataset {config.data.dataset!r} "
+                      f"has no label(s) {', '.join(missing)} (its labels: {', '.join(known)})")
+  return Deployed(probabilities, config.data, description, workdir, model_file, read_build, trained_dataset)
 
 
 def export_classifier(workdir: str, out: str, checkpoint: str = "auto") -> dict[str, Any]:
