@@ -322,8 +322,8 @@ def test_table_errors_name_what_is_wrong(tmp_path):
     image_table.make_config(image_sise=3)
 
 
-def test_study_runs_on_a_table(tmp_path):
-  """The README's own-data commands, shrunk: build from a table, then the study's features, the
+def test_study_runs_on_a_table(tmp_path, capsys):
+  """The README's own-data commands, shrunk: build from a table, advise, then the study's features, the
   report-seeing teacher and the cells, with tasks taken from the build's label groups (MIMIC's test
   runs a pre-training on a build)."""
   from radjax import cli
@@ -341,6 +341,12 @@ def test_study_runs_on_a_table(tmp_path):
   data_dir = tmp_path / "tfds"
   assert cli.main(["data", "build", "--dataset", "image_table", "--manual_dir", str(manual), "--data_dir",
                    str(data_dir), "--builder_config", "prognostic=death", "--no_progress"]) in (0, None)
+  capsys.readouterr()
+  assert cli.main(["advise", "--config", "configs/study_image_table.py", f"--config.data.data_dir={data_dir}",
+                   "--config.data.labels=all", "--config.data.num_workers=0"]) in (0, None)
+  advice = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert [a["label"] for a in advice] == ["effusion", "death"]
+  assert advice[0]["text_auroc"] == 1.0  # the reports state the effusion
   rc = cli.main([
       "study", "--config", "configs/study_image_table.py", "--workdir", str(tmp_path / "study"),
       f"--config.data.data_dir={data_dir}", "--config.data.image_size=16", "--config.data.num_workers=0",
