@@ -90,15 +90,16 @@ def make_table_tree(root: Path) -> dict:
       ["a1", "films/c1.tif", REPORT.format(11), "P8", "train", "1", "0", "0"],      # repeated id
       ["g1", "films/a1.png", REPORT.format(12), "P9", "holdout", "1", "0", "0"],    # unknown split
   ]
-  fixtures_real.write_csv(root / "export.csv", HEADER, rows, raw_lines={len(rows): "h1,films/a1.png,r,P10,train,1,0,0,extra"})
+  fixtures_real.write_csv(root / "export.csv", HEADER, rows,
+                          raw_lines={len(rows): "h1,films/a1.png,r,P10,train,1,0,0,extra"})
   # The first line of each row: the header is line 1, and a report's line breaks stay in its cell.
   first_lines = list(np.cumsum([2] + [1 + r[2].count("\n") for r in rows]))
   nan = math.nan
   labels = {"a1": (1, 0, 0), "a2": (1, 0, nan), "b1": (-1, 1, 1), "b2": (0, 1, nan), "c1": (-1, 0, nan)}
   splits = {"train": ("a1", "a2"), "validation": ("b1", "b2"), "test": ("c1",)}
   reports = {k: f"Left pleural effusion {n}." for k, n in zip(("a1", "a2", "b1", "b2", "c1"), range(1, 6))}
-  return {"first_lines": first_lines, "images": expected_images, "labels": labels, "splits": splits, "reports": reports,
-          "patients": {"a1": "P1", "a2": "P1", "b1": "P2", "b2": "P2", "c1": "P3"}}
+  return {"first_lines": first_lines, "images": expected_images, "labels": labels, "splits": splits,
+          "reports": reports, "patients": {"a1": "P1", "a2": "P1", "b1": "P2", "b2": "P2", "c1": "P3"}}
 
 
 def _examples(version_dir: str, split: str) -> dict[str, dict]:

@@ -117,7 +117,8 @@ def open_classifier(workdir: str | None = None, *, model_file: str | None = None
     config = ml_collections.ConfigDict({"data": meta["data"]})
     description = f"exported from the {meta['source']['checkpoint']}"
     read_build = lambda: exported_build(meta)
-  trained_labels, trained_dataset, trained_norm = label_names(config.data), config.data.dataset, image_norm(config.data)
+  trained_labels, trained_dataset = label_names(config.data), config.data.dataset
+  trained_norm = image_norm(config.data)
   if overrides:
     # Another build (an external test set, perhaps a hospital's image_table) is matched by label
     # name: a group such as "diagnostic" is each dataset's own.

@@ -128,8 +128,9 @@ class ImageTableConfig(tfds.core.BuilderConfig):
                        f"training, got {self.validation_fraction} and {self.test_fraction}")
     for name in self.labels:
       if name in RESERVED_COLUMNS or name in LABEL_GROUPS or "," in name or not name.strip():
-        raise ValueError(f"label column {name!r}: a label cannot be named {', '.join(RESERVED_COLUMNS + LABEL_GROUPS)} "
-                         "or contain a comma (data.labels lists labels separated by commas); rename the column")
+        raise ValueError(f"label column {name!r}: a label cannot be named "
+                         f"{', '.join(RESERVED_COLUMNS + LABEL_GROUPS)} or contain a comma (data.labels "
+                         "lists labels separated by commas); rename the column")
     unknown = [name for name in self.prognostic if self.labels and name not in self.labels]
     if unknown:
       raise ValueError(f"prognostic names {unknown}, which are not among the labels {list(self.labels)}")
