@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import math
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,14 @@ def make_table_tree(root: Path) -> dict:
           "reports": reports, "patients": {"a1": "P1", "a2": "P1", "b1": "P2", "b2": "P2", "c1": "P3"}}
 
 
+def _tiny_classifier_config(built: dict):
+  from radjax.config import load_config
+  return load_config("configs/study_image_table.py", [
+      f"--config.data.data_dir={built['data_dir']}", "--config.data.builder_config=16_jpeg",
+      "--config.data.image_size=16", "--config.model.image.patch_size=8", "--config.model.image.width=16",
+      "--config.model.image.depth=1", "--config.model.image.num_heads=2", "--config.model.image.mlp_dim=32"])
+
+
 def _examples(version_dir: str, split: str) -> dict[str, dict]:
   import tensorflow_datasets as tfds
   source = tfds.builder_from_directory(version_dir).as_data_source(split=split)
@@ -173,10 +182,7 @@ def test_predict_reads_films_as_the_build_stored_them(built, tmp_path):
   from flax import nnx
   from radjax.eval import exported
   from radjax.methods import get_method
-  tiny = load_config("configs/study_image_table.py", [
-      f"--config.data.data_dir={built['data_dir']}", "--config.data.builder_config=16_jpeg",
-      "--config.data.image_size=16", "--config.model.image.patch_size=8", "--config.model.image.width=16",
-      "--config.model.image.depth=1", "--config.model.image.num_heads=2", "--config.model.image.mlp_dim=32"])
+  tiny = _tiny_classifier_config(built)
   meta = exported.export(get_method("supervised").build(tiny, nnx.Rngs(0)), tiny, read_image.build, "a test's model",
                          str(tmp_path / "mine.radjax"))
   assert meta["labels"] == ["effusion", "nodule"] and meta["data"]["labels"] == "effusion,nodule"
@@ -193,13 +199,10 @@ def test_an_external_test_set_is_matched_by_label_name(built, tmp_path):
   """A model evaluated on another hospital's build: its labels are found by name, whatever the
   columns' order or the other build's groups, and a build without one of them is refused."""
   from flax import nnx
-  from radjax.config import ConfigError, load_config
+  from radjax.config import ConfigError
   from radjax.eval import classifier, exported
   from radjax.methods import get_method
-  tiny = load_config("configs/study_image_table.py", [
-      f"--config.data.data_dir={built['data_dir']}", "--config.data.builder_config=16_jpeg",
-      "--config.data.image_size=16", "--config.model.image.patch_size=8", "--config.model.image.width=16",
-      "--config.model.image.depth=1", "--config.model.image.num_heads=2", "--config.model.image.mlp_dim=32"])
+  tiny = _tiny_classifier_config(built)
   assert tiny.data.labels == "diagnostic"  # effusion, nodule in the model's build
   model_file = str(tmp_path / "a.radjax")
   exported.export(get_method("supervised").build(tiny, nnx.Rngs(0)), tiny,
@@ -209,7 +212,8 @@ def test_an_external_test_set_is_matched_by_label_name(built, tmp_path):
   rows = []
   for i in range(6):
     Image.fromarray(_gradient(20, 20, 10 * i, 200).astype(np.uint8)).save(other / "films" / f"{i}.png")
-    # nodule first; effusion, here an outcome's neighbour, positive in 1 of 6, nodule in 4 of 6.
+    # Another column order, and effusion an outcome here: read by position or by the group
+    # "diagnostic", the model's outputs would be misread. effusion is positive in 1 film, nodule in 4.
     rows.append([f"films/{i}.png", f"IMPRESSION: film {i}.", "test", int(i % 3 != 0), int(i == 2), i % 2])
   fixtures_real.write_csv(other / "t.csv", ["image", "report", "split", "nodule", "effusion", "relapse"], rows)
   other_dir = tmp_path / "other_tfds"
@@ -217,7 +221,6 @@ def test_an_external_test_set_is_matched_by_label_name(built, tmp_path):
                           builder_kwargs={"config": {"image_size": SIZE, "prognostic": "effusion"}})
   # A run's config (and a file exported before export wrote names) says "diagnostic": the model's
   # build's group, which is not the other build's ("nodule", "relapse").
-  import zipfile
   grouped = str(tmp_path / "grouped.radjax")
   with zipfile.ZipFile(model_file) as src, zipfile.ZipFile(grouped, "w") as dst:
     for item in src.namelist():
