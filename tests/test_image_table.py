@@ -322,6 +322,11 @@ def test_table_errors_name_what_is_wrong(tmp_path):
   fixtures_real.write_csv(manual / "c.csv", ["image", "report", "all"], [])
   with pytest.raises(ValueError, match="cannot be named"):
     image_table.complete_config(manual, table="c.csv")
+  # No usable row: no empty build, an error that says what was dropped.
+  fixtures_real.write_csv(manual / "c.csv", ["image", "report", "nodule"], [["x.png", "r", "maybe"]])
+  with pytest.raises(build_lib.DataQualityError, match=r"every example was dropped: \{'malformed_row': 1\}"):
+    build_lib.build_dataset("image_table", tmp_path / "d", manual_dir=manual, progress=False, verbose=False,
+                            builder_kwargs={"table": "c.csv"})
   with pytest.raises(ValueError, match="unknown image_table config field"):
     image_table.make_config(image_sise=3)
 

@@ -318,14 +318,10 @@ class ImageTableBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
       raise ValueError("an image_table builder needs its label columns: build it with radjax.data.build, "
                        "which finds them in the table (complete_config)")
     rows = self._index(manual, find_table(manual, self._table))
-    ctx = build_context(self)
-    gens = {}
-    for split in ("train", "validation", "test"):
-      if rows[split]:
-        gens[split] = self._generate_examples(rows=rows[split], split=split, manual=manual)
-      else:
-        ctx.drops.warn("empty_split", id=split)
-    return gens
+    # An empty split, and a table with no usable row at all, are radjax.data.build's to report (it
+    # warns of the one and refuses the other), as for splits whose every film turns out unreadable.
+    return {split: self._generate_examples(rows=rows[split], split=split, manual=manual)
+            for split in ("train", "validation", "test")}
 
   def _index(self, manual: Path, path: Path) -> dict[str, list[_Row]]:
     """The table's usable rows per split; logs the others."""
