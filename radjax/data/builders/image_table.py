@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import math
 import os
@@ -68,7 +67,7 @@ from radjax.data import dicom
 from radjax.data import reports as reports_lib
 from radjax.data.build import (REPORT_NAME, Drop, build_context, override_fields, read_table, row_is_complete,
                                table_header)
-from radjax.data.builders.mimic_cxr import encode_image, load_cxr, resize_short_side
+from radjax.data.builders.mimic_cxr import encode_image, load_cxr, read_back, resize_short_side
 
 NAME = "image_table"
 VERSION = "1.0.0"  # the builder's; its folder name
@@ -254,10 +253,7 @@ def eight_bit_film(path: str | os.PathLike, cfg: ImageTableConfig) -> np.ndarray
 
 def stored_image(path: str | os.PathLike, cfg: ImageTableConfig) -> np.ndarray:
   """uint8 [H, W]: what a build with ``cfg`` stores for the film at ``path``, as it reads back."""
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-  encoded = encode_image(eight_bit_film(path, cfg), cfg.image_format, cfg.jpeg_quality)
-  with Image.open(io.BytesIO(encoded)) as im:
-    return np.asarray(im)
+  return read_back(eight_bit_film(path, cfg), cfg)
 
 
 # ----------------------------------------------------------------------------- builder

@@ -337,13 +337,18 @@ def encode_image(img: np.ndarray, fmt: str, quality: int = 95) -> bytes:
   return buf.getvalue()
 
 
+def read_back(pixels: np.ndarray, cfg: Any) -> np.ndarray:
+  """uint8 [H, W] -> the same, encoded in the format of a build with ``cfg`` (``image_format``,
+  ``jpeg_quality``) and decoded again: what that build's readers get for these pixels."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  with Image.open(io.BytesIO(encode_image(pixels, cfg.image_format, cfg.jpeg_quality))) as im:
+    return np.asarray(im)
+
+
 def stored_image(film: Path | io.BytesIO, cfg: MimicCXRConfig) -> np.ndarray:
   """A MIMIC-CXR-JPG film -> uint8 [H, W], the image a build with ``cfg`` stores for it, as it
   reads back (resized, then encoded in the build's format)."""
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-  encoded = encode_image(load_cxr(film, cfg.image_size), cfg.image_format, cfg.jpeg_quality)
-  with Image.open(io.BytesIO(encoded)) as im:
-    return np.asarray(im)
+  return read_back(load_cxr(film, cfg.image_size), cfg)
 
 
 def published_jpg(pixels: np.ndarray) -> io.BytesIO:
