@@ -31,6 +31,23 @@ ADMISSION_COLS = ["subject_id", "hadm_id", "admittime", "dischtime", "deathtime"
 PATIENT_COLS = ["subject_id", "gender", "anchor_age", "anchor_year", "anchor_year_group", "dod"]
 
 
+# configs/study_mimic.py's models shrunk for a test, on 16-px films (its configs/study_image_table.py
+# too): a one-block ViT classifier for export and predict ...
+TINY_CLASSIFIER = [
+    "--config.data.image_size=16", "--config.model.image.patch_size=8", "--config.model.image.width=16",
+    "--config.model.image.depth=1", "--config.model.image.num_heads=2", "--config.model.image.mlp_dim=32"]
+# ... and a study: ViT-Ti of one block, a one-layer text tower, 2 pre-training steps, every example
+# and one seed per cell, linear and distill fine-tuning.
+TINY_STUDY = [
+    "--config.data.image_size=16", "--config.data.num_workers=0", "--config.model.image.variant=ti",
+    "--config.model.image.patch_size=8", "--config.model.image.depth=1",
+    "--config.model.text.num_layers=1", "--config.model.text.hidden_size=32",
+    "--config.model.text.num_heads=2", "--config.model.text.intermediate_size=64",
+    "--config.model.embed_dim=16", "--config.train.steps=2", "--config.train.batch_size=2",
+    "--config.train.progress=False", "--config.study.finetune=linear,distill", "--config.study.n_train=-1",
+    "--config.study.seeds=0"]
+
+
 def write_csv(path: Path, header: list[str], rows: list[list], *, gz: bool = False, delimiter: str = ",",
               raw_lines: dict[int, str] | None = None) -> None:
   """Writes a table; ``raw_lines`` {row index: text} injects malformed lines verbatim."""

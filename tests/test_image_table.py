@@ -107,8 +107,7 @@ def _tiny_classifier_config(built: dict):
   from radjax.config import load_config
   return load_config("configs/study_image_table.py", [
       f"--config.data.data_dir={built['data_dir']}", "--config.data.builder_config=16_jpeg",
-      "--config.data.image_size=16", "--config.model.image.patch_size=8", "--config.model.image.width=16",
-      "--config.model.image.depth=1", "--config.model.image.num_heads=2", "--config.model.image.mlp_dim=32"])
+      *fixtures_real.TINY_CLASSIFIER])
 
 
 def _examples(version_dir: str, split: str) -> dict[str, dict]:
@@ -358,13 +357,8 @@ def test_study_runs_on_a_table(tmp_path, capsys):
   assert advice[0]["text_auroc"] == 1.0  # the reports state the effusion
   rc = cli.main([
       "study", "--config", "configs/study_image_table.py", "--workdir", str(tmp_path / "study"),
-      f"--config.data.data_dir={data_dir}", "--config.data.image_size=16", "--config.data.num_workers=0",
-      "--config.model.image.variant=ti", "--config.model.image.patch_size=8", "--config.model.image.depth=1",
-      "--config.model.text.num_layers=1", "--config.model.text.hidden_size=32",
-      "--config.model.text.num_heads=2", "--config.model.text.intermediate_size=64",
-      "--config.model.embed_dim=16", "--config.train.steps=2", "--config.train.batch_size=2",
-      "--config.train.progress=False", "--config.study.pretrain=none", "--config.study.tasks=diagnostic,death",
-      "--config.study.finetune=linear,distill", "--config.study.n_train=-1", "--config.study.seeds=0"])
+      f"--config.data.data_dir={data_dir}", *fixtures_real.TINY_STUDY, "--config.study.pretrain=none",
+      "--config.study.tasks=diagnostic,death"])
   assert rc == 0
   with open(tmp_path / "study" / "results.csv") as f:
     rows = list(csv.DictReader(f))

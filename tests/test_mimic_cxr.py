@@ -219,8 +219,7 @@ def test_predict_reads_films_and_dicoms_as_the_build_stored_them(built, tmp_path
   from radjax.methods import get_method
   tiny = load_config("configs/study_mimic.py", [
       f"--config.data.data_dir={built['data_dir']}", f"--config.data.builder_config={built['report']['config']}",
-      "--config.data.image_size=16", "--config.model.image.patch_size=8", "--config.model.image.width=16",
-      "--config.model.image.depth=1", "--config.model.image.num_heads=2", "--config.model.image.mlp_dim=32"])
+      *fixtures_real.TINY_CLASSIFIER])
   exported.export(get_method("supervised").build(tiny, nnx.Rngs(0)), tiny, read_image.build, "a test's model",
                   str(tmp_path / "mimic.radjax"))
   deployed = classifier.open_classifier(model_file=str(tmp_path / "mimic.radjax"))
@@ -338,13 +337,7 @@ def test_readme_study_runs_on_the_build(built, tmp_path):
   rc = cli.main([
       "study", "--config", "configs/study_mimic.py", "--workdir", str(tmp_path / "study"),
       f"--config.data.data_dir={built['data_dir']}", f"--config.data.builder_config={built['report']['config']}",
-      "--config.data.image_size=16", "--config.data.num_workers=0", "--config.model.image.variant=ti",
-      "--config.model.image.patch_size=8", "--config.model.image.depth=1",
-      "--config.model.text.num_layers=1", "--config.model.text.hidden_size=32",
-      "--config.model.text.num_heads=2", "--config.model.text.intermediate_size=64",
-      "--config.model.embed_dim=16", "--config.train.steps=2", "--config.train.batch_size=2",
-      "--config.train.progress=False", "--config.study.pretrain=clip", "--config.study.tasks=diagnostic",
-      "--config.study.finetune=linear,distill", "--config.study.n_train=-1", "--config.study.seeds=0"])
+      *fixtures_real.TINY_STUDY, "--config.study.pretrain=clip", "--config.study.tasks=diagnostic"])
   assert rc == 0
   with open(tmp_path / "study" / "results.csv") as f:
     rows = list(csv.DictReader(f))
