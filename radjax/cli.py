@@ -52,7 +52,7 @@ def cmd_advise(args, extra):
 def _open_classifier(args, overrides=()):
   from radjax.eval import classifier
   return classifier.open_classifier(args.workdir, model_file=args.model, checkpoint=args.checkpoint,
-                                    overrides=overrides)
+                                    overrides=overrides, operating_point=args.operating_point)
 
 
 def cmd_evaluate(args, extra):
@@ -103,12 +103,14 @@ def cmd_export(args, extra):
   if extra:
     raise ConfigError(f"export writes the run as it was trained; overrides {extra} do not apply")
   try:
-    meta = classifier.export_classifier(args.workdir, args.out, args.checkpoint)
+    meta = classifier.export_classifier(args.workdir, args.out, args.checkpoint, args.operating_point)
   except FileNotFoundError as e:
     print(f"radjax export: {e}", file=sys.stderr)
     return 2
   print(f"radjax export: wrote {args.out} ({os.path.getsize(args.out) / 2**20:.1f} MiB; "
         f"{', '.join(meta['labels'])}; {meta['source']['checkpoint']}; runs on {', '.join(meta['platforms'])})")
+  if meta["operating_point"]:
+    print(classifier.format_operating_point(meta["operating_point"]))
   return 0
 
 
@@ -201,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
       which.add_argument("--model", help="a classifier file `radjax export` wrote")
     p.add_argument("--checkpoint", choices=["auto", "best", "latest"], default="auto",
                    help="auto: the best checkpoint when the run kept one, else the latest")
+    p.add_argument("--operating_point", default=None, metavar="RULE",
+                   help="decision thresholds per label, chosen on the run's validation split: "
+                        "sensitivity=P (the most specific threshold finding at least P of the positives), "
+                        "specificity=P, youden, or threshold=T" + (
+                            "; an exported file decides at the thresholds it was exported with"
+                            if exported else ""))
     return p
 
   p = with_run(sub.add_parser("evaluate", help="AUROC of a fine-tuned classifier on a split, with intervals"))

@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import math
 import os
 import sys
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from PIL import Image
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import confusion_matrix, roc_auc_score
 
 from fixtures_real import write_dicom
 from radjax import cli, methods
@@ -55,7 +56,8 @@ def _reference_probabilities(workdir, step, indices, transform=lambda film: film
 def _scores(csv_path):
   """A predict CSV -> {path: probabilities float [K]} (rows with an error are left out)."""
   rows = list(csv.DictReader(open(csv_path)))
-  return {r["path"]: np.array([float(v) for k, v in r.items() if k not in ("path", "error")])
+  return {r["path"]: np.array([float(v) for k, v in r.items()
+                               if k not in ("path", "error") and not k.endswith("_positive")])
           for r in rows if not r["error"]}
 
 
@@ -262,3 +264,84 @@ def test_predict_scores_each_image_alone_with_batch_norm(tmp_path):
     np.testing.assert_allclose(bce, -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)), rtol=1e-5)
   # In that mode (where calls also move the running averages) a film's scores depend on its batch.
   assert np.abs(np.asarray(model(images[:1]))[0] - np.asarray(model(images))[0]).max() > 1e-4
+
+
+# ----------------------------------------------------------------------------- operating points
+
+
+def _sensitivity_rule_by_hand(p, y, target):
+  """The highest threshold that finds ``target`` of the positives: the score of the
+  ceil(target * positives)-th highest-scoring positive."""
+  positives = np.sort(p[y == 1])[::-1]
+  return positives[math.ceil(target * len(positives)) - 1]
+
+
+def test_operating_point_chosen_on_validation_decides_on_test(run, tmp_path, capsys):
+  out = tmp_path / "eval.json"
+  # Scoring other data (here other SynthCXR films: another seed, a shorter test split) does not move
+  # the thresholds: they are chosen on the validation split of the data the model trained on.
+  other = [("data.synth.seed", "5"), ("data.synth.n_test", "24")]
+  assert cli.main(["evaluate", "--workdir", run, "--n_boot", "100", "--out", str(out),
+                   "--operating_point", "sensitivity=0.75", *[f"--config.{k}={v}" for k, v in other]]) == 0
+  assert "decisions at sensitivity=0.75 (chosen on synth_cxr/validation)" in capsys.readouterr().out
+  result = json.loads(out.read_text())
+  assert result["operating_point"] == {"rule": "sensitivity=0.75", "chosen_on": "synth_cxr/validation",
+                                       "examples": 8}
+  trained, deployed = classifier.open_classifier(run), classifier.open_classifier(run, overrides=other)
+  val_p, val_y, val_m = classifier.score_split(trained.probabilities, trained.data, "validation")
+  test_p, test_y, test_m = classifier.score_split(deployed.probabilities, deployed.data, "test")
+  assert result["examples"] == len(test_p) == 24
+  chosen_on_other = classifier.choose_operating_point(deployed.probabilities, deployed.data, "sensitivity=0.75")
+  thresholds = {}
+  for k, name in enumerate(label_names(deployed.data)):
+    r, seen, held = result["labels"][name], val_m[:, k] > 0, test_m[:, k] > 0
+    # Calibration, by hand.
+    assert r["brier"] == pytest.approx(np.mean((test_p[held, k] - test_y[held, k]) ** 2), abs=1e-6)
+    assert r["mean_probability"] == pytest.approx(test_p[held, k].mean(), abs=1e-6)
+    assert r["prevalence"] == pytest.approx(test_y[held, k].mean(), abs=1e-6)
+    if not (val_y[seen, k] == 1).any():  # no positive to find: no threshold, no decision
+      assert "threshold" not in r
+      continue
+    thresholds[name] = r["threshold"]
+    assert r["threshold"] == _sensitivity_rule_by_hand(val_p[seen, k], val_y[seen, k], 0.75)
+    assert np.mean(val_p[seen, k][val_y[seen, k] == 1] >= r["threshold"]) >= 0.75
+    (tn, fp), (fn, tp) = confusion_matrix(test_y[held, k], test_p[held, k] >= r["threshold"], labels=[0, 1])
+    for rate, num, den in (("sensitivity", tp, tp + fn), ("specificity", tn, tn + fp),
+                           ("ppv", tp, tp + fp), ("npv", tn, tn + fn)):
+      assert r[rate] == (None if den == 0 else pytest.approx(num / den, abs=1e-6)), (name, rate)
+      if r[rate] is not None and r[f"{rate}_lo"] is not None:
+        assert r[f"{rate}_lo"] <= r[rate] <= r[f"{rate}_hi"]
+  assert 2 <= len(thresholds) < len(result["labels"])  # both cases are exercised
+  assert any(chosen_on_other["thresholds"][n] != t for n, t in thresholds.items())  # the override mattered
+
+  # Exported with the same rule, the file carries the same thresholds and decides with them.
+  model_file = tmp_path / "ft.radjax"
+  assert cli.main(["export", "--workdir", run, "--out", str(model_file), "--operating_point", "sensitivity=0.75"]) == 0
+  assert "decision thresholds at sensitivity=0.75 (chosen on synth_cxr/validation), 8 examples" in capsys.readouterr().out
+  import zipfile
+  with zipfile.ZipFile(model_file) as zf:
+    meta = json.loads(zf.read("deployment.json"))
+  assert {n: t for n, t in meta["operating_point"]["thresholds"].items() if t is not None} == thresholds
+  _, _, source = _reference_probabilities(run, _best_step(run), range(6))
+  for i in range(6):
+    Image.fromarray(np.asarray(source[i]["image"]).reshape(32, 32)).save(tmp_path / f"film{i}.png")
+  scores = tmp_path / "scores.csv"
+  assert cli.main(["predict", "--model", str(model_file), "--out", str(scores),
+                   *[str(tmp_path / f"film{i}.png") for i in range(6)]]) == 0
+  rows = list(csv.DictReader(scores.open()))
+  compared = 0
+  for row in rows:
+    for name in result["labels"]:
+      if name not in thresholds:
+        assert row[f"{name}_positive"] == ""
+      elif abs(float(row[name]) - thresholds[name]) > 1e-6:  # clear of the printed value's rounding
+        assert row[f"{name}_positive"] == str(int(float(row[name]) >= thresholds[name]))
+        compared += 1
+  assert compared >= 6
+  # The file's thresholds are the ones validated: another rule means another export.
+  assert cli.main(["evaluate", "--model", str(model_file), "--operating_point", "youden"]) == 2
+  assert "decides at the thresholds it was exported with, sensitivity=0.75 (chosen on synth_cxr/validation)" \
+      in capsys.readouterr().err
+  for bad in ("sensitivity=1.5", "recall=0.9", "youden=1", "threshold=high"):
+    assert cli.main(["evaluate", "--workdir", str(tmp_path / "no_run"), "--operating_point", bad]) == 2
+    assert f"--operating_point {bad!r}" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""Tests for radjax.eval.metrics (AUROC, AUPRC, bootstrap, seed summaries) and radjax.eval.probe."""
+"""Tests for radjax.eval.metrics (AUROC, AUPRC, Brier score, operating points, bootstrap, seed
+summaries) and radjax.eval.probe."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import (average_precision_score, brier_score_loss, confusion_matrix, roc_auc_score,
+                             roc_curve)
 
 from radjax.eval import metrics as M
 from radjax.eval.probe import linear_probe
@@ -120,6 +122,99 @@ def test_multilabel_auroc_per_label_mask_and_macro():
 
 
 # ----------------------------------------------------------------------------
+# Brier score and operating points.
+
+
+def test_brier_matches_sklearn_and_ignores_masked_examples():
+  rng = np.random.default_rng(20)
+  p, y = rng.random(80), rng.integers(0, 2, 80)
+  mask = rng.random(80) > 0.3
+  assert M.brier(p, y) == pytest.approx(brier_score_loss(y, p), abs=1e-12)
+  assert M.brier(np.where(mask, p, np.nan), y, mask) == pytest.approx(
+      brier_score_loss(y[mask], p[mask]), abs=1e-12)
+  assert math.isnan(M.brier(p, y, np.zeros(80)))
+
+
+def _rule_by_brute_force(s, y, rule, target):
+  """The operating rule by its definition, over every candidate threshold one at a time."""
+  candidates = sorted(set(s.tolist()), reverse=True)
+  candidates = [np.nextafter(candidates[0], np.inf)] + candidates  # above every score first
+  sens = [np.mean(s[y == 1] >= t) for t in candidates]
+  spec = [np.mean(s[y == 0] < t) for t in candidates]
+  if rule == "sensitivity":
+    return next(t for t, v in zip(candidates, sens) if v >= target)
+  if rule == "specificity":
+    return [t for t, v in zip(candidates, spec) if v >= target][-1]
+  best = max(a + b for a, b in zip(sens, spec))
+  return next(t for t, a, b in zip(candidates, sens, spec) if a + b == best)
+
+
+@pytest.mark.parametrize("rule,target", [("sensitivity", 0.9), ("sensitivity", 0.5), ("sensitivity", 1.0),
+                                         ("specificity", 0.95), ("specificity", 0.7), ("specificity", 1.0),
+                                         ("youden", None)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_operating_threshold_by_definition_and_by_sklearn_roc_curve(rule, target, seed):
+  s, y = _data(60 + 17 * seed, seed=30 + seed, ties=seed != 2)
+  mask = (np.arange(len(s)) % 7 != 3).astype(float)
+  t = M.operating_threshold(np.where(mask > 0, s, np.nan), y, mask, rule, target)
+  so, yo = s[mask > 0], y[mask > 0]
+  assert t == _rule_by_brute_force(so, yo, rule, target)
+  # scikit-learn's ROC curve: thresholds from high to low, the first one above every score.
+  fpr, tpr, thresholds = roc_curve(yo, so, drop_intermediate=False)
+  if rule == "sensitivity":
+    i = int(np.argmax(tpr >= target))
+  elif rule == "specificity":
+    i = int(np.flatnonzero(1 - fpr >= target)[-1])
+  else:
+    i = int(np.argmax(tpr - fpr))
+  if i == 0:
+    assert t > so.max()
+  else:
+    assert t == thresholds[i]
+  rates = M.rates_at(so, yo, None, t)
+  if target is not None:
+    assert rates[rule] >= target
+
+
+def test_operating_threshold_undefined_and_bad_rules():
+  s, y = np.array([0.2, 0.4, 0.9]), np.array([0, 0, 0])
+  assert math.isnan(M.operating_threshold(s, y, None, "sensitivity", 0.9))
+  assert math.isnan(M.operating_threshold(s, y, None, "youden"))
+  assert M.operating_threshold(s, y, None, "specificity", 1.0) > 0.9
+  assert M.operating_threshold(s, y, None, "specificity", 0.6) == 0.9
+  assert M.operating_threshold(s, y, None, "threshold", 0.3) == 0.3
+  for rule, target, message in (("recall", 0.9, "operating rule"), ("sensitivity", None, "needs a finite"),
+                                ("specificity", 1.5, r"in \(0, 1\]"), ("youden", 0.5, "no target")):
+    with pytest.raises(ValueError, match=message):
+      M.operating_threshold(s, y, None, rule, target)
+
+
+def test_rates_at_match_the_confusion_matrix():
+  rng = np.random.default_rng(40)
+  s, y = rng.random(90), rng.integers(0, 2, 90)
+  mask = rng.random(90) > 0.25
+  (tn, fp), (fn, tp) = confusion_matrix(y[mask], (s[mask] >= 0.6).astype(int))
+  rates = M.rates_at(s, y, mask, 0.6)
+  assert rates == pytest.approx({"sensitivity": tp / (tp + fn), "specificity": tn / (tn + fp),
+                                 "ppv": tp / (tp + fp), "npv": tn / (tn + fn)}, abs=1e-12)
+  nothing_called = M.rates_at(s, y, mask, 2.0)
+  assert nothing_called["sensitivity"] == 0 and nothing_called["specificity"] == 1
+  assert math.isnan(nothing_called["ppv"])
+
+
+def test_rates_with_ci_equal_a_loop_over_the_same_resamples():
+  rng = np.random.default_rng(41)
+  s, y = rng.random(50), rng.integers(0, 2, 50)
+  mask = (rng.random(50) > 0.2).astype(float)
+  out = M.rates_with_ci(s, y, mask, 0.45, n_boot=300, seed=4)
+  per_resample = [M.rates_at(s[r], y[r], mask[r], 0.45) for r in M.bootstrap_indices(50, 300, seed=4)]
+  for name, (point, lo, hi) in out.items():
+    assert point == M.rates_at(s, y, mask, 0.45)[name]
+    values = np.array([v[name] for v in per_resample])
+    np.testing.assert_allclose([lo, hi], np.percentile(values[np.isfinite(values)], [2.5, 97.5]), atol=1e-12)
+
+
+# ----------------------------------------------------------------------------
 # Bootstrap.
 
 
@@ -161,12 +256,15 @@ def test_bootstrap_vectorised_equals_naive_loop():
   np.testing.assert_allclose(loop, (point, lo, hi), atol=1e-12)
 
 
-@pytest.mark.parametrize("metric", ["auprc", "macro"])
+@pytest.mark.parametrize("metric", ["auprc", "brier", "macro"])
 def test_bootstrap_other_vectorised_metrics_equal_loop(metric):
   rng = np.random.default_rng(10)
   if metric == "auprc":
     s, y = _data(60, seed=11)
     args, fn = (s, y), M.auprc
+  elif metric == "brier":
+    y = rng.integers(0, 2, 60)
+    args, fn = (rng.random(60), y, (rng.random(60) > 0.2).astype(float)), M.brier
   else:
     y = rng.integers(0, 2, (60, 3))
     s = np.round(y + rng.normal(size=(60, 3)), 1)

@@ -1,7 +1,9 @@
 """A fine-tuned classifier used as it is deployed: images in, label probabilities out.
 
-    radjax evaluate --workdir runs/ft [--split test]          AUROC per label, 95% bootstrap intervals
+    radjax evaluate --workdir runs/ft [--split test]          AUROC per label, 95% bootstrap intervals,
+                                                              calibration [, decisions at an operating point]
     radjax predict --workdir runs/ft --out scores.csv FILE_OR_FOLDER ...   a probability per label
+                                                              [, a decision per label]
     radjax export --workdir runs/ft --out ft.radjax           the classifier as one file
     radjax predict --model ft.radjax ...                      (evaluate too) from that file
 
@@ -70,7 +72,9 @@ class Deployed:
   description: which weights ("best checkpoint, step 40", "exported ...").
   workdir / model_file: where it came from (the other is None).
   read_build: () -> the settings of the build it trained on (``build_settings``).
-  trained_dataset: the dataset it trained on, whose conversion new files go through."""
+  trained_dataset: the dataset it trained on, whose conversion new files go through.
+  operating_point: the thresholds that turn its probabilities into decisions, and how they were
+    chosen (``choose_operating_point``), or None."""
   probabilities: Callable[[np.ndarray], np.ndarray]
   data: Any
   description: str
@@ -78,17 +82,21 @@ class Deployed:
   model_file: str | None
   read_build: Callable[[], Any]
   trained_dataset: str
+  operating_point: dict[str, Any] | None = None
 
   def image_reader(self) -> ImageReader:
     return ImageReader(self.trained_dataset, self.read_build())
 
 
 def open_classifier(workdir: str | None = None, *, model_file: str | None = None, checkpoint: str = "auto",
-                    overrides: Sequence[tuple[str, str]] = ()) -> Deployed:
+                    overrides: Sequence[tuple[str, str]] = (), operating_point: str | None = None) -> Deployed:
   """The classifier of a fine-tuning run (``workdir``) or of an exported file (``model_file``).
 
   overrides: ``("data.KEY", value)`` pairs for its data config (another ``data.data_dir`` for an
-  external test set, say); the keys the model depends on cannot change."""
+  external test set, say); the keys the model depends on cannot change.
+  operating_point: a rule (``parse_operating_point``) that chooses a run's decision thresholds on
+  the validation split of the data it trained on, whatever the overrides; an exported file
+  carries the thresholds chosen when it was exported."""
   import ml_collections
   from radjax import paths
   from radjax.data.pipeline import image_norm, label_names
@@ -104,19 +112,32 @@ def open_classifier(workdir: str | None = None, *, model_file: str | None = None
     if section != "data" or field in _FIXED_DATA_KEYS:
       raise ConfigError(f"--config.{key}: only the data.* keys the model does not depend on can change "
                         f"here (not {', '.join('data.' + k for k in _FIXED_DATA_KEYS)})")
+  if operating_point is not None:
+    parse_operating_point(operating_point)  # a typo fails before the model loads
   if workdir is not None:
     model, config, description = load_classifier(workdir, checkpoint)
     probabilities, trained = probabilities_fn(model), copy.deepcopy(config.data)
     read_build = lambda: build_settings(trained)
     workdir = paths.local_dir(workdir, "--workdir")
+    if operating_point is not None:
+      operating_point = choose_operating_point(probabilities, trained, operating_point)
   else:
     model_file = os.path.abspath(os.path.expanduser(model_file))
     if not os.path.isfile(model_file):
       raise FileNotFoundError(f"{model_file}: no such file")
     probabilities, meta = exported.load(model_file)
+    if operating_point is not None:
+      # The thresholds are part of what was validated and deployed: they change with a new export.
+      held = meta.get("operating_point")
+      raise ConfigError(f"--operating_point: {model_file} "
+                        + (f"decides at the thresholds it was exported with, {describe_operating_point(held)}"
+                           if held else "holds no thresholds")
+                        + "; export the run again with --operating_point RULE for a file that decides "
+                        + ("otherwise" if held else "at them"))
     config = ml_collections.ConfigDict({"data": meta["data"]})
     description = f"exported from the {meta['source']['checkpoint']}"
     read_build = lambda: exported_build(meta)
+    operating_point = meta.get("operating_point")
   trained_labels, trained_dataset = label_names(config.data), config.data.dataset
   trained_norm = image_norm(config.data)
   if overrides:
@@ -134,14 +155,22 @@ def open_classifier(workdir: str | None = None, *, model_file: str | None = None
   if missing:
     raise ConfigError(f"the model predicts {', '.join(trained_labels)}; dataset {config.data.dataset!r} "
                       f"has no label(s) {', '.join(missing)} (its labels: {', '.join(known)})")
-  return Deployed(probabilities, config.data, description, workdir, model_file, read_build, trained_dataset)
+  return Deployed(probabilities, config.data, description, workdir, model_file, read_build, trained_dataset,
+                  operating_point)
 
 
-def export_classifier(workdir: str, out: str, checkpoint: str = "auto") -> dict[str, Any]:
-  """Writes the run's classifier to the file ``out`` (``radjax.eval.exported``); returns its metadata."""
+def export_classifier(workdir: str, out: str, checkpoint: str = "auto",
+                      operating_point: str | None = None) -> dict[str, Any]:
+  """Writes the run's classifier to the file ``out`` (``radjax.eval.exported``), with the decision
+  thresholds ``operating_point`` chooses on its validation split when given; returns its metadata."""
   from radjax.eval import exported
+  if operating_point is not None:
+    parse_operating_point(operating_point)
   model, config, description = load_classifier(workdir, checkpoint)
-  return exported.export(model, config, build_settings(config.data), description, out)
+  if operating_point is not None:
+    operating_point = choose_operating_point(probabilities_fn(model), config.data, operating_point)
+  return exported.export(model, config, build_settings(config.data), description, out,
+                         operating_point=operating_point)
 
 
 def probability_function(model) -> tuple[Callable[..., Any], list[Any]]:
@@ -180,59 +209,158 @@ class _NoReports:
 # ----------------------------------------------------------------------------- evaluate
 
 
-def evaluate(classifier: Deployed, split: str = "test", *, n_boot: int = 1000,
-             batch_size: int = 64) -> dict[str, Any]:
-  """AUROC (95% percentile-bootstrap interval over examples), AUPRC and class counts per label,
-  and the macro AUROC over the labels that have both classes, on ``split`` of the classifier's
-  dataset (``open_classifier``). Undefined values (a label without positives or negatives) are
-  None."""
-  from radjax.data.pipeline import label_names, make_loader
-  from radjax.eval import metrics
-  data = classifier.data
+def score_split(probabilities: Callable[[np.ndarray], np.ndarray], data: Any, split: str,
+                batch_size: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The classifier's probabilities on every example of ``split`` of the dataset ``data`` (a data
+  config) -> (probabilities float32 [N, K], labels [N, K], label mask [N, K]), in the split's order."""
+  from radjax.data.pipeline import make_loader
   loader = make_loader(data, split, batch_size=batch_size, seed=0, train=False,
                        tokenizer=_NoReports(), num_epochs=1)
   scores, labels, masks = [], [], []
   for batch in loader:
-    scores.append(classifier.probabilities(batch["image"]))
+    scores.append(probabilities(batch["image"]))
     labels.append(batch["labels"])
     masks.append(batch["label_mask"])
   if not scores:
     raise ValueError(f"split {split!r} of {data.dataset!r} is empty")
-  s, y, m = np.concatenate(scores), np.concatenate(labels), np.concatenate(masks)
+  return np.concatenate(scores), np.concatenate(labels), np.concatenate(masks)
 
-  def defined(x: float) -> float | None:
-    return None if math.isnan(x) else round(float(x), 6)
 
+def _defined(x: float) -> float | None:
+  """A metric for JSON: None when undefined (NaN), else rounded to 6 decimals."""
+  return None if math.isnan(x) else round(float(x), 6)
+
+
+def parse_operating_point(text: str) -> tuple[str, float | None]:
+  """``--operating_point`` -> (rule, target): ``sensitivity=0.9``, ``specificity=0.95``, ``youden``
+  or ``threshold=0.5`` (``metrics.operating_threshold``)."""
+  from radjax.eval.metrics import OPERATING_RULES
+  rule, sep, value = text.partition("=")
+  usage = ("expected sensitivity=P or specificity=P (P in (0, 1]: the share of positives found, or "
+           "of negatives cleared, on the validation split), youden, or threshold=T")
+  if rule not in OPERATING_RULES or (rule == "youden") == bool(sep):
+    raise ConfigError(f"--operating_point {text!r}: {usage}")
+  if rule == "youden":
+    return rule, None
+  try:
+    target = float(value)
+  except ValueError:
+    raise ConfigError(f"--operating_point {text!r}: {value!r} is not a number; {usage}") from None
+  if not math.isfinite(target) or (rule != "threshold" and not 0.0 < target <= 1.0):
+    raise ConfigError(f"--operating_point {text!r}: {usage}")
+  return rule, target
+
+
+def choose_operating_point(probabilities: Callable[[np.ndarray], np.ndarray], data: Any, text: str,
+                           split: str = "validation") -> dict[str, Any]:
+  """Per-label decision thresholds chosen by the rule ``text`` (``parse_operating_point``) on
+  ``split`` of the classifier's own dataset ``data``: the split training picked its best checkpoint
+  on, never the test split the thresholds are then judged on. A threshold the rule cannot define
+  there (a label without positives, say) is None: that label gets no decision."""
+  from radjax.data.pipeline import label_names
+  from radjax.eval import metrics
+  rule, target = parse_operating_point(text)
+  s, y, m = score_split(probabilities, data, split)
+  thresholds, rates = {}, {}
+  for k, name in enumerate(label_names(data)):
+    t = metrics.operating_threshold(s[:, k], y[:, k], m[:, k], rule, target)
+    thresholds[name] = None if math.isnan(t) else t  # exact: a probability, or just above one
+    rates[name] = ({} if math.isnan(t) else
+                   {r: _defined(v) for r, v in metrics.rates_at(s[:, k], y[:, k], m[:, k], t).items()
+                    if r in ("sensitivity", "specificity")})
+  return {"rule": text, "chosen_on": f"{data.dataset}/{split}", "examples": int(len(s)),
+          "thresholds": thresholds, "rates_where_chosen": rates}
+
+
+def describe_operating_point(point: dict[str, Any]) -> str:
+  return f"{point['rule']} (chosen on {point['chosen_on']})"
+
+
+def format_operating_point(point: dict[str, Any]) -> str:
+  """The thresholds of ``choose_operating_point`` and what they achieved where they were chosen."""
+  width = max(len(n) for n in point["thresholds"])
+  lines = [f"decision thresholds at {describe_operating_point(point)}, {point['examples']} examples:"]
+  for name, threshold in point["thresholds"].items():
+    if threshold is None:
+      lines.append(f"  {name:<{width}}  none: the rule has no answer there (one class only); no decision")
+    else:
+      rates = point["rates_where_chosen"][name]
+      lines.append(f"  {name:<{width}}  {threshold:.4g}  (sensitivity {_number(rates['sensitivity'])}, "
+                   f"specificity {_number(rates['specificity'])})")
+  return "\n".join(lines)
+
+
+def evaluate(classifier: Deployed, split: str = "test", *, n_boot: int = 1000,
+             batch_size: int = 64) -> dict[str, Any]:
+  """On ``split`` of the classifier's dataset (``open_classifier``), per label: AUROC (95%
+  percentile-bootstrap interval over examples), AUPRC, class counts, and calibration (Brier score,
+  mean probability against prevalence); the macro AUROC over the labels that have both classes;
+  and with an operating point, sensitivity, specificity, PPV and NPV at its thresholds, with
+  intervals. Undefined values (a label without positives or negatives) are None."""
+  from radjax.data.pipeline import label_names
+  from radjax.eval import metrics
+  data = classifier.data
+  s, y, m = score_split(classifier.probabilities, data, split, batch_size)
+  point_of = classifier.operating_point
   per_label = {}
   for k, name in enumerate(label_names(data)):
-    point, lo, hi = metrics.bootstrap_ci(metrics.auroc, s[:, k], y[:, k], m[:, k], n_boot=n_boot)
-    per_label[name] = {"auroc": defined(point), "auroc_lo": defined(lo), "auroc_hi": defined(hi),
-                       "auprc": defined(metrics.auprc(s[:, k], y[:, k], m[:, k])),
-                       "positives": int(((y[:, k] == 1) & (m[:, k] > 0)).sum()),
-                       "negatives": int(((y[:, k] == 0) & (m[:, k] > 0)).sum())}
+    sk, yk, mk = s[:, k], y[:, k], m[:, k]
+    observed = mk > 0
+    point, lo, hi = metrics.bootstrap_ci(metrics.auroc, sk, yk, mk, n_boot=n_boot)
+    r = per_label[name] = {
+        "auroc": _defined(point), "auroc_lo": _defined(lo), "auroc_hi": _defined(hi),
+        "auprc": _defined(metrics.auprc(sk, yk, mk)),
+        "positives": int(((yk == 1) & observed).sum()), "negatives": int(((yk == 0) & observed).sum()),
+        "brier": _defined(metrics.brier(sk, yk, mk)),
+        "mean_probability": _defined(float(sk[observed].mean()) if observed.any() else math.nan),
+        "prevalence": _defined(float(yk[observed].mean()) if observed.any() else math.nan)}
+    threshold = point_of["thresholds"].get(name) if point_of else None
+    if threshold is not None:
+      r["threshold"] = threshold
+      for rate, (value, lo, hi) in metrics.rates_with_ci(sk, yk, mk, threshold, n_boot=n_boot).items():
+        r[rate], r[f"{rate}_lo"], r[f"{rate}_hi"] = _defined(value), _defined(lo), _defined(hi)
   point, lo, hi = metrics.bootstrap_ci(metrics.multilabel_macro_auroc, s, y, m, n_boot=n_boot)
   return {"workdir": classifier.workdir, "model_file": classifier.model_file,
           "checkpoint": classifier.description, "dataset": data.dataset,
           "split": split, "examples": int(len(s)), "labels": per_label,
-          "macro_auroc": {"auroc": defined(point), "auroc_lo": defined(lo), "auroc_hi": defined(hi)}}
+          "macro_auroc": {"auroc": _defined(point), "auroc_lo": _defined(lo), "auroc_hi": _defined(hi)},
+          "operating_point": None if point_of is None else {
+              k: point_of[k] for k in ("rule", "chosen_on", "examples")}}
+
+
+def _interval(r: dict[str, Any], key: str) -> str:
+  if r.get(key) is None:
+    return "n/a"
+  if r[f"{key}_lo"] is None:  # no resample held what the metric needs
+    return f"{r[key]:.3f}"
+  return f"{r[key]:.3f} [{r[f'{key}_lo']:.3f}, {r[f'{key}_hi']:.3f}]"
+
+
+def _number(value: float | None) -> str:
+  return "n/a" if value is None else f"{value:.3f}"
 
 
 def format_evaluation(result: dict[str, Any]) -> str:
-  def interval(r):
-    if r["auroc"] is None:
-      return "n/a"
-    if r["auroc_lo"] is None:  # no resample held both classes
-      return f"{r['auroc']:.3f}"
-    return f"{r['auroc']:.3f} [{r['auroc_lo']:.3f}, {r['auroc_hi']:.3f}]"
-
   width = max(len(n) for n in [*result["labels"], "macro"])
-  lines = [f"{result['workdir']} ({result['checkpoint']}) on {result['dataset']}/{result['split']}, "
-           f"{result['examples']} examples",
-           f"{'label':<{width}}  {'AUROC [95% CI]':<24} {'AUPRC':>6} {'pos':>6} {'neg':>6}"]
+  lines = [f"{result['workdir'] or result['model_file']} ({result['checkpoint']}) on "
+           f"{result['dataset']}/{result['split']}, {result['examples']} examples",
+           f"{'label':<{width}}  {'AUROC [95% CI]':<24} {'AUPRC':>6} {'Brier':>6} {'mean p':>7} "
+           f"{'prev.':>6} {'pos':>6} {'neg':>6}"]
   for name, r in result["labels"].items():
-    auprc = "n/a" if r["auprc"] is None else f"{r['auprc']:.3f}"
-    lines.append(f"{name:<{width}}  {interval(r):<24} {auprc:>6} {r['positives']:>6} {r['negatives']:>6}")
-  lines.append(f"{'macro':<{width}}  {interval(result['macro_auroc'])}")
+    lines.append(f"{name:<{width}}  {_interval(r, 'auroc'):<24} {_number(r['auprc']):>6} "
+                 f"{_number(r['brier']):>6} {_number(r['mean_probability']):>7} {_number(r['prevalence']):>6} "
+                 f"{r['positives']:>6} {r['negatives']:>6}")
+  lines.append(f"{'macro':<{width}}  {_interval(result['macro_auroc'], 'auroc')}")
+  if result["operating_point"]:
+    lines += ["", f"decisions at {describe_operating_point(result['operating_point'])}:",
+              f"{'label':<{width}}  {'threshold':>9}  {'sensitivity [95% CI]':<24} "
+              f"{'specificity [95% CI]':<24} {'PPV':>6} {'NPV':>6}"]
+    for name, r in result["labels"].items():
+      if "threshold" not in r:
+        lines.append(f"{name:<{width}}  {'none':>9}  (the rule had no answer where it was chosen)")
+        continue
+      lines.append(f"{name:<{width}}  {r['threshold']:>9.4g}  {_interval(r, 'sensitivity'):<24} "
+                   f"{_interval(r, 'specificity'):<24} {_number(r['ppv']):>6} {_number(r['npv']):>6}")
   return "\n".join(lines)
 
 
@@ -355,9 +483,10 @@ def image_files(inputs: Sequence[str], suffixes: Sequence[str] = IMAGE_SUFFIXES)
 def write_predictions(classifier: Deployed, files: Sequence[str], out: Any, *,
                       read_image: ImageReader | None = None, batch_size: int = 32,
                       readers: int | None = None) -> tuple[int, int]:
-  """Writes a CSV (path, one probability per label, error) for each of ``files`` to the text stream
-  ``out``, in their order; a file that cannot be read gets an empty row with its error and the rest
-  go on. read_image: ``classifier.image_reader()`` unless given. ``readers`` threads (default: one
+  """Writes a CSV (path, one probability per label, with an operating point one decision per
+  label, ``LABEL_positive`` 1 or 0 (blank where it has no threshold), error) for each of ``files``
+  to the text stream ``out``, in their order; a file that cannot be read gets an empty row with its
+  error and the rest go on. read_image: ``classifier.image_reader()`` unless given. ``readers`` threads (default: one
   per core, at most 8) decode and prepare files, the next batch's while the model scores this one:
   decoding a full-size film costs far more than scoring it. Returns (images scored, files that
   failed)."""
@@ -375,8 +504,14 @@ def write_predictions(classifier: Deployed, files: Sequence[str], out: Any, *,
     except Exception as e:  # pylint: disable=broad-except
       return None, f"unreadable image: {type(e).__name__}: {e}"
 
+  thresholds = ([classifier.operating_point["thresholds"].get(n) for n in names]
+                if classifier.operating_point else [])
+
+  def decisions(probs: np.ndarray) -> list[str]:
+    return ["" if t is None else str(int(p >= t)) for p, t in zip(probs, thresholds)]
+
   writer = csv.writer(out)
-  writer.writerow(["path", *names, "error"])
+  writer.writerow(["path", *names, *[f"{n}_positive" for n in names if thresholds], "error"])
   scored = failed = 0
   chunks = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
   with concurrent.futures.ThreadPoolExecutor(readers or min(8, host_cpus())) as pool:
@@ -392,10 +527,11 @@ def write_predictions(classifier: Deployed, files: Sequence[str], out: Any, *,
         probs = iter(probabilities(batch)[:len(images)])
       for path, (image, error) in zip(chunk, prepared):
         if image is None:
-          writer.writerow([path, *[""] * len(names), error])
+          writer.writerow([path, *[""] * (len(names) + len(thresholds)), error])
           failed += 1
         else:
-          writer.writerow([path, *[f"{p:.6f}" for p in next(probs)], ""])
+          p = next(probs)
+          writer.writerow([path, *[f"{v:.6f}" for v in p], *decisions(p), ""])
           scored += 1
   return scored, failed
 

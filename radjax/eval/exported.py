@@ -2,7 +2,8 @@
 
 The file is a zip archive:
   deployment.json            labels, the data config inputs are prepared by, the settings of
-                             the build the model trained on, where the weights came from
+                             the build the model trained on, where the weights came from, and
+                             the decision thresholds when exported with an operating point
   probabilities.jax_exported jax.export of (weights, images float32 [batch, S, S, C], normalised)
                              -> probabilities float32 [batch, K]; batch symbolic; lowered for
                              CPU and CUDA with every layer on its standard path
@@ -34,11 +35,13 @@ class UnreadableExport(ValueError):
   """A file that is not a classifier this radjax can read."""
 
 
-def export(model: Any, config: Any, build: Any, description: str, out: str) -> dict[str, Any]:
+def export(model: Any, config: Any, build: Any, description: str, out: str,
+           operating_point: dict[str, Any] | None = None) -> dict[str, Any]:
   """Writes the classifier ``model`` (a ``methods.supervised.Classifier`` as loaded, with its run's
   ``config`` and the ``build`` settings of ``classifier.build_settings``) to ``out``, in
-  inference mode (``model.eval()``: BatchNorm on its running averages); returns the metadata
-  written."""
+  inference mode (``model.eval()``: BatchNorm on its running averages), with the decision
+  thresholds of ``operating_point`` (``classifier.choose_operating_point``) if given; returns the
+  metadata written."""
   import jax
   import jax.numpy as jnp
   from importlib import metadata
@@ -64,6 +67,8 @@ def export(model: Any, config: Any, build: Any, description: str, out: str) -> d
                  "mean": mean, "std": std},
       "outputs": {"shape": ["batch", len(labels)], "dtype": "float32",
                   "meaning": "sigmoid probability per label, in labels order"},
+      # Decisions: positive when probability >= thresholds[label] (None: no decision for it).
+      "operating_point": operating_point,
       # The names, not a group ("diagnostic"): a group of image_table labels is its build's.
       "data": {**config.data.to_dict(), "labels": ",".join(labels)},
       "build": None if build is None else {"name": build.name, "fields": builder_config_fields(build)},

@@ -1,4 +1,5 @@
-"""Classification metrics for the study: AUROC, AUPRC, percentile bootstrap, seed summaries.
+"""Classification metrics: AUROC, AUPRC, Brier score, operating points, percentile bootstrap, seed
+summaries.
 
 Pure numpy (scipy only for the t quantile), no hidden state: every function is a
 function of its arguments, and the bootstrap is deterministic given ``seed``.
@@ -29,6 +30,11 @@ __all__ = [
     "auprc",
     "multilabel_auroc",
     "multilabel_macro_auroc",
+    "brier",
+    "OPERATING_RULES",
+    "operating_threshold",
+    "rates_at",
+    "rates_with_ci",
     "bootstrap_ci",
     "bootstrap_indices",
     "seed_summary",
@@ -218,6 +224,113 @@ def multilabel_macro_auroc(scores: Any, labels: Any, mask: Any | None = None) ->
   return multilabel_auroc(scores, labels, mask)[1]
 
 
+def _brier_weighted(scores: np.ndarray, labels: np.ndarray, w: np.ndarray) -> np.ndarray:
+  """Weighted mean squared error of probabilities for each weight row: float64 [B]."""
+  total = w.sum(axis=1)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.where(total > 0, w @ (scores - labels) ** 2 / np.where(total > 0, total, 1.0), np.nan)
+
+
+def brier(scores: Any, labels: Any, mask: Any | None = None) -> float:
+  """Brier score: the mean of (probability - label)^2 over observed examples (lower is better;
+  a constant at the prevalence p scores p (1 - p)).
+
+  Args as ``auroc``, with ``scores`` probabilities in [0, 1]. Returns NaN with no observed example.
+  Matches ``sklearn.metrics.brier_score_loss``."""
+  s, y, m = _check_binary(scores, labels, mask)
+  return float(_brier_weighted(s, y, m[None].astype(np.float64))[0])
+
+
+# ----------------------------------------------------------------------------
+# Operating points: a threshold turns scores into decisions (positive when score >= threshold).
+
+OPERATING_RULES = ("sensitivity", "specificity", "youden", "threshold")
+
+
+def operating_threshold(scores: Any, labels: Any, mask: Any | None, rule: str,
+                        target: float | None = None) -> float:
+  """The threshold ``rule`` picks on these examples; an example is called positive when its score
+  is >= the threshold.
+
+  Args:
+    scores, labels, mask: as ``auroc``.
+    rule: "sensitivity": the highest threshold whose sensitivity is at least ``target`` (the most
+      specific one that finds that share of positives); "specificity": the lowest threshold whose
+      specificity is at least ``target`` (the most sensitive one); "youden": the threshold that
+      maximises sensitivity + specificity - 1 (the highest of equals); "threshold": ``target``.
+    target: in (0, 1] for "sensitivity" and "specificity"; the threshold itself for "threshold".
+  Returns:
+    The threshold: one of the observed scores, or just above the highest (nothing called positive)
+    when only that meets the rule. NaN when the rule is undefined: no observed positive
+    ("sensitivity", "youden") or negative ("specificity", "youden").
+  """
+  if rule not in OPERATING_RULES:
+    raise ValueError(f"operating rule {rule!r}; expected one of {', '.join(OPERATING_RULES)}")
+  if rule == "youden":
+    if target is not None:
+      raise ValueError("the youden rule takes no target")
+  elif target is None or not math.isfinite(target):
+    raise ValueError(f"the {rule} rule needs a finite target, got {target!r}")
+  elif rule != "threshold" and not 0.0 < target <= 1.0:
+    raise ValueError(f"a {rule} target is a proportion in (0, 1], got {target}")
+  if rule == "threshold":
+    return float(target)
+  s, y, m = _check_binary(scores, labels, mask)
+  s, y = s[m], y[m]
+  n_pos, n_neg = int(y.sum()), int((~y).sum())
+  if (rule != "specificity" and n_pos == 0) or (rule != "sensitivity" and n_neg == 0):
+    return math.nan
+  pos_g, neg_g = _group_sums(s, y, np.ones((1, s.size)), descending=True)
+  distinct = np.unique(s)[::-1]  # the groups' scores, in _group_sums's order
+  candidates = np.concatenate([[np.nextafter(distinct[0], np.inf)], distinct])
+  sensitivity = np.concatenate([[0.0], np.cumsum(pos_g[0])]) / max(n_pos, 1)
+  specificity = 1.0 - np.concatenate([[0.0], np.cumsum(neg_g[0])]) / max(n_neg, 1)
+  if rule == "sensitivity":  # sensitivity rises as the threshold falls: the first candidate to reach it
+    i = int(np.argmax(sensitivity >= target))
+  elif rule == "specificity":  # specificity falls as the threshold falls: the last one to keep it
+    i = int(np.flatnonzero(specificity >= target)[-1])
+  else:
+    i = int(np.argmax(sensitivity + specificity - 1.0))
+  return float(candidates[i])
+
+
+_RATES = ("sensitivity", "specificity", "ppv", "npv")
+
+
+def _rates_weighted(scores: np.ndarray, labels: np.ndarray, w: np.ndarray,
+                    threshold: float) -> dict[str, np.ndarray]:
+  """Sensitivity, specificity, PPV and NPV at ``threshold`` for each weight row: float64 [B] each,
+  NaN where the denominator is empty."""
+  called = scores >= threshold
+  tp, fn = w @ (labels & called), w @ (labels & ~called)
+  fp, tn = w @ (~labels & called), w @ (~labels & ~called)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return {name: np.where(a + b > 0, a / np.where(a + b > 0, a + b, 1.0), np.nan)
+            for name, (a, b) in zip(_RATES, ((tp, fn), (tn, fp), (tp, fp), (tn, fn)))}
+
+
+def rates_at(scores: Any, labels: Any, mask: Any | None, threshold: float) -> dict[str, float]:
+  """Sensitivity, specificity, positive and negative predictive value of the decisions
+  ``scores >= threshold``. Args as ``auroc``; each rate is NaN when its denominator is empty (no
+  positive, no negative, nothing called positive, nothing called negative)."""
+  s, y, m = _check_binary(scores, labels, mask)
+  return {k: float(v[0]) for k, v in _rates_weighted(s, y, m[None].astype(np.float64), threshold).items()}
+
+
+def rates_with_ci(scores: Any, labels: Any, mask: Any | None, threshold: float, *, n_boot: int = 1000,
+                  alpha: float = 0.05, seed: int = 0) -> dict[str, tuple[float, float, float]]:
+  """``rates_at`` with percentile-bootstrap intervals: {rate: (point, lower, upper)}; every rate
+  is computed on the same resamples (``bootstrap_indices(N, n_boot, seed)``)."""
+  s, y, m = _check_binary(scores, labels, mask)
+  out = {}
+  for name in _RATES:
+    out[name] = bootstrap_ci(
+        lambda s, y, m, name=name: rates_at(s, y, m, threshold)[name], s, y, m,
+        n_boot=n_boot, alpha=alpha, seed=seed,
+        batched_fn=lambda w, s, y, m, name=name: _rates_weighted(s, y, w * m, threshold)[name])
+  return out
+
+
 # ----------------------------------------------------------------------------
 # Batched implementations used by bootstrap_ci: fn(weights [B, N], *arrays) -> [B].
 
@@ -232,6 +345,11 @@ def _auprc_batched(w: np.ndarray, scores: Any, labels: Any, mask: Any | None = N
   return _auprc_weighted(s, y, w * m)
 
 
+def _brier_batched(w: np.ndarray, scores: Any, labels: Any, mask: Any | None = None) -> np.ndarray:
+  s, y, m = _check_binary(scores, labels, mask)
+  return _brier_weighted(s, y, w * m)
+
+
 def _macro_batched(w: np.ndarray, scores: Any, labels: Any, mask: Any | None = None) -> np.ndarray:
   s, y, m = _check_multilabel(scores, labels, mask)
   return _macro_from_columns(_multilabel_weighted(s, y, m, w))
@@ -240,6 +358,7 @@ def _macro_batched(w: np.ndarray, scores: Any, labels: Any, mask: Any | None = N
 _BATCHED: dict[Callable[..., float], Callable[..., np.ndarray]] = {
     auroc: _auroc_batched,
     auprc: _auprc_batched,
+    brier: _brier_batched,
     multilabel_macro_auroc: _macro_batched,
 }
 
