@@ -58,7 +58,9 @@ def _open_classifier(args, overrides=()):
 def cmd_evaluate(args, extra):
   from radjax.eval import classifier, exported
   try:
-    result = classifier.evaluate(_open_classifier(args, parse_overrides(extra)), args.split, n_boot=args.n_boot)
+    by = tuple(a for a in (args.by or "").split(",") if a)
+    result = classifier.evaluate(_open_classifier(args, parse_overrides(extra)), args.split, n_boot=args.n_boot,
+                                 by=by, min_group=args.min_group)
   except (FileNotFoundError, exported.UnreadableExport) as e:
     print(f"radjax evaluate: {e}", file=sys.stderr)
     return 2
@@ -214,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
   p = with_run(sub.add_parser("evaluate", help="AUROC of a fine-tuned classifier on a split, with intervals"))
   p.add_argument("--split", default="test")
   p.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+  p.add_argument("--by", default=None, metavar="ATTRIBUTES",
+                 help="also score each group of these attributes apart, e.g. view,sex (SynthCXR: view, "
+                      "sex, age; MIMIC-CXR: view; image_table: the columns its build names as attributes)")
+  p.add_argument("--min_group", type=int, default=20,
+                 help="with --by: groups of fewer examples are counted, not scored or named")
   p.add_argument("--out", default=None, help="JSON path (default: WORKDIR/evaluation_DATASET_SPLIT.json)")
   p.set_defaults(func=cmd_evaluate)
 

@@ -17,6 +17,7 @@ from sklearn.metrics import confusion_matrix, roc_auc_score
 from fixtures_real import write_dicom
 from radjax import cli, methods
 from radjax.config import load_config
+from radjax.data import synth_cxr
 from radjax.data.pipeline import image_norm, label_names
 from radjax.data.sources import get_source
 from radjax.eval import classifier
@@ -288,8 +289,8 @@ def test_operating_point_chosen_on_validation_decides_on_test(run, tmp_path, cap
   assert result["operating_point"] == {"rule": "sensitivity=0.75", "chosen_on": "synth_cxr/validation",
                                        "examples": 8}
   trained, deployed = classifier.open_classifier(run), classifier.open_classifier(run, overrides=other)
-  val_p, val_y, val_m = classifier.score_split(trained.probabilities, trained.data, "validation")
-  test_p, test_y, test_m = classifier.score_split(deployed.probabilities, deployed.data, "test")
+  val_p, val_y, val_m, _ = classifier.score_split(trained.probabilities, trained.data, "validation")
+  test_p, test_y, test_m, _ = classifier.score_split(deployed.probabilities, deployed.data, "test")
   assert result["examples"] == len(test_p) == 24
   chosen_on_other = classifier.choose_operating_point(deployed.probabilities, deployed.data, "sensitivity=0.75")
   thresholds = {}
@@ -345,3 +346,40 @@ def test_operating_point_chosen_on_validation_decides_on_test(run, tmp_path, cap
   for bad in ("sensitivity=1.5", "recall=0.9", "youden=1", "threshold=high"):
     assert cli.main(["evaluate", "--workdir", str(tmp_path / "no_run"), "--operating_point", bad]) == 2
     assert f"--operating_point {bad!r}" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- subgroups
+
+
+def test_evaluate_scores_each_group_of_an_attribute_apart(run, tmp_path, capsys):
+  out = tmp_path / "by.json"
+  assert cli.main(["evaluate", "--workdir", run, "--n_boot", "50", "--out", str(out), "--by", "view,age",
+                   "--min_group", "8"]) == 0
+  printed = capsys.readouterr().out
+  result = json.loads(out.read_text())
+  probs, labels, _ = _reference_probabilities(run, _best_step(run), range(40))
+  # The attributes from the generator's cases, not from the examples evaluate read.
+  config = load_config("configs/finetune_synth.py", TINY)
+  synth = synth_cxr.SynthCXR(synth_cxr.SynthParams.from_config(config.data.synth))
+  cases = [synth.case("test", i) for i in range(40)]
+  bands = lambda age: "18-49" if age < 50 else "50-64" if age < 65 else "65-79" if age < 80 else "80+"
+  for attribute, value_of in (("view", lambda c: c.view), ("age", lambda c: bands(c.age))):
+    values = np.array([value_of(c) for c in cases])
+    sub = result["subgroups"][attribute]
+    kept = sorted(v for v in set(values) if (values == v).sum() >= 8)
+    assert list(sub["groups"]) == kept and sub["min_group"] == 8
+    assert sub["smaller_groups"] == {"groups": len(set(values)) - len(kept),
+                                     "examples": int(sum((values == v).sum() for v in set(values) - set(kept)))}
+    for value in kept:
+      rows = values == value
+      group = sub["groups"][value]
+      assert group["examples"] == rows.sum()
+      for k, name in enumerate(result["labels"]):
+        y, p = labels[rows, k], probs[rows, k]
+        expected = roc_auc_score(y, p) if 0 < y.sum() < len(y) else None
+        assert group["labels"][name]["auroc"] == (expected if expected is None else pytest.approx(expected, abs=2e-6))
+      assert f"{value} ({rows.sum()})" in printed
+  assert sum(result["subgroups"]["view"]["groups"][v]["examples"] for v in ("AP", "PA")) == 40
+  assert result["subgroups"]["age"]["smaller_groups"]["groups"] >= 1  # the rule is exercised
+  assert cli.main(["evaluate", "--workdir", run, "--by", "site"]) == 2
+  assert "--by site: synth_cxr examples have the attributes view, sex, age" in capsys.readouterr().err

@@ -213,11 +213,15 @@ def test_an_external_test_set_is_matched_by_label_name(built, tmp_path):
     Image.fromarray(_gradient(20, 20, 10 * i, 200).astype(np.uint8)).save(other / "films" / f"{i}.png")
     # Another column order, and effusion an outcome here: read by position or by the group
     # "diagnostic", the model's outputs would be misread. effusion is positive in 1 film, nodule in 4.
-    rows.append([f"films/{i}.png", f"IMPRESSION: film {i}.", "test", int(i % 3 != 0), int(i == 2), i % 2])
-  fixtures_real.write_csv(other / "t.csv", ["image", "report", "split", "nodule", "effusion", "relapse"], rows)
+    # The site is an attribute, not a label: one film's is blank.
+    rows.append([f"films/{i}.png", f"IMPRESSION: film {i}.", "test", int(i % 3 != 0), int(i == 2), i % 2,
+                 ("north", "north", "north", "north", "south", "")[i]])
+  fixtures_real.write_csv(other / "t.csv", ["image", "report", "split", "nodule", "effusion", "relapse", "site"], rows)
   other_dir = tmp_path / "other_tfds"
   build_lib.build_dataset("image_table", other_dir, manual_dir=other, progress=False, verbose=False,
-                          builder_kwargs={"config": {"image_size": SIZE, "prognostic": "effusion"}})
+                          builder_kwargs={"config": {"image_size": SIZE, "prognostic": "effusion",
+                                                     "attributes": "site"}})
+  assert image_table.label_groups(other_dir, "16_jpeg")["all"] == ("nodule", "effusion", "relapse")
   # A run's config (and a file exported before export wrote names) says "diagnostic": the model's
   # build's group, which is not the other build's ("nodule", "relapse").
   grouped = str(tmp_path / "grouped.radjax")
@@ -234,6 +238,16 @@ def test_an_external_test_set_is_matched_by_label_name(built, tmp_path):
     result = classifier.evaluate(classifier.open_classifier(model_file=path, overrides=overrides), "test", n_boot=10)
     assert list(result["labels"]) == ["effusion", "nodule"]
     assert [(r["positives"], r["negatives"]) for r in result["labels"].values()] == [(1, 5), (4, 2)]
+  # Scored by site: each group apart, the blank one as "(missing)"; small groups counted, not named.
+  deployed = classifier.open_classifier(model_file=model_file, overrides=overrides)
+  by_site = classifier.evaluate(deployed, "test", n_boot=10, by=("site",), min_group=1)["subgroups"]["site"]
+  assert list(by_site["groups"]) == ["north", "south", "(missing)"]
+  counts = {g: [(r["positives"], r["negatives"]) for r in v["labels"].values()] for g, v in by_site["groups"].items()}
+  assert counts == {"north": [(1, 3), (2, 2)], "south": [(0, 1), (1, 0)], "(missing)": [(0, 1), (1, 0)]}
+  by_site = classifier.evaluate(deployed, "test", n_boot=10, by=("site",), min_group=2)["subgroups"]["site"]
+  assert list(by_site["groups"]) == ["north"] and by_site["smaller_groups"] == {"groups": 2, "examples": 2}
+  with pytest.raises(ConfigError, match="--by sex: image_table examples have the attributes site"):
+    classifier.evaluate(deployed, "test", by=("sex",))
   fixtures_real.write_csv(other / "t.csv", ["image", "report", "split", "effusion"], [r[:3] + [r[4]] for r in rows])
   build_lib.build_dataset("image_table", tmp_path / "third", manual_dir=other, progress=False, verbose=False)
   with pytest.raises(ConfigError, match="the model predicts effusion, nodule; dataset 'image_table' has no "
@@ -308,6 +322,10 @@ def test_table_errors_name_what_is_wrong(tmp_path):
     image_table.complete_config(manual, {"labels": "efusion"})
   with pytest.raises(ValueError, match="not among the labels"):
     image_table.complete_config(manual, {"labels": "nodule", "prognostic": "death"})
+  with pytest.raises(ValueError, match=r"missing column\(s\) attribute 'site'"):
+    image_table.complete_config(manual, {"attributes": "site"})
+  with pytest.raises(ValueError, match="an attribute cannot be a label"):
+    image_table.complete_config(manual, {"labels": "nodule", "attributes": "nodule"})
   fixtures_real.write_csv(manual / "b.csv", ["image", "report", "report_file", "all"], [])
   with pytest.raises(FileNotFoundError, match="2 tables"):
     image_table.complete_config(manual)

@@ -66,6 +66,12 @@ def test_examples_labels_and_splits(built):
       assert set(ex["labels"]) == set(exp["labels"])
       for name, value in exp["labels"].items():
         assert _same(float(ex["labels"][name]), value), (study, name, ex["labels"][name], value)
+  # radjax reads the view as the examples' one attribute (`radjax evaluate --by view`).
+  from radjax.data.sources import ArrayRecordSource
+  source = ArrayRecordSource("mimic_cxr", str(built["data_dir"]), "train", report["config"])
+  assert len(source) > 0
+  for i in range(len(source)):
+    assert source[i]["attributes"] == {"view": expected["examples"]["train"][source[i]["id"]]["view"]}
 
 
 def test_build_report(built):

@@ -160,7 +160,7 @@ def test_tfds_builder_roundtrip(tmp_path, tok, monkeypatch):
   builder.download_and_prepare()
   assert {s: int(i.num_examples) for s, i in builder.info.splits.items()} == {
       "pretrain": 3, "train": 6, "validation": 2, "test": 2}
-  assert list((tmp_path / "synth_cxr").glob("*/1.0.0/synth_cxr-train.array_record-*"))
+  assert list((tmp_path / "synth_cxr").glob("*/1.1.0/synth_cxr-train.array_record-*"))
   built = cfg.copy_and_resolve_references()
   built.data_dir = str(tmp_path)
   for split in ("train", "test"):
@@ -170,10 +170,16 @@ def test_tfds_builder_roundtrip(tmp_path, tok, monkeypatch):
       a, b = direct[i], stored[i]
       assert np.array_equal(a["image"], b["image"]) and a["image"].dtype == b["image"].dtype
       assert a["report"] == b["report"] and a["id"] == b["id"] and a["labels"] == b["labels"]
-  # The loader reads it the same way; a config that was not built is a clear error.
+      assert a["attributes"] == b["attributes"] and set(a["attributes"]) == {"view", "sex", "age"}
+  # The loader reads it the same way, attributes only where asked; a config that was not built is
+  # a clear error.
   x = next(pipeline.make_loader(cfg, "train", batch_size=3, seed=0, train=False, tokenizer=tok))
   y = next(pipeline.make_loader(built, "train", batch_size=3, seed=0, train=False, tokenizer=tok))
-  assert _equal(x, y)
+  assert _equal(x, y) and "attributes" not in x
+  y = next(pipeline.make_loader(built, "train", batch_size=3, seed=0, train=False, tokenizer=tok,
+                                attributes=("sex", "view")))
+  train = sources.get_source(cfg, "train")
+  assert y["attributes"].tolist() == [[train[i]["attributes"][a] for a in ("sex", "view")] for i in range(3)]
   # "~" as typed in --config.data.data_dir=~/tfds, where the shell leaves it alone.
   monkeypatch.setenv("HOME", str(tmp_path))
   built.data_dir = "~"

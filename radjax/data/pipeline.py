@@ -99,7 +99,8 @@ class SubsetSource:
 class Preprocess:
   """Example dict -> batch-contract element (numpy). Picklable; no config objects inside."""
 
-  def __init__(self, data_cfg: Any, tokenizer: Any, train: bool, names: tuple[str, ...]):
+  def __init__(self, data_cfg: Any, tokenizer: Any, train: bool, names: tuple[str, ...],
+               attributes: Sequence[str] = ()):
     policy = str(data_cfg.uncertain_policy)
     if policy not in UNCERTAIN_POLICIES:
       raise ConfigError(f"data.uncertain_policy={policy!r}; use one of {UNCERTAIN_POLICIES}")
@@ -114,6 +115,7 @@ class Preprocess:
       raise ConfigError(f"data.max_text_len must be >= 2, got {self.max_len}")
     self.augment = bool(train and data_cfg.augment)
     self.names = names
+    self.attributes = tuple(attributes)
     self.policy = policy
     self.mean, self.std = image_norm(data_cfg)
     self.tokenizer = tokenizer
@@ -192,7 +194,7 @@ class Preprocess:
   def __call__(self, ex: dict[str, Any], rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
     ids, mask = self.tokenizer.encode(ex["report"], self.max_len)
     y, m = self.labels(ex["labels"])
-    return {
+    out = {
         "image": self.image(ex["image"], rng if self.augment else None),
         "text_ids": ids,
         "text_mask": mask,
@@ -200,6 +202,9 @@ class Preprocess:
         "label_mask": m,
         "index": np.int32(ex["index"]),
     }
+    if self.attributes:  # text, so only where asked: a training step takes arrays of numbers
+      out["attributes"] = np.array([ex["attributes"].get(n, "") for n in self.attributes], dtype=str)
+    return out
 
 
 class _RandomPreprocess(grain.transforms.RandomMap):
@@ -220,7 +225,7 @@ class _PlainPreprocess(grain.transforms.Map):
 
 def make_dataset(data_cfg: Any, split: str, *, batch_size: int, seed: int, train: bool, tokenizer: Any,
                  shard_index: int = 0, shard_count: int = 1, num_epochs: int | None = None,
-                 indices: Sequence[int] | None = None) -> grain.MapDataset:
+                 indices: Sequence[int] | None = None, attributes: Sequence[str] = ()) -> grain.MapDataset:
   """The batched ``grain.MapDataset`` behind ``make_loader`` (random access to batches)."""
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -232,7 +237,7 @@ def make_dataset(data_cfg: Any, split: str, *, batch_size: int, seed: int, train
     from radjax.data.tokenizer import get_tokenizer  # pylint: disable=import-outside-toplevel
     tokenizer = get_tokenizer(data_cfg)
   names = label_names(data_cfg)
-  fn = Preprocess(data_cfg, tokenizer, train, names)
+  fn = Preprocess(data_cfg, tokenizer, train, names, attributes)
   source = SubsetSource(sources.get_source(data_cfg, split), indices)
   if len(source) == 0:
     raise ValueError(f"split {split!r} of {data_cfg.dataset!r} is empty" + (" after `indices`" if indices is not None else ""))
@@ -263,15 +268,17 @@ def _ensure_absl_flags_parsed() -> None:
 
 def make_loader(data_cfg: Any, split: str, *, batch_size: int, seed: int, train: bool, tokenizer: Any,
                 shard_index: int = 0, shard_count: int = 1, num_epochs: int | None = None,
-                indices: Sequence[int] | None = None) -> grain.DatasetIterator:
+                indices: Sequence[int] | None = None, attributes: Sequence[str] = ()) -> grain.DatasetIterator:
   """Iterator of batches (dicts of numpy arrays, leading dim ``batch_size``; see contracts.md).
 
   train: shuffle + augmentation + drop_remainder. num_epochs: None = forever when training,
-  one pass otherwise. indices: restrict to these example indices of the split.
+  one pass otherwise. indices: restrict to these example indices of the split. attributes: names
+  of the examples' attributes to add as ``attributes`` str [B, len(attributes)] ("" where blank).
   The returned iterator has ``get_state()`` / ``set_state(state)`` (JSON-serialisable).
   """
   ds = make_dataset(data_cfg, split, batch_size=batch_size, seed=seed, train=train, tokenizer=tokenizer,
-                    shard_index=shard_index, shard_count=shard_count, num_epochs=num_epochs, indices=indices)
+                    shard_index=shard_index, shard_count=shard_count, num_epochs=num_epochs, indices=indices,
+                    attributes=attributes)
   workers = int(data_cfg.num_workers)
   if workers < 0:
     raise ConfigError(f"data.num_workers must be >= 0, got {workers}")

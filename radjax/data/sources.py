@@ -1,6 +1,8 @@
 """Random-access data sources: ``get_source(data_cfg, split)`` -> len / [i] -> example dict.
 
-An example is ``dict(image=uint8 [H, W], report=str, labels={name: float}, id=str)``.
+An example is ``dict(image=uint8 [H, W], report=str, labels={name: float}, id=str,
+attributes={name: str})``; attributes describe the film or patient (SynthCXR's view, sex and age
+band; MIMIC-CXR's view; the columns an image_table build names), for subgroup evaluation.
 Labels are 1 / 0, -1 for uncertain (CheXpert) and NaN for missing / censored; the
 pipeline applies the uncertainty policy.
 
@@ -72,6 +74,9 @@ class ArrayRecordSource:
     self._split = split
     self._config = config
     self._len = len(self._source)
+    # Features of the builder's own that describe the film (MIMIC-CXR's view); others keep
+    # theirs in an "attributes" dict.
+    self._top_level_attributes = tuple(getattr(builders.get_builder_class(name), "ATTRIBUTES", ()))
 
   @functools.cached_property
   def _builder(self):
@@ -111,11 +116,14 @@ class ArrayRecordSource:
     image = np.asarray(ex["image"])
     if image.ndim == 3 and image.shape[-1] == 1:
       image = image[..., 0]
+    attributes = {k: _as_str(v) for k, v in ex.get("attributes", {}).items()}
+    attributes.update((k, _as_str(ex[k])) for k in self._top_level_attributes if k in ex)
     return {
         "image": image,
         "report": _as_str(ex["report"]),
         "labels": {k: _as_label(v) for k, v in ex["labels"].items()},
         "id": _as_str(ex["id"]),
+        "attributes": attributes,
     }
 
   def __getstate__(self):

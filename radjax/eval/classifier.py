@@ -210,20 +210,30 @@ class _NoReports:
 
 
 def score_split(probabilities: Callable[[np.ndarray], np.ndarray], data: Any, split: str,
-                batch_size: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                batch_size: int = 64, attributes: Sequence[str] = ()) -> tuple[np.ndarray, ...]:
   """The classifier's probabilities on every example of ``split`` of the dataset ``data`` (a data
-  config) -> (probabilities float32 [N, K], labels [N, K], label mask [N, K]), in the split's order."""
+  config) -> (probabilities float32 [N, K], labels [N, K], label mask [N, K], the examples'
+  ``attributes`` str [N, len(attributes)]), in the split's order."""
   from radjax.data.pipeline import make_loader
   loader = make_loader(data, split, batch_size=batch_size, seed=0, train=False,
-                       tokenizer=_NoReports(), num_epochs=1)
-  scores, labels, masks = [], [], []
+                       tokenizer=_NoReports(), num_epochs=1, attributes=attributes)
+  scores, labels, masks, groups = [], [], [], []
   for batch in loader:
     scores.append(probabilities(batch["image"]))
     labels.append(batch["labels"])
     masks.append(batch["label_mask"])
+    groups.append(batch.get("attributes", np.zeros((len(batch["labels"]), 0), str)))
   if not scores:
     raise ValueError(f"split {split!r} of {data.dataset!r} is empty")
-  return np.concatenate(scores), np.concatenate(labels), np.concatenate(masks)
+  return (np.concatenate(scores), np.concatenate(labels), np.concatenate(masks),
+          np.concatenate(groups).astype(str))
+
+
+def dataset_attributes(data: Any, split: str) -> tuple[str, ...]:
+  """The attributes the examples of ``split`` carry (``radjax.data.sources``), read off its first one."""
+  from radjax.data.sources import get_source
+  source = get_source(data, split)
+  return tuple(source[0]["attributes"]) if len(source) else ()
 
 
 def _defined(x: float) -> float | None:
@@ -260,7 +270,7 @@ def choose_operating_point(probabilities: Callable[[np.ndarray], np.ndarray], da
   from radjax.data.pipeline import label_names
   from radjax.eval import metrics
   rule, target = parse_operating_point(text)
-  s, y, m = score_split(probabilities, data, split)
+  s, y, m, _ = score_split(probabilities, data, split)
   thresholds, rates = {}, {}
   for k, name in enumerate(label_names(data)):
     t = metrics.operating_threshold(s[:, k], y[:, k], m[:, k], rule, target)
@@ -290,20 +300,15 @@ def format_operating_point(point: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def evaluate(classifier: Deployed, split: str = "test", *, n_boot: int = 1000,
-             batch_size: int = 64) -> dict[str, Any]:
-  """On ``split`` of the classifier's dataset (``open_classifier``), per label: AUROC (95%
-  percentile-bootstrap interval over examples), AUPRC, class counts, and calibration (Brier score,
-  mean probability against prevalence); the macro AUROC over the labels that have both classes;
-  and with an operating point, sensitivity, specificity, PPV and NPV at its thresholds, with
-  intervals. Undefined values (a label without positives or negatives) are None."""
-  from radjax.data.pipeline import label_names
+MISSING_GROUP = "(missing)"  # the group of examples whose attribute is blank
+
+
+def _scores_of(s: np.ndarray, y: np.ndarray, m: np.ndarray, names: Sequence[str],
+               thresholds: dict[str, float | None], n_boot: int) -> dict[str, Any]:
+  """``evaluate``'s figures for probabilities ``s`` [N, K], labels ``y`` and mask ``m`` [N, K]."""
   from radjax.eval import metrics
-  data = classifier.data
-  s, y, m = score_split(classifier.probabilities, data, split, batch_size)
-  point_of = classifier.operating_point
   per_label = {}
-  for k, name in enumerate(label_names(data)):
+  for k, name in enumerate(names):
     sk, yk, mk = s[:, k], y[:, k], m[:, k]
     observed = mk > 0
     point, lo, hi = metrics.bootstrap_ci(metrics.auroc, sk, yk, mk, n_boot=n_boot)
@@ -314,18 +319,63 @@ def evaluate(classifier: Deployed, split: str = "test", *, n_boot: int = 1000,
         "brier": _defined(metrics.brier(sk, yk, mk)),
         "mean_probability": _defined(float(sk[observed].mean()) if observed.any() else math.nan),
         "prevalence": _defined(float(yk[observed].mean()) if observed.any() else math.nan)}
-    threshold = point_of["thresholds"].get(name) if point_of else None
+    threshold = thresholds.get(name)
     if threshold is not None:
       r["threshold"] = threshold
       for rate, (value, lo, hi) in metrics.rates_with_ci(sk, yk, mk, threshold, n_boot=n_boot).items():
         r[rate], r[f"{rate}_lo"], r[f"{rate}_hi"] = _defined(value), _defined(lo), _defined(hi)
   point, lo, hi = metrics.bootstrap_ci(metrics.multilabel_macro_auroc, s, y, m, n_boot=n_boot)
-  return {"workdir": classifier.workdir, "model_file": classifier.model_file,
-          "checkpoint": classifier.description, "dataset": data.dataset,
-          "split": split, "examples": int(len(s)), "labels": per_label,
-          "macro_auroc": {"auroc": _defined(point), "auroc_lo": _defined(lo), "auroc_hi": _defined(hi)},
-          "operating_point": None if point_of is None else {
-              k: point_of[k] for k in ("rule", "chosen_on", "examples")}}
+  return {"examples": int(len(s)), "labels": per_label,
+          "macro_auroc": {"auroc": _defined(point), "auroc_lo": _defined(lo), "auroc_hi": _defined(hi)}}
+
+
+def evaluate(classifier: Deployed, split: str = "test", *, n_boot: int = 1000, batch_size: int = 64,
+             by: Sequence[str] = (), min_group: int = 20) -> dict[str, Any]:
+  """On ``split`` of the classifier's dataset (``open_classifier``), per label: AUROC (95%
+  percentile-bootstrap interval over examples), AUPRC, class counts, and calibration (Brier score,
+  mean probability against prevalence); the macro AUROC over the labels that have both classes;
+  and with an operating point, sensitivity, specificity, PPV and NPV at its thresholds, with
+  intervals. Undefined values (a label without positives or negatives) are None.
+
+  by: attributes of the examples (``dataset_attributes``) whose groups are scored apart as well,
+  in ``subgroups[attribute]``; a group of fewer than ``min_group`` examples is neither scored
+  nor named (a handful of films says little, and a rare value can single a patient out): they
+  are counted together in ``smaller_groups``."""
+  from radjax.data.pipeline import label_names
+  data = classifier.data
+  if by:
+    known = dataset_attributes(data, split)
+    unknown = [a for a in by if a not in known]
+    if unknown:
+      raise ConfigError(f"--by {','.join(unknown)}: {data.dataset} examples have "
+                        + (f"the attributes {', '.join(known)}" if known else "no attributes")
+                        + ("; an image_table build keeps the columns named by --builder_config attributes=..."
+                           if data.dataset == "image_table" else ""))
+  if min_group < 1:
+    raise ConfigError(f"--min_group must be >= 1, got {min_group}")
+  s, y, m, groups = score_split(classifier.probabilities, data, split, batch_size, attributes=by)
+  names = label_names(data)
+  point_of = classifier.operating_point
+  thresholds = point_of["thresholds"] if point_of else {}
+  result = {"workdir": classifier.workdir, "model_file": classifier.model_file,
+            "checkpoint": classifier.description, "dataset": data.dataset, "split": split,
+            **_scores_of(s, y, m, names, thresholds, n_boot),
+            "operating_point": None if point_of is None else {
+                k: point_of[k] for k in ("rule", "chosen_on", "examples")}}
+  if by:
+    result["subgroups"] = {}
+    for a, attribute in enumerate(by):
+      values, counts = np.unique(groups[:, a], return_counts=True)
+      scored = {}
+      for value, count in sorted(zip(values, counts), key=lambda vc: (vc[0] == "", vc[0])):  # blank last
+        if count >= min_group:
+          rows = groups[:, a] == value
+          scored[str(value) or MISSING_GROUP] = _scores_of(s[rows], y[rows], m[rows], names, thresholds, n_boot)
+      small = counts < min_group
+      result["subgroups"][attribute] = {
+          "groups": scored, "min_group": min_group,
+          "smaller_groups": {"groups": int(small.sum()), "examples": int(counts[small].sum())}}
+  return result
 
 
 def _interval(r: dict[str, Any], key: str) -> str:
@@ -361,6 +411,27 @@ def format_evaluation(result: dict[str, Any]) -> str:
         continue
       lines.append(f"{name:<{width}}  {r['threshold']:>9.4g}  {_interval(r, 'sensitivity'):<24} "
                    f"{_interval(r, 'specificity'):<24} {_number(r['ppv']):>6} {_number(r['npv']):>6}")
+  for attribute, sub in result.get("subgroups", {}).items():
+    groups, smaller = sub["groups"], sub["smaller_groups"]
+    lines += ["", f"by {attribute}: AUROC [95% CI] per group"
+              + (f" (left out, under {sub['min_group']} examples each: {smaller['groups']} group(s), "
+                 f"{smaller['examples']} examples)" if smaller["groups"] else "")]
+    if not groups:
+      continue
+    heads = [f"{value} ({g['examples']})" for value, g in groups.items()]
+    lines.append(f"{'label':<{width}}  " + " ".join(f"{h:<24}" for h in heads).rstrip())
+    for name in result["labels"]:
+      lines.append(f"{name:<{width}}  " + " ".join(f"{_interval(g['labels'][name], 'auroc'):<24}"
+                                                   for g in groups.values()).rstrip())
+    lines.append(f"{'macro':<{width}}  " + " ".join(f"{_interval(g['macro_auroc'], 'auroc'):<24}"
+                                                    for g in groups.values()).rstrip())
+    if result["operating_point"]:
+      lines += [f"sensitivity / specificity at {result['operating_point']['rule']}:",
+                f"{'label':<{width}}  " + " ".join(f"{h:<24}" for h in heads).rstrip()]
+      for name in result["labels"]:
+        cells = [f"{_number(r.get('sensitivity'))} / {_number(r.get('specificity'))}"
+                 if "threshold" in r else "none" for r in (g["labels"][name] for g in groups.values())]
+        lines.append(f"{name:<{width}}  " + " ".join(f"{c:<24}" for c in cells).rstrip())
   return "\n".join(lines)
 
 

@@ -22,6 +22,9 @@ Columns (names exact; any order):
   column, a patient listed in several splits has all their rows dropped
   (``patient_straddles_splits``). Without it each row is its own patient.
 - ``id`` (optional): the example's name in outputs; default: the ``image`` value. Unique.
+- attributes (optional): the columns named by the ``attributes`` setting (sex, age band, site,
+  scanner, view, ...), stored as text, never labels: ``radjax evaluate --by NAME`` scores each
+  of their groups apart.
 - labels: the columns named by the ``labels`` setting; by default every other column. Values
   ``1``/``0``/``-1`` (uncertain; ``data.uncertain_policy`` decides at training time), also
   ``true``/``false``, ``yes``/``no``, ``positive``/``negative``, ``uncertain``; a blank, ``nan``,
@@ -47,7 +50,8 @@ build's name is "default" unless its image settings (``image_size``, ``image_for
 whose labels changed is refused (``radjax.data.build``). Readers take the labels from the
 build's report (``label_groups``).
 
-Example: ``image`` uint8 [H, W, 1], ``report``, ``id``, ``patient_id``, ``labels`` {name: float32}.
+Example: ``image`` uint8 [H, W, 1], ``report``, ``id``, ``patient_id``, ``labels`` {name: float32},
+and with ``attributes`` set, ``attributes`` {name: text}.
 """
 
 from __future__ import annotations
@@ -91,18 +95,21 @@ manual_dir must hold one table (.csv, .csv.gz, .tsv or .tsv.gz; or name it with
 --builder_arg table=PATH) with a row per film: columns image (the film's path, relative to
 manual_dir or absolute) and report (the text) or report_file (a text file's path); optional
 split (train/validation/test), patient_id, id; every other column is a label (1/0/-1/blank), or
-name the label columns with --builder_config labels=a,b."""
+name the label columns with --builder_config labels=a,b; columns that describe the film or patient
+(sex, site, ...) are named with --builder_config attributes=sex,site."""
 
 
 @dataclasses.dataclass(eq=False)
 class ImageTableConfig(tfds.core.BuilderConfig):
   """labels: the label columns (empty: every column that is not image/report/report_file/split/
-  patient_id/id); prognostic: those of them that are outcomes. image_size: short side in pixels.
+  patient_id/id or an attribute); prognostic: those of them that are outcomes. attributes:
+  columns kept as text for subgroup evaluation. image_size: short side in pixels.
   image_format: "jpeg" | "png". raw_images: "equalize" | "min_max" (see the module docstring).
   section: see radjax.data.reports.extract_section. validation_fraction / test_fraction: the
   patients hashed to those splits when the table has no split column."""
   labels: tuple[str, ...] = ()
   prognostic: tuple[str, ...] = ()
+  attributes: tuple[str, ...] = ()
   image_size: int = 256
   image_format: str = "jpeg"
   jpeg_quality: int = 95
@@ -113,6 +120,7 @@ class ImageTableConfig(tfds.core.BuilderConfig):
 
   def __post_init__(self):
     self.labels, self.prognostic = tuple(self.labels), tuple(self.prognostic)
+    self.attributes = tuple(self.attributes)
     if self.image_format not in ("jpeg", "png"):
       raise ValueError(f"image_format must be 'jpeg' or 'png', got {self.image_format!r}")
     if self.raw_images not in RAW_CONVERSIONS:
@@ -130,6 +138,10 @@ class ImageTableConfig(tfds.core.BuilderConfig):
         raise ValueError(f"label column {name!r}: a label cannot be named "
                          f"{', '.join(RESERVED_COLUMNS + LABEL_GROUPS)} or contain a comma (data.labels "
                          "lists labels separated by commas); rename the column")
+    for name in self.attributes:
+      if name in RESERVED_COLUMNS or name in self.labels or not name.strip():
+        raise ValueError(f"attribute column {name!r}: an attribute cannot be a label or one of "
+                         f"{', '.join(RESERVED_COLUMNS)}")
     unknown = [name for name in self.prognostic if self.labels and name not in self.labels]
     if unknown:
       raise ValueError(f"prognostic names {unknown}, which are not among the labels {list(self.labels)}")
@@ -199,8 +211,9 @@ def complete_config(manual_dir: Path, config: Any = None, *, table: str | None =
   if "report" not in header and "report_file" not in header:
     missing.append("report (or report_file)")
   # A nameless column is a trailing delimiter, as spreadsheet exports write them: not a label.
-  labels = cfg.labels or tuple(c for c in header if c and c not in RESERVED_COLUMNS)
+  labels = cfg.labels or tuple(c for c in header if c and c not in RESERVED_COLUMNS + cfg.attributes)
   missing += [f"label {name!r}" for name in labels if name not in header]
+  missing += [f"attribute {name!r}" for name in cfg.attributes if name not in header]
   if missing:
     raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; found {header}.\n{MANUAL_INSTRUCTIONS}")
   if not labels:
@@ -267,6 +280,7 @@ class _Row:
   report_file: str | None
   patient: str
   labels: tuple[tuple[str, float], ...]
+  attributes: tuple[tuple[str, str], ...]
 
 
 class ImageTableBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -305,6 +319,8 @@ class ImageTableBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
             "id": tfds.features.Text(),
             "patient_id": tfds.features.Text(),
             "labels": tfds.features.FeaturesDict({n: np.float32 for n in self.cfg.labels}),
+            **({"attributes": tfds.features.FeaturesDict({n: tfds.features.Text() for n in self.cfg.attributes})}
+               if self.cfg.attributes else {}),
         }),
     )
 
@@ -364,8 +380,8 @@ class ImageTableBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
           continue
       else:
         split = hashed_split(patient, cfg)
-      entry = _Row(key, where, image, row.get("report"),
-                   (row.get("report_file") or "").strip() or None, patient, tuple(labels))
+      entry = _Row(key, where, image, row.get("report"), (row.get("report_file") or "").strip() or None,
+                   patient, tuple(labels), tuple((n, (row[n] or "").strip()) for n in cfg.attributes))
       patient_splits.setdefault(patient, set()).add(split)
       split_of_row.append((entry, split))
     for entry, split in split_of_row:
@@ -414,6 +430,7 @@ class ImageTableBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
           "id": row.key,
           "patient_id": "" if row.patient.startswith("row:") else row.patient,
           "labels": {n: np.float32(v) for n, v in row.labels},
+          **({"attributes": dict(row.attributes)} if row.attributes else {}),
       })
 
     yield from ctx.map(process, rows, split=split, key=repr, chunk_size=512,

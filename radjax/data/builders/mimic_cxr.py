@@ -422,6 +422,7 @@ class MimicCXRBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   name = "mimic_cxr"
   DIAGNOSTIC_LABELS = CHEXPERT_LABELS
   PROGNOSTIC_LABELS = OUTCOME_LABELS
+  ATTRIBUTES = ("view",)  # a feature of its own that `radjax evaluate --by` groups by
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   BUILDER_CONFIGS = [_DEFAULT]

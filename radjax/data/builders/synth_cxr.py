@@ -8,7 +8,7 @@ already-encoded PNG bytes (PIL), which TFDS stores as is; reading back
 (``as_data_source``) decodes with PIL, also without TensorFlow. Shuffling is disabled,
 so record ``i`` of a split is SynthCXR example ``i`` of that split.
 
-Layout: ``DATA_DIR/synth_cxr/CONFIG/1.0.0/synth_cxr-SPLIT.array_record-XXXXX-of-YYYYY``,
+Layout: ``DATA_DIR/synth_cxr/CONFIG/1.1.0/synth_cxr-SPLIT.array_record-XXXXX-of-YYYYY``,
 where CONFIG is "default" for the default knobs, else a name derived from them (so
 variants built into one DATA_DIR never collide).
 """
@@ -94,8 +94,8 @@ class SynthCXRBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """SynthCXR image/report/labels, splits pretrain/train/validation/test."""
 
   name = "synth_cxr"
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release.", "1.1.0": "attributes: view, sex, age band."}
   BUILDER_CONFIGS = [config_from_params(synth_cxr.SynthParams())]
   DEFAULT_CONFIG_NAME = "default"
   DIAGNOSTIC_LABELS = synth_cxr.DIAGNOSTIC_LABELS
@@ -131,6 +131,7 @@ class SynthCXRBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             "id": tfds.features.Text(),
             "labels": tfds.features.FeaturesDict(
                 {n: tfds.features.Scalar(np.float32) for n in synth_cxr.ALL_LABELS}),
+            "attributes": tfds.features.FeaturesDict({n: tfds.features.Text() for n in synth_cxr.ATTRIBUTES}),
         }),
         # Record i of a split must be example i: the pipeline's `index` and label subsets rely on it.
         disable_shuffling=True,
@@ -150,4 +151,5 @@ class SynthCXRBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
           "report": ex["report"],
           "id": ex["id"],
           "labels": {k: np.float32(v) for k, v in ex["labels"].items()},
+          "attributes": ex["attributes"],
       }
