@@ -218,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
   p.add_argument("--by", default=None, metavar="ATTRIBUTES",
                  help="also score each group of these attributes apart, e.g. view,sex (SynthCXR: view, "
-                      "sex, age; MIMIC-CXR: view; image_table: the columns its build names as attributes)")
+                      "sex, age; MIMIC-CXR: view, and sex, age in a demographics=true build; image_table: "
+                      "the columns its build names as attributes)")
   p.add_argument("--min_group", type=int, default=20,
                  help="with --by: groups of fewer examples are counted, not scored or named")
   p.add_argument("--out", default=None, help="JSON path (default: WORKDIR/evaluation_DATASET_SPLIT.json)")

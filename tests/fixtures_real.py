@@ -165,8 +165,8 @@ def make_mimic_tree(root: Path) -> dict:
     admissions.append([subject, hadm, admit, disch, "", "EW EMER.", "P1", "EMERGENCY ROOM", "HOME", "Other",
                        "ENGLISH", "SINGLE", "WHITE", edreg, "", 0])
 
-  def pat(subject, dod=""):
-    patients.append([subject, "F", 60, 2180, "2014 - 2016", dod])
+  def pat(subject, dod="", gender="F", anchor_age=60, anchor_year=2180):
+    patients.append([subject, gender, anchor_age, anchor_year, "2014 - 2016", dod])
 
   # S1: train. PA kept, LATERAL filtered. Report extracted on disk.
   # t0 = 2180-01-01 10:00. ED 09:00 -> admitted 12:00 (contains the study: no readmission);
@@ -185,7 +185,7 @@ def make_mimic_tree(root: Path) -> dict:
   labels.append(["10000002", "50000002"] + _labels_row({"No Finding": 1.0}))
   reports_zip[rep_rel("10000002", "50000002")] = "FINAL REPORT\n IMPRESSION:  No acute process.\n"
   adm("10000002", 3, "2181-03-01 09:31:15", "2181-03-02 09:00:00")
-  pat("10000002", "")
+  pat("10000002", "", "M", 47, 2178)  # 49 at the first study, 50 at the second
   # Same subject, second study (train): PA corrupt -> dropped file, falls back to the AP image.
   # t0 = 2181-04-01 12:00; an admission exactly t0 + 365 days (2182-04-01 12:00) -> readmission 1.
   add_image("d3a", "10000002", "50000003", "PA", "21810401", "120000", "train", b"not a jpeg at all")
@@ -238,7 +238,7 @@ def make_mimic_tree(root: Path) -> dict:
   labels.append(["14000011", "50000012"] + _labels_row({"Atelectasis": 0.0, "Lung Opacity": 1.0}))
   reports_zip[rep_rel("14000011", "50000012")] = "EXAMINATION: CHEST\n\nFINDINGS:\nLeft  lower lobe opacity.\n"
   adm("14000011", 5, "2196-06-05 10:00:00", "2196-06-20 10:00:00")
-  pat("14000011", "2196-06-01")
+  pat("14000011", "2196-06-01", "F", 91, 2195)  # 91: MIMIC-IV's age for everyone over 89
   # S12: a selected dicom without a split row.
   add_image("d13a", "15000012", "50000013", "PA", "21900101", "000000", None)
   labels.append(["15000012", "50000013"] + _labels_row({}))
@@ -287,19 +287,24 @@ def make_mimic_tree(root: Path) -> dict:
   expected = {
       "examples": {
           "train": {
-              "50000001": {"dicom_id": "d1a", "view": "PA", "shape": (21, 16), "report": "Cardiomegaly and ___ edema.",
+              "50000001": {"dicom_id": "d1a", "view": "PA", "sex": "F", "age": "50-64", "shape": (21, 16),
+                           "report": "Cardiomegaly and ___ edema.",
                            "labels": lab(Cardiomegaly=1.0, Edema=-1.0, Pneumonia=0.0, readmission=1.0, mortality=1.0)},
-              "50000002": {"dicom_id": "d2a", "view": "AP", "shape": (20, 16), "report": "No acute process.",
+              "50000002": {"dicom_id": "d2a", "view": "AP", "sex": "M", "age": "<50", "shape": (20, 16),
+                           "report": "No acute process.",
                            "labels": lab(No_Finding=1.0)},
-              "50000003": {"dicom_id": "d3b", "view": "AP", "shape": (16, 16), "report": "Lungs are clear.",
+              "50000003": {"dicom_id": "d3b", "view": "AP", "sex": "M", "age": "50-64", "shape": (16, 16),
+                           "report": "Lungs are clear.",
                            "labels": lab(Pleural_Effusion=1.0, Support_Devices=1.0, readmission=1.0)},
           },
           "validation": {
-              "50000011": {"dicom_id": "d11a", "view": "AP", "shape": (32, 16), "report": "Small fracture.",
+              "50000011": {"dicom_id": "d11a", "view": "AP", "sex": "", "age": "", "shape": (32, 16),
+                           "report": "Small fracture.",
                            "labels": lab(Fracture=1.0, Lung_Lesion=-1.0, readmission=NAN, mortality=NAN)},
           },
           "test": {
-              "50000012": {"dicom_id": "d12a", "view": "PA", "shape": (16, 24), "report": "Left lower lobe opacity.",
+              "50000012": {"dicom_id": "d12a", "view": "PA", "sex": "F", "age": "80+", "shape": (16, 24),
+                           "report": "Left lower lobe opacity.",
                            "labels": lab(Atelectasis=0.0, Lung_Opacity=1.0, mortality=NAN)},
           },
       },

@@ -362,7 +362,7 @@ def test_evaluate_scores_each_group_of_an_attribute_apart(run, tmp_path, capsys)
   config = load_config("configs/finetune_synth.py", TINY)
   synth = synth_cxr.SynthCXR(synth_cxr.SynthParams.from_config(config.data.synth))
   cases = [synth.case("test", i) for i in range(40)]
-  bands = lambda age: "18-49" if age < 50 else "50-64" if age < 65 else "65-79" if age < 80 else "80+"
+  bands = lambda age: "<50" if age < 50 else "50-64" if age < 65 else "65-79" if age < 80 else "80+"
   for attribute, value_of in (("view", lambda c: c.view), ("age", lambda c: bands(c.age))):
     values = np.array([value_of(c) for c in cases])
     sub = result["subgroups"][attribute]

@@ -74,6 +74,19 @@ def test_examples_labels_and_splits(built):
     assert source[i]["attributes"] == {"view": expected["examples"]["train"][source[i]["id"]]["view"]}
 
 
+def test_demographics_are_attributes(built, tmp_path):
+  """With demographics=true each example also carries its patient's sex and age band at the study
+  (from MIMIC-IV), for `radjax evaluate --by sex,age`; blank where the subject is not in MIMIC-IV."""
+  from radjax.data.sources import ArrayRecordSource
+  report = build_lib.build_dataset("mimic_cxr", tmp_path, manual_dir=built["manual"], progress=False,
+                                   builder_kwargs={"config": {"image_size": 16, "demographics": True}})
+  assert report["config"].endswith("_demographics")
+  for split, exp_examples in built["expected"]["examples"].items():
+    source = ArrayRecordSource("mimic_cxr", str(tmp_path), split, report["config"])
+    got = {source[i]["id"]: source[i]["attributes"] for i in range(len(source))}
+    assert got == {study: {"view": e["view"], "sex": e["sex"], "age": e["age"]} for study, e in exp_examples.items()}
+
+
 def test_build_report(built):
   expected, report = built["expected"], built["report"]
   on_disk = json.loads((built["data_dir"] / "mimic_cxr" / "build_report.json").read_text())

@@ -35,6 +35,7 @@ import numpy as np
 from scipy import special
 
 from radjax.config import ConfigError
+from radjax.data import attributes
 
 FINDINGS = ("cardiomegaly", "pleural_effusion", "pneumothorax", "consolidation", "edema",
             "atelectasis", "nodule", "support_device")
@@ -43,7 +44,6 @@ PROGNOSTIC_LABELS = ("readmission_12m", "mortality_12m")
 ALL_LABELS = DIAGNOSTIC_LABELS + PROGNOSTIC_LABELS
 # What an example records about its film and patient, beside the labels, for subgroup evaluation.
 ATTRIBUTES = ("view", "sex", "age")
-AGE_BANDS = ((50, "18-49"), (65, "50-64"), (80, "65-79"), (math.inf, "80+"))
 SPLITS = ("pretrain", "train", "validation", "test")
 _SPLIT_ID = {s: k for k, s in enumerate(SPLITS)}
 
@@ -378,15 +378,14 @@ class SynthCXR:
 
   def example(self, split: str, i: int) -> dict[str, Any]:
     """dict(image uint8 [S, S], report str, labels dict name -> float, id str, attributes dict
-    name -> str: ``ATTRIBUTES``, the view (PA/AP), sex (F/M) and age band of ``AGE_BANDS``)."""
+    name -> str: ``ATTRIBUTES``, the view (PA/AP), sex (F/M) and ``attributes.age_band``)."""
     case = self.case(split, i)
     return {
         "image": render(case, self._rng(split, i, 1), self._size),
         "report": write_report(case, self._rng(split, i, 2)),
         "labels": case.labels(),
         "id": f"synth-{split}-{i:07d}",
-        "attributes": {"view": case.view, "sex": case.sex,
-                       "age": next(band for upper, band in AGE_BANDS if case.age < upper)},
+        "attributes": {"view": case.view, "sex": case.sex, "age": attributes.age_band(case.age)},
     }
 
   def source(self, split: str) -> SynthCXRSource:

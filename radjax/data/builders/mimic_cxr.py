@@ -45,7 +45,13 @@ across MIMIC-CXR and MIMIC-IV, so they are joined on ``subject_id``):
   discharge). A ``dod`` before the study day is inconsistent: that example's
   ``mortality_12m`` is NaN and a ``dod_before_study`` warning is counted.
 - A subject absent from ``patients.csv`` gets NaN for both outcomes (warning
-  ``subject_not_in_mimic_iv``). ``anchor_age``/``anchor_year`` are not used.
+  ``subject_not_in_mimic_iv``).
+
+Attributes (for ``radjax evaluate --by``): ``view`` (ViewPosition), always; with
+``demographics=true``, also ``sex`` (MIMIC-IV ``gender``) and ``age``, the band
+(``radjax.data.attributes.age_band``) of the age at the study, ``anchor_age`` + year(t0) -
+``anchor_year`` (MIMIC-IV's shifted years are consistent per patient; its ``anchor_age`` is 91
+for everyone over 89). Blank where the subject is not in MIMIC-IV.
 
 Selection: images whose ``ViewPosition`` is in ``views`` (default PA and AP; empty =
 all views); ``images_per_study="one"`` (default) keeps one image per study, the first
@@ -77,6 +83,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from radjax.data import reports as reports_lib
+from radjax.data.attributes import age_band
 from radjax.data.build import Drop, build_context, override_fields, read_table, row_is_complete
 
 CHEXPERT_LABELS = (
@@ -106,7 +113,8 @@ class MimicCXRConfig(tfds.core.BuilderConfig):
   """views: ViewPosition values kept (empty: all). images_per_study: "one" | "all".
   image_size: short side in pixels. image_format: "jpeg" | "png". labeler: "chexpert" |
   "negbio". section: see radjax.data.reports.extract_section. outcomes: add
-  readmission_12m / mortality_12m from MIMIC-IV (needs its hosp tables)."""
+  readmission_12m / mortality_12m from MIMIC-IV (needs its hosp tables). demographics: add the
+  attributes sex and age band from MIMIC-IV's patients table."""
   views: tuple[str, ...] = ("PA", "AP")
   images_per_study: str = "one"
   image_size: int = 256
@@ -115,6 +123,7 @@ class MimicCXRConfig(tfds.core.BuilderConfig):
   labeler: str = "chexpert"
   section: str = "auto"
   outcomes: bool = True
+  demographics: bool = False
 
   def __post_init__(self):
     self.views = tuple(v.upper() for v in self.views)
@@ -131,7 +140,7 @@ class MimicCXRConfig(tfds.core.BuilderConfig):
 
 
 _CONFIG_FIELDS = ("views", "images_per_study", "image_size", "image_format", "jpeg_quality",
-                  "labeler", "section", "outcomes")
+                  "labeler", "section", "outcomes", "demographics")
 _DEFAULT = MimicCXRConfig(name="default", description="PA/AP, one image per study, 256 px, CheXpert labels")
 
 
@@ -208,10 +217,10 @@ def check_manual_dir(manual_dir: Path, *, config: Any = None, mimic_iv_dir: str 
     missing.append(f"the reports: {manual_dir}/mimic-cxr-reports.zip (from the MIMIC-CXR project, not "
                    "MIMIC-CXR-JPG), its files/pXX/pSUBJECT/sSTUDY.txt extracted there, or "
                    "--builder_arg reports=PATH")
-  if config.outcomes and find_mimic_iv_hosp(manual_dir, mimic_iv_dir) is None:
+  if (config.outcomes or config.demographics) and find_mimic_iv_hosp(manual_dir, mimic_iv_dir) is None:
     missing.append("MIMIC-IV hosp/admissions.csv.gz and hosp/patients.csv.gz (under manual_dir/hosp, "
                    "manual_dir/mimic-iv*/hosp, or --builder_arg mimic_iv_dir=DIR); or build without the "
-                   "outcome labels: --builder_config outcomes=false")
+                   "outcome labels and demographics: --builder_config outcomes=false (demographics=false)")
   if missing:
     raise FileNotFoundError("MIMIC-CXR manual_dir is incomplete; missing:\n  " + "\n  ".join(missing)
                             + "\n" + MANUAL_INSTRUCTIONS)
@@ -239,7 +248,8 @@ def make_config(**overrides: Any) -> MimicCXRConfig:
     name = "_".join([
         "-".join(v.replace(" ", "") for v in fields["views"]).lower() or "allviews",
         fields["images_per_study"], str(fields["image_size"]), fields["image_format"],
-        fields["labeler"], fields["section"]] + ([] if fields["outcomes"] else ["nooutcomes"]))
+        fields["labeler"], fields["section"]] + ([] if fields["outcomes"] else ["nooutcomes"])
+        + (["demographics"] if fields["demographics"] else []))
     if fields["jpeg_quality"] != _DEFAULT.jpeg_quality:
       name += f"_q{fields['jpeg_quality']}"
   return MimicCXRConfig(name=name, **fields)
@@ -375,6 +385,21 @@ class _Item:
   report_rel: str  # pXX/pSUBJECT/sSTUDY.txt
   images: tuple[_Image, ...]  # candidates, in preference order
   labels: tuple[tuple[str, float], ...]
+  attributes: tuple[tuple[str, str], ...] = ()  # sex and age band, with demographics
+
+
+@dataclasses.dataclass(frozen=True)
+class _Patient:
+  """A MIMIC-IV patients row: date of death, and what the demographics attributes need."""
+  dod: dt.date | None
+  sex: str
+  anchor_age: int | None
+  anchor_year: int | None
+
+  def age_at(self, t: dt.datetime) -> float | None:
+    if self.anchor_age is None or self.anchor_year is None:
+      return None
+    return float(self.anchor_age + t.year - self.anchor_year)
 
 
 class _Reports:
@@ -460,6 +485,8 @@ class MimicCXRBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             "dicom_id": tfds.features.Text(),
             "view": tfds.features.Text(),
             "labels": tfds.features.FeaturesDict({n: np.float32 for n in self.label_names()}),
+            **({"attributes": tfds.features.FeaturesDict({"sex": tfds.features.Text(), "age": tfds.features.Text()})}
+               if self.cfg.demographics else {}),
         }),
         homepage="https://physionet.org/content/mimic-cxr-jpg/",
     )
@@ -533,7 +560,9 @@ class MimicCXRBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       entry["images"].append(_Image(dicom, view, str(manual / "files" / rel)))
 
     labels = self._read_labels(label_path, log)
-    outcomes = self._outcomes(manual, studies, log) if cfg.outcomes else {}
+    hosp = find_mimic_iv_hosp(manual, self._mimic_iv_dir) if cfg.outcomes or cfg.demographics else None
+    patients = self._patients(hosp, {e["subject"] for e in studies.values()}, log) if hosp else {}
+    outcomes = self._outcomes(hosp, studies, patients, log) if cfg.outcomes else {}
 
     items: dict[str, list[_Item]] = {"train": [], "validation": [], "test": []}
     for study in sorted(studies, key=int):
@@ -559,14 +588,19 @@ class MimicCXRBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       if cfg.outcomes:
         values.update(outcomes[study])
       label_tuple = tuple((n, values[n]) for n in self.label_names())
+      attributes = ()
+      if cfg.demographics:
+        person = patients.get(subject)
+        attributes = (("sex", person.sex if person else ""),
+                      ("age", age_band(person.age_at(entry["t0"]) if person else None)))
       report_rel = f"p{subject[:2]}/p{subject}/s{study}.txt"
       if cfg.images_per_study == "one":
         if len(images) > 1:
           log.filter("other_images_of_study", len(images) - 1)
-        items[split].append(_Item(study, study, subject, report_rel, tuple(images), label_tuple))
+        items[split].append(_Item(study, study, subject, report_rel, tuple(images), label_tuple, attributes))
       else:
         for im in images:
-          items[split].append(_Item(im.dicom_id, study, subject, report_rel, (im,), label_tuple))
+          items[split].append(_Item(im.dicom_id, study, subject, report_rel, (im,), label_tuple, attributes))
     return items
 
   def _read_labels(self, path: Path, log) -> dict[str, tuple[float, ...] | None]:
@@ -593,9 +627,29 @@ class MimicCXRBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         out[study] = values
     return out
 
-  def _outcomes(self, manual: Path, studies: dict[str, dict[str, Any]], log) -> dict[str, dict[str, float]]:
-    hosp = find_mimic_iv_hosp(manual, self._mimic_iv_dir)
-    assert hosp is not None  # checked by check_manual_dir
+  def _patients(self, hosp: Path, subjects: set[str], log) -> dict[str, _Patient]:
+    """MIMIC-IV's patients table, for ``subjects``."""
+    def integer(value: str | None) -> int | None:
+      value = (value or "").strip()
+      return int(value) if value.isdigit() else None
+
+    patients = {}
+    pat_path = _table(hosp, "patients")
+    for line, row in read_table(pat_path, required=("subject_id", "dod")):
+      subject = (row.get("subject_id") or "").strip()
+      if subject not in subjects:
+        continue
+      try:
+        dod = _parse_dt(row.get("dod"))
+      except ValueError:
+        log.warn("malformed_patient_row", path=f"{pat_path}:{line}")
+        continue
+      patients[subject] = _Patient(dod.date() if dod is not None else None, (row.get("gender") or "").strip(),
+                                   integer(row.get("anchor_age")), integer(row.get("anchor_year")))
+    return patients
+
+  def _outcomes(self, hosp: Path, studies: dict[str, dict[str, Any]], patients: dict[str, _Patient],
+                log) -> dict[str, dict[str, float]]:
     subjects = {e["subject"] for e in studies.values()}
     admissions: dict[str, list[Admission]] = {}
     adm_path = _table(hosp, "admissions")
@@ -612,18 +666,6 @@ class MimicCXRBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         log.warn("malformed_admission_row", path=f"{adm_path}:{line}")
         continue
       admissions.setdefault(subject, []).append(adm)
-    patients: dict[str, dt.date | None] = {}
-    pat_path = _table(hosp, "patients")
-    for line, row in read_table(pat_path, required=("subject_id", "dod")):
-      subject = (row.get("subject_id") or "").strip()
-      if subject not in subjects:
-        continue
-      try:
-        dod = _parse_dt(row.get("dod"))
-      except ValueError:
-        log.warn("malformed_patient_row", path=f"{pat_path}:{line}")
-        continue
-      patients[subject] = dod.date() if dod is not None else None
     out = {}
     for study, entry in studies.items():
       subject, t0 = entry["subject"], entry["t0"]
@@ -632,7 +674,7 @@ class MimicCXRBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
           log.warn("subject_not_in_mimic_iv", id=study, detail=f"subject {subject}")
         out[study] = {"readmission_12m": math.nan, "mortality_12m": math.nan}
         continue
-      mort = mortality_12m(t0, patients[subject])
+      mort = mortality_12m(t0, patients[subject].dod)
       if math.isnan(mort) and entry["images"]:
         log.warn("dod_before_study", id=study, detail=f"subject {subject}")
       out[study] = {"readmission_12m": readmission_12m(t0, admissions.get(subject, [])),
@@ -674,6 +716,7 @@ class MimicCXRBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             "dicom_id": im.dicom_id,
             "view": im.view,
             "labels": {n: np.float32(v) for n, v in item.labels},
+            **({"attributes": dict(item.attributes)} if cfg.demographics else {}),
         }))
         break
       return out
