@@ -303,6 +303,13 @@ def format_operating_point(point: dict[str, Any]) -> str:
 MISSING_GROUP = "(missing)"  # the group of examples whose attribute is blank
 
 
+def _group_order(value: str) -> tuple:
+  """Age bands youngest first, other values alphabetically, the blank group last."""
+  from radjax.data.attributes import AGE_BANDS
+  bands = [name for _, name in AGE_BANDS]
+  return (value == "", bands.index(value) if value in bands else len(bands), value)
+
+
 def _scores_of(s: np.ndarray, y: np.ndarray, m: np.ndarray, names: Sequence[str],
                thresholds: dict[str, float | None], n_boot: int) -> dict[str, Any]:
   """``evaluate``'s figures for probabilities ``s`` [N, K], labels ``y`` and mask ``m`` [N, K]."""
@@ -367,7 +374,7 @@ def evaluate(classifier: Deployed, split: str = "test", *, n_boot: int = 1000, b
     for a, attribute in enumerate(by):
       values, counts = np.unique(groups[:, a], return_counts=True)
       scored = {}
-      for value, count in sorted(zip(values, counts), key=lambda vc: (vc[0] == "", vc[0])):  # blank last
+      for value, count in sorted(zip(values, counts), key=lambda vc: _group_order(vc[0])):
         if count >= min_group:
           rows = groups[:, a] == value
           scored[str(value) or MISSING_GROUP] = _scores_of(s[rows], y[rows], m[rows], names, thresholds, n_boot)
