@@ -299,12 +299,12 @@ def main(argv: list[str] | None = None) -> int:
   if argv is None:  # the process's own command line: safe to re-execute it
     host_malloc.reexec_with_malloc_defaults()
   xla_flags.apply_default_xla_flags()  # before any command imports jax
-  compile_cache.enable()
   parser = build_parser()
   args, extra = parser.parse_known_args(argv)
   unknown = [a for a in extra if not a.startswith("--config.")]
   if unknown:
     parser.error(f"unrecognised arguments: {' '.join(unknown)}")
+  compile_cache.enable()  # after parsing: --help and a mistyped command create no cache folder
   try:
     return args.func(args, extra) or 0
   except ConfigError as e:

@@ -39,10 +39,7 @@ def test_cache_dir_defaults_to_the_user_cache_and_can_be_moved_or_turned_off(tmp
 _SCRIPT = """
 import json, sys
 from radjax import cli
-try:
-  cli.main(["no-such-command"])  # fails in argument parsing, after the cache is set up
-except SystemExit:
-  pass
+assert cli.main(["evaluate", "--workdir", "/no/such/run"]) == 2  # a command that runs (and fails)
 import jax, jax.numpy as jnp
 hits = []
 jax.monitoring.register_event_listener(lambda event, **kw: hits.append(event) if event.endswith("cache_hits") else None)
@@ -82,3 +79,16 @@ def test_a_folder_that_cannot_be_made_turns_the_cache_off_with_one_message(tmp_p
   assert "JAX_COMPILATION_CACHE_DIR" not in os.environ
   err = capsys.readouterr().err
   assert "compilation cache off" in err and str(tmp_path / "a_file") in err
+
+
+def test_help_and_a_mistyped_command_make_no_cache_folder(tmp_path):
+  env = {**os.environ, compile_cache.ENV: str(tmp_path / "cache"), "RADJAX_MALLOC_DEFAULTS": "0"}
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  run = lambda *args: subprocess.run([sys.executable, "-m", "radjax.cli", *args], env=env, capture_output=True,
+                                     text=True, timeout=120)
+  assert run("evaluate", "--help").returncode == 0
+  assert run("evaluate", "--wrokdir", "x").returncode == 2
+  assert not (tmp_path / "cache").exists()
+  done = run("evaluate", "--workdir", str(tmp_path / "no_run"))  # a command that runs, and fails
+  assert done.returncode == 2 and "no checkpoint" in done.stderr
+  assert (tmp_path / "cache" / hostcpu.instruction_set_key()).is_dir()
