@@ -57,8 +57,7 @@ def _reference_probabilities(workdir, step, indices, transform=lambda film: film
 def _scores(csv_path):
   """A predict CSV -> {path: probabilities float [K]} (rows with an error are left out)."""
   rows = list(csv.DictReader(open(csv_path)))
-  return {r["path"]: np.array([float(v) for k, v in r.items()
-                               if k not in ("path", "error") and not k.endswith("_positive")])
+  return {r["path"]: np.array([float(v) for k, v in r.items() if k not in ("path", "error")])
           for r in rows if not r["error"]}
 
 
