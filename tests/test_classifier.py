@@ -20,7 +20,7 @@ from radjax.config import load_config
 from radjax.data import synth_cxr
 from radjax.data.pipeline import image_norm, label_names
 from radjax.data.sources import get_source
-from radjax.eval import classifier
+from radjax.eval import classifier, metrics
 from radjax.train import loop
 from radjax.train.checkpoint import load_pretrained
 
@@ -299,6 +299,10 @@ def test_operating_point_chosen_on_validation_decides_on_test(run, tmp_path, cap
     assert r["brier"] == pytest.approx(np.mean((test_p[held, k] - test_y[held, k]) ** 2), abs=1e-6)
     assert r["mean_probability"] == pytest.approx(test_p[held, k].mean(), abs=1e-6)
     assert r["prevalence"] == pytest.approx(test_y[held, k].mean(), abs=1e-6)
+    for key, fn in (("calibration_slope", metrics.calibration_slope),
+                    ("calibration_in_the_large", metrics.calibration_in_the_large)):
+      value = fn(test_p[held, k], test_y[held, k])  # checked against scikit-learn and scipy there
+      assert r[key] == (None if math.isnan(value) else pytest.approx(value, abs=1e-6)), (name, key)
     if not (val_y[seen, k] == 1).any():  # no positive to find: no threshold, no decision
       assert "threshold" not in r
       continue

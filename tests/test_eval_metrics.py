@@ -135,6 +135,29 @@ def test_brier_matches_sklearn_and_ignores_masked_examples():
   assert math.isnan(M.brier(p, y, np.zeros(80)))
 
 
+def test_calibration_slope_and_intercept_against_their_definitions():
+  """The slope is logistic regression's coefficient on logit(p) (scikit-learn's unpenalised fit);
+  the intercept with the slope held at 1 solves its score equation sum(y - sigmoid(a + logit p)) = 0
+  (scipy's root finder)."""
+  from scipy import optimize, special
+  from sklearn.linear_model import LogisticRegression
+  rng = np.random.default_rng(21)
+  x = 1.5 * rng.normal(size=1500)
+  p = special.expit(x)
+  y = (rng.random(1500) < special.expit(0.4 + 0.6 * x)).astype(int)  # too extreme, and too low
+  mask = rng.random(1500) > 0.1
+  fit = LogisticRegression(C=np.inf, tol=1e-12, max_iter=1000).fit(x[mask][:, None], y[mask])
+  assert M.calibration_slope(p, y, mask) == pytest.approx(fit.coef_[0, 0], abs=1e-6)
+  root = optimize.brentq(lambda a: np.sum(y[mask] - special.expit(a + x[mask])), -5, 5, xtol=1e-12)
+  assert M.calibration_in_the_large(p, y, mask) == pytest.approx(root, abs=1e-8)
+  assert 0.5 < M.calibration_slope(p, y) < 0.75 and M.calibration_in_the_large(p, y) > 0.2
+  # Probabilities of exactly 0 and 1 (float32 sigmoids give them) are finite on the logit scale.
+  assert math.isfinite(M.calibration_slope(np.r_[0.0, 1.0, p], np.r_[1, 0, y]))
+  # Perfectly separated scores have no finite slope; one class has none at all.
+  assert math.isnan(M.calibration_slope([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]))
+  assert math.isnan(M.calibration_slope(p, np.zeros(1500))) and math.isnan(M.calibration_in_the_large(p, np.ones(1500)))
+
+
 def _rule_by_brute_force(s, y, rule, target):
   """The operating rule by its definition, over every candidate threshold one at a time."""
   candidates = sorted(set(s.tolist()), reverse=True)
@@ -256,15 +279,16 @@ def test_bootstrap_vectorised_equals_naive_loop():
   np.testing.assert_allclose(loop, (point, lo, hi), atol=1e-12)
 
 
-@pytest.mark.parametrize("metric", ["auprc", "brier", "macro"])
+@pytest.mark.parametrize("metric", ["auprc", "brier", "slope", "macro"])
 def test_bootstrap_other_vectorised_metrics_equal_loop(metric):
   rng = np.random.default_rng(10)
   if metric == "auprc":
     s, y = _data(60, seed=11)
     args, fn = (s, y), M.auprc
-  elif metric == "brier":
+  elif metric in ("brier", "slope"):
     y = rng.integers(0, 2, 60)
-    args, fn = (rng.random(60), y, (rng.random(60) > 0.2).astype(float)), M.brier
+    args = (rng.random(60), y, (rng.random(60) > 0.2).astype(float))
+    fn = M.brier if metric == "brier" else M.calibration_slope
   else:
     y = rng.integers(0, 2, (60, 3))
     s = np.round(y + rng.normal(size=(60, 3)), 1)

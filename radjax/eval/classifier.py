@@ -325,7 +325,11 @@ def _scores_of(s: np.ndarray, y: np.ndarray, m: np.ndarray, names: Sequence[str]
         "positives": int(((yk == 1) & observed).sum()), "negatives": int(((yk == 0) & observed).sum()),
         "brier": _defined(metrics.brier(sk, yk, mk)),
         "mean_probability": _defined(float(sk[observed].mean()) if observed.any() else math.nan),
-        "prevalence": _defined(float(yk[observed].mean()) if observed.any() else math.nan)}
+        "prevalence": _defined(float(yk[observed].mean()) if observed.any() else math.nan),
+        "calibration_in_the_large": _defined(metrics.calibration_in_the_large(sk, yk, mk))}
+    point, lo, hi = metrics.bootstrap_ci(metrics.calibration_slope, sk, yk, mk, n_boot=n_boot)
+    r["calibration_slope"], r["calibration_slope_lo"], r["calibration_slope_hi"] = (
+        _defined(point), _defined(lo), _defined(hi))
     threshold = thresholds.get(name)
     if threshold is not None:
       r["threshold"] = threshold
@@ -340,7 +344,8 @@ def evaluate(classifier: Deployed, split: str = "test", *, n_boot: int = 1000, b
              by: Sequence[str] = (), min_group: int = 20) -> dict[str, Any]:
   """On ``split`` of the classifier's dataset (``open_classifier``), per label: AUROC (95%
   percentile-bootstrap interval over examples), AUPRC, class counts, and calibration (Brier score,
-  mean probability against prevalence); the macro AUROC over the labels that have both classes;
+  mean probability against prevalence, calibration-in-the-large, and the calibration slope with
+  an interval); the macro AUROC over the labels that have both classes;
   and with an operating point, sensitivity, specificity, PPV and NPV at its thresholds, with
   intervals. Undefined values (a label without positives or negatives) are None.
 
@@ -402,11 +407,11 @@ def format_evaluation(result: dict[str, Any]) -> str:
   lines = [f"{result['workdir'] or result['model_file']} ({result['checkpoint']}) on "
            f"{result['dataset']}/{result['split']}, {result['examples']} examples",
            f"{'label':<{width}}  {'AUROC [95% CI]':<24} {'AUPRC':>6} {'Brier':>6} {'mean p':>7} "
-           f"{'prev.':>6} {'pos':>6} {'neg':>6}"]
+           f"{'prev.':>6} {'slope':>6} {'pos':>6} {'neg':>6}"]
   for name, r in result["labels"].items():
     lines.append(f"{name:<{width}}  {_interval(r, 'auroc'):<24} {_number(r['auprc']):>6} "
                  f"{_number(r['brier']):>6} {_number(r['mean_probability']):>7} {_number(r['prevalence']):>6} "
-                 f"{r['positives']:>6} {r['negatives']:>6}")
+                 f"{_number(r['calibration_slope']):>6} {r['positives']:>6} {r['negatives']:>6}")
   lines.append(f"{'macro':<{width}}  {_interval(result['macro_auroc'], 'auroc')}")
   if result["operating_point"]:
     lines += ["", f"decisions at {describe_operating_point(result['operating_point'])}:",

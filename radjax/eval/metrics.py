@@ -31,6 +31,8 @@ __all__ = [
     "multilabel_auroc",
     "multilabel_macro_auroc",
     "brier",
+    "calibration_slope",
+    "calibration_in_the_large",
     "OPERATING_RULES",
     "operating_threshold",
     "rates_at",
@@ -241,6 +243,57 @@ def brier(scores: Any, labels: Any, mask: Any | None = None) -> float:
   return float(_brier_weighted(s, y, m[None].astype(np.float64))[0])
 
 
+# Probabilities this close to 0 or 1 are taken as that close: float32 sigmoids reach 0 and 1 exactly.
+_LOGIT_EPS = 1e-7
+
+
+def _calibration_weighted(scores: np.ndarray, labels: np.ndarray, w: np.ndarray,
+                          fit_slope: bool, iterations: int = 50) -> np.ndarray:
+  """Logistic recalibration ``logit P(y) = a + b logit(p)`` by Newton's method, for each weight
+  row at once: the slope b [B] (``fit_slope``), else the intercept a [B] with b fixed at 1.
+  NaN where a row lacks a class or the fit does not converge (perfectly separated scores have no
+  finite slope)."""
+  p = np.clip(scores, _LOGIT_EPS, 1 - _LOGIT_EPS)
+  x, y = np.log(p) - np.log1p(-p), labels.astype(np.float64)
+  a, b = np.zeros(w.shape[0]), np.ones(w.shape[0])
+  step = np.full(w.shape[0], np.inf)
+  with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+    for _ in range(iterations):
+      q = 1.0 / (1.0 + np.exp(-(a[:, None] + b[:, None] * x)))
+      r, v = w * (y - q), w * q * (1 - q)  # gradient and curvature terms
+      ga, haa = r.sum(1), v.sum(1)
+      if fit_slope:
+        gb, hab, hbb = r @ x, v @ x, v @ (x * x)
+        det = haa * hbb - hab ** 2
+        da, db = (hbb * ga - hab * gb) / det, (haa * gb - hab * ga) / det
+      else:
+        da, db = ga / haa, 0.0
+      a, b = a + da, b + db
+      step = np.maximum(np.abs(da), np.abs(db))
+      if np.all(~np.isfinite(step) | (step < 1e-10)):
+        break
+    pos, neg = w @ y, w @ (1 - y)
+    ok = np.isfinite(step) & (step < 1e-6) & (pos > 0) & (neg > 0)
+  return np.where(ok, b if fit_slope else a, np.nan)
+
+
+def calibration_slope(scores: Any, labels: Any, mask: Any | None = None) -> float:
+  """Calibration slope: b of the logistic fit ``logit P(y = 1) = a + b logit(p)`` (1 when the
+  probabilities are as spread as they should be, below 1 when too extreme, as an overfit or
+  transported model's are). Args as ``brier``. NaN with one class only, or when the scores
+  separate the classes perfectly (no finite slope)."""
+  s, y, m = _check_binary(scores, labels, mask)
+  return float(_calibration_weighted(s, y, m[None].astype(np.float64), fit_slope=True)[0])
+
+
+def calibration_in_the_large(scores: Any, labels: Any, mask: Any | None = None) -> float:
+  """Calibration-in-the-large: a of ``logit P(y = 1) = a + logit(p)`` (the slope held at 1): 0 when
+  the probabilities are right on average, positive when they are too low (a prevalence higher
+  than the model expects). Args as ``brier``; NaN with one class only."""
+  s, y, m = _check_binary(scores, labels, mask)
+  return float(_calibration_weighted(s, y, m[None].astype(np.float64), fit_slope=False)[0])
+
+
 # ----------------------------------------------------------------------------
 # Operating points: a threshold turns scores into decisions (positive when score >= threshold).
 
@@ -350,6 +403,11 @@ def _brier_batched(w: np.ndarray, scores: Any, labels: Any, mask: Any | None = N
   return _brier_weighted(s, y, w * m)
 
 
+def _slope_batched(w: np.ndarray, scores: Any, labels: Any, mask: Any | None = None) -> np.ndarray:
+  s, y, m = _check_binary(scores, labels, mask)
+  return _calibration_weighted(s, y, w * m, fit_slope=True)
+
+
 def _macro_batched(w: np.ndarray, scores: Any, labels: Any, mask: Any | None = None) -> np.ndarray:
   s, y, m = _check_multilabel(scores, labels, mask)
   return _macro_from_columns(_multilabel_weighted(s, y, m, w))
@@ -359,6 +417,7 @@ _BATCHED: dict[Callable[..., float], Callable[..., np.ndarray]] = {
     auroc: _auroc_batched,
     auprc: _auprc_batched,
     brier: _brier_batched,
+    calibration_slope: _slope_batched,
     multilabel_macro_auroc: _macro_batched,
 }
 
