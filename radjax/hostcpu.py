@@ -43,8 +43,8 @@ def _bf16_dots_faster_on(vendor: str, flags: set[str]) -> bool:
 
 
 def describe_cpu(cpuinfo: str) -> dict[str, Any]:
-  """The first processor listed in ``cpuinfo`` (the text of Linux's /proc/cpuinfo): its model
-  name, x86 family / model numbers (None elsewhere), which of :data:`MATMUL_ISA_FLAGS` it has,
+  """The first processor listed in ``cpuinfo`` (the text of Linux's /proc/cpuinfo): its vendor
+  (x86's ``vendor_id``, else None), model name, x86 family / model numbers (None elsewhere), which of :data:`MATMUL_ISA_FLAGS` it has,
   whether it has bfloat16 dot-product instructions (without them bf16 matmuls are emulated), and
   whether those are faster than float32 dots (``bf16_dots_faster``, which radjax's bf16 matmuls
   follow)."""
@@ -52,6 +52,7 @@ def describe_cpu(cpuinfo: str) -> dict[str, Any]:
   flags = set((fields.get("flags") or fields.get("features") or "").split())
   number = lambda key: int(fields[key]) if fields.get(key, "").isdigit() else None
   return {
+      "vendor": fields.get("vendor_id") or None,
       "model": fields.get("model name") or fields.get("cpu model") or platform.processor() or None,
       "family": number("cpu family"),
       "model_number": number("model"),

@@ -50,8 +50,10 @@ def test_bench_step_json(capsys):
   assert "cores busy" in text
   assert r["compilation_cache"] == os.environ["JAX_COMPILATION_CACHE_DIR"]  # the test session's
   assert f"compiled programs kept in {r['compilation_cache']}" in text
-  assert set(r["host_cpu"]) == {"model", "family", "model_number", "matmul_isa", "native_bf16",
-                               "bf16_dots_faster"}
+  assert set(r["host_cpu"]) == {"vendor", "model", "family", "model_number", "matmul_isa",
+                               "native_bf16", "bf16_dots_faster"}
+  from radjax.models import layers
+  assert r["cpu_matmuls"] == layers.cpu_matmul_path() and f"; matmuls {r['cpu_matmuls']}" in text
 
 
 def test_describe_cpu():
@@ -61,7 +63,7 @@ def test_describe_cpu():
           "flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile\n\n"
           "processor\t: 1\nmodel name\t: another\nflags\t\t: fpu\n")
   cpu = describe_cpu(xeon)
-  assert cpu == {"model": "Intel(R) Xeon(R) Platinum 8581C CPU @ 2.10GHz", "family": 6,
+  assert cpu == {"vendor": "GenuineIntel", "model": "Intel(R) Xeon(R) Platinum 8581C CPU @ 2.10GHz", "family": 6,
                  "model_number": 207, "native_bf16": True, "bf16_dots_faster": True,
                  "matmul_isa": ["avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"]}
   assert format_cpu(cpu) == ("Intel(R) Xeon(R) Platinum 8581C CPU @ 2.10GHz (family 6 model 207; "
@@ -77,6 +79,7 @@ def test_describe_cpu():
   assert format_cpu(describe_cpu(zen4)).endswith("avx512_bf16; bf16 instructions)")
   zen3 = "cpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: avx avx2 fma\n"
   assert not describe_cpu(zen3)["native_bf16"] and not describe_cpu(zen3)["bf16_dots_faster"]
+  assert describe_cpu(zen3)["vendor"] is None
   assert format_cpu(describe_cpu(zen3)) == "AMD EPYC (family 25 model 1; avx2 fma; no bf16 instructions)"
   arm = "processor\t: 0\nFeatures\t: fp asimd sve i8mm bf16\nCPU part\t: 0xd4f\n"
   cpu = describe_cpu(arm)

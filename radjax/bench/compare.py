@@ -162,6 +162,7 @@ def main(args: Any, extra: list[str]) -> int:
           "open_clip": last_theirs.get("open_clip_version"), "torch": last_theirs.get("torch_version")},
       "xla_flags": last_ours.get("xla_flags", ""),
       "host_cpu": last_ours.get("host_cpu"),
+      "radjax_cpu_matmuls": last_ours.get("cpu_matmuls"),
       # Both sides inherit this process's environment, so the same malloc settings.
       "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
   }
@@ -183,5 +184,7 @@ def main(args: Any, extra: list[str]) -> int:
         f"repeat: median {summary['paired_ratio_median']:.2f}x, {min(paired):.2f}-{max(paired):.2f}x")
   if summary["host_cpu"]:
     print(f"  host CPU {format_cpu(summary['host_cpu'])}")
+  if summary["radjax_cpu_matmuls"]:
+    print(f"  radjax's matmuls: {summary['radjax_cpu_matmuls']}")
   print(f"  both ran with GLIBC_TUNABLES={summary['glibc_tunables'] or '(unset)'}")
   return 0

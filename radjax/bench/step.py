@@ -188,6 +188,8 @@ def run(config: Any, *, steps: int = 10, warmup: int = 2, repeats: int = 3,
   from radjax.train import state as state_lib  # pylint: disable=import-outside-toplevel
   from radjax.bench import peak as peak_lib  # pylint: disable=import-outside-toplevel
   from radjax.bench import profile as profile_lib  # pylint: disable=import-outside-toplevel
+  from radjax import mkl_gemm  # pylint: disable=import-outside-toplevel
+  from radjax.models import layers  # pylint: disable=import-outside-toplevel
 
   if steps < 1 or repeats < 1 or warmup < 0:
     raise ValueError(f"bench step: need steps >= 1, repeats >= 1, warmup >= 0; got steps={steps}, "
@@ -237,6 +239,8 @@ def run(config: Any, *, steps: int = 10, warmup: int = 2, repeats: int = 3,
   t_compile = time.perf_counter()
   hlo = compiled.as_text() or ""
   xla_flops = _cost_flops(compiled)
+  if xla_flops:  # XLA counts none for the custom calls
+    xla_flops += mkl_gemm.hlo_flops(hlo)
 
   for _ in range(warmup):
     state, metrics = compiled(state, batch)
@@ -325,6 +329,7 @@ def run(config: Any, *, steps: int = 10, warmup: int = 2, repeats: int = 3,
       "host_cores_busy": cores_busy,
       "host_cores": host_cpus(),
       "host_cpu": host_cpu(),
+      "cpu_matmuls": layers.cpu_matmul_path() if jax.devices()[0].platform == "cpu" else None,
       "device_peak_bytes": _device_peak_bytes(),
       "collectives": collective_counts(hlo),
       "init_s": t_init - t_start,
@@ -360,6 +365,7 @@ def format_result(r: dict[str, Any]) -> str:
   fwd = r["flops_per_example_forward"]
   parts = " + ".join(f"{k} {_si(v, 'FLOP')}" for k, v in fwd.items() if v)
   xla = (f"; XLA cost analysis of the whole step: {_si(r['xla_flops_per_example'], 'FLOP')}/example"
+         + (" (MKL's GEMMs counted from their shapes)" if r.get("cpu_matmuls") == "MKL" else "")
          if r.get("xla_flops_per_example") else "")
   eps = ", ".join(f"{e:.2f}" for e in r["examples_per_s_all"])
   lines = [
@@ -381,7 +387,8 @@ def format_result(r: dict[str, Any]) -> str:
       f"  memory          host peak RSS {_gib(r['host_peak_rss_bytes'])}; device peak "
       f"{_gib(r['device_peak_bytes'])}; host minor page faults {r['host_minor_faults_per_step']:,.0f}/step",
       f"  host CPU        {format_cpu(r['host_cpu'])}: {r['host_cores_busy']:.2f} of "
-      f"{r['host_cores']} cores busy in the timed steps",
+      f"{r['host_cores']} cores busy in the timed steps"
+      + (f"; matmuls {r['cpu_matmuls']}" if r.get("cpu_matmuls") else ""),
       f"  state           {r['num_params'] / 1e6:.2f} M params; per device: params "
       f"{_gib(r['param_bytes_per_device'])}, optimizer+rest {_gib(r['opt_bytes_per_device'])}",
       f"  time            init {r['init_s']:.1f} s, compile {r['compile_s']:.1f} s, "

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from radjax import hostcpu
+from radjax import hostcpu, mkl_gemm
 from radjax.parallel import rules
 
 Dtype = Any
@@ -130,9 +130,29 @@ def cpu_dot_dtype(dtype: Dtype) -> Dtype:
   return jnp.float32 if jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16) and not bf16_fast else dtype
 
 
+def _use_mkl() -> bool:
+  """Whether radjax's CPU matmuls go through MKL (:mod:`radjax.mkl_gemm`): on one device only,
+  as a custom call is opaque to the SPMD partitioner (it would gather sharded operands)."""
+  return jax.device_count() == 1 and mkl_gemm.enabled()
+
+
+def cpu_matmul_path() -> str:
+  """Which kernels radjax's CPU matmuls run here: "MKL", or "XLA (why not MKL)"."""
+  if jax.device_count() > 1:
+    return f"XLA ({jax.device_count()} devices: MKL's custom call runs on one only)"
+  reason = mkl_gemm.unavailable_reason()
+  return "MKL" if reason is None else f"XLA (not MKL: {reason})"
+
+
 def _mm(a: jax.Array, b: jax.Array, dims) -> jax.Array:
+  """a [M, K] x b [K, N] -> [M, N] in float32, a and b each contracted on the dim ``dims`` names
+  (0 or 1: either may come transposed)."""
   dt = cpu_dot_dtype(a.dtype)
-  return jax.lax.dot_general(a.astype(dt), b.astype(dt), dims, preferred_element_type=jnp.float32)
+  a, b = a.astype(dt), b.astype(dt)
+  if _use_mkl():
+    (contract_a,), (contract_b,) = dims[0]
+    return mkl_gemm.gemm(a, b, transpose_a=contract_a == 0, transpose_b=contract_b == 1)
+  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
 def transpose_rowmajor(x: jax.Array, axes: Sequence[int] | None = None) -> jax.Array:
@@ -162,8 +182,11 @@ def _weight_grad(x: jax.Array, g: jax.Array, materialise_x: bool = False) -> jax
   12-35 % faster in bf16). The barrier keeps XLA from folding the last transpose into the dot,
   which would then contract the major dim of both operands: a plain dot outside YNNPACK, which
   rejects bf16 x bf16 -> f32. ``materialise_x`` (see :func:`_dense_f32acc`) keeps x^T: ResNet's
-  1x1 convolutions are measured that way only.
+  1x1 convolutions are measured that way only. With MKL (:mod:`radjax.mkl_gemm`): one GEMM that
+  reads x transposed, none of these.
   """
+  if _use_mkl():
+    return _mm(x, g, _dims(0, 0))
   if materialise_x:
     x = jax.lax.optimization_barrier(transpose_rowmajor(x, (0, 1)))
   elif x.shape[1] > g.shape[1]:

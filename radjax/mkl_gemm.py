@@ -1,0 +1,162 @@
+"""Intel MKL's GEMMs as an XLA custom call, for radjax's CPU matmuls on Intel CPUs.
+
+On an Intel Xeon with AMX, MKL's bf16 x bf16 -> f32 GEMM runs ViT-B/16's shapes at 1.2-1.8x XLA's
+rate, and its float32 GEMM at 1.1-1.25x; it also reads a transposed operand at full speed, where
+XLA:CPU contracts an operand's major dimension on a slow path (hence
+:func:`radjax.models.layers.transpose_rowmajor`). Measurements: BUILD_NOTES.md. On AMD CPUs MKL's
+bf16 GEMM ran at half XLA's and its float32 at the same rate, so this path is Intel's only.
+
+It is used when all of these hold, else radjax's matmuls stay XLA's:
+- the CPU's vendor is Intel and the machine x86_64;
+- MKL is installed (``pip install 'radjax[mkl]'``: ``libmkl_rt`` in this environment's ``lib``);
+- the small C++ handler (``radjax/native/mkl_gemm.cc``, against the XLA FFI headers jaxlib ships)
+  compiles with ``$CXX`` (default ``g++``); it is built once per source and jaxlib version into
+  ``$XDG_CACHE_HOME/radjax/native`` (``~/.cache/radjax/native``);
+- ``$RADJAX_MKL`` is not "off" (to compare with XLA's kernels); "on" uses it on any x86_64 CPU.
+
+The handler runs MKL sequentially on tiles of the output, spread over XLA's own intra-op thread
+pool, so MKL starts no threads of its own to compete with XLA's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import glob
+import hashlib
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+from radjax import hostcpu
+
+TARGET = "radjax_mkl_gemm"
+ENV = "RADJAX_MKL"
+_SOURCE = os.path.join(os.path.dirname(__file__), "native", "mkl_gemm.cc")
+_MKL_THREADING_SEQUENTIAL = 1
+
+
+def find_mkl() -> str | None:
+  """The path of MKL's single dynamic library (``libmkl_rt``) in this Python environment, or
+  None."""
+  for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
+    found = sorted(glob.glob(os.path.join(prefix, "lib", "libmkl_rt.so*")))
+    if found:
+      return found[0]
+  return None
+
+
+def _native_dir() -> str:
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "radjax", "native")
+
+
+def build_handler(out_dir: str | None = None) -> str:
+  """Compiles ``native/mkl_gemm.cc`` into a shared library (once: the file name carries a hash of
+  the source, jaxlib's version and the compiler) and returns its path. Raises RuntimeError with
+  the compiler's message when it cannot be built."""
+  import jaxlib  # pylint: disable=import-outside-toplevel
+  compiler = os.environ.get("CXX", "g++")
+  with open(_SOURCE, "rb") as f:
+    source = f.read()
+  key = hashlib.sha256(source + jaxlib.__version__.encode() + compiler.encode()).hexdigest()[:16]
+  out_dir = out_dir or _native_dir()
+  path = os.path.join(out_dir, f"mkl_gemm-{key}.so")
+  if os.path.exists(path):
+    return path
+  if shutil.which(compiler) is None:
+    raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set $CXX)")
+  os.makedirs(out_dir, exist_ok=True)
+  # Built under a temporary name and renamed: processes building at once each get a whole file.
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+  os.close(fd)
+  cmd = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-w", "-I", jax.ffi.include_dir(),
+         _SOURCE, "-o", tmp]
+  try:
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+      raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr.strip()[-2000:]}")
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return path
+
+
+@functools.cache
+def register() -> str | None:
+  """Loads MKL and the handler and registers the custom call (once per process, on any x86_64
+  CPU); returns why it could not, or None."""
+  mkl_path = find_mkl()
+  if mkl_path is None:
+    return "MKL is not installed (pip install 'radjax[mkl]')"
+  try:
+    handler_path = build_handler()
+  except (RuntimeError, OSError) as e:
+    return f"its handler did not build: {e}"
+  mkl = ctypes.CDLL(mkl_path, mode=ctypes.RTLD_GLOBAL)
+  mkl.MKL_Set_Threading_Layer(_MKL_THREADING_SEQUENTIAL)
+  handler = ctypes.CDLL(handler_path)
+  address = lambda f: ctypes.cast(f, ctypes.c_void_p)
+  handler.radjax_mkl_init.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+  handler.radjax_mkl_init(address(mkl.cblas_gemm_bf16bf16f32), address(mkl.cblas_sgemm))
+  jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler.RadjaxMklGemm), platform="cpu")
+  return None
+
+
+def unavailable_reason() -> str | None:
+  """Why radjax's CPU matmuls do not go through MKL here, or None when they do. ``$RADJAX_MKL``:
+  unset or "auto" (on Intel CPUs), "off" / "0" (never: XLA's kernels, to compare), "on" / "1"
+  (on any x86_64 CPU: for tests)."""
+  choice = os.environ.get(ENV, "auto").strip().lower()
+  if choice in ("0", "off", "false", "no"):
+    return f"${ENV}={choice}"
+  if platform.machine() not in ("x86_64", "AMD64"):
+    return "not an x86_64 CPU"
+  if choice not in ("1", "on", "true", "yes") and hostcpu.host_cpu().get("vendor") != "GenuineIntel":
+    return "not an Intel CPU (MKL's bf16 GEMM measured slower than XLA's on AMD)"
+  return register()
+
+
+def enabled() -> bool:
+  """Whether radjax's CPU matmuls go through MKL (:func:`unavailable_reason` is None)."""
+  return unavailable_reason() is None
+
+
+def gemm(a: jax.Array, b: jax.Array, *, transpose_a: bool = False,
+         transpose_b: bool = False) -> jax.Array:
+  """op(a) @ op(b) in float32 through MKL, op transposing where asked: a [M, K] (or [K, M]),
+  b [K, N] (or [N, K]), both bfloat16 or both float32 -> [M, N] float32, accumulated in float32.
+  Requires :func:`register` to have succeeded.
+
+  The output stays float32: a bias and the rounding to bfloat16 are left to XLA, which fuses them
+  with what follows (done in the handler instead, the ViT-B/16 bf16 step ran 5-14 % slower)."""
+  if a.ndim != 2 or b.ndim != 2 or a.dtype != b.dtype or a.dtype not in (jnp.bfloat16, jnp.float32):
+    raise ValueError(f"mkl_gemm: two 2-D bfloat16 or float32 operands of one dtype, got "
+                     f"{a.dtype}{list(a.shape)} and {b.dtype}{list(b.shape)}")
+  m, k = (a.shape[1], a.shape[0]) if transpose_a else a.shape
+  kb, n = (b.shape[1], b.shape[0]) if transpose_b else b.shape
+  if k != kb:
+    raise ValueError(f"mkl_gemm: contracting dimensions differ: {a.shape} and {b.shape} "
+                     f"(transpose_a={transpose_a}, transpose_b={transpose_b})")
+  call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")
+  return call(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
+
+
+# A compiled call in HLO text: its float32 [M, N] output and, among the operand layouts, a's shape.
+_HLO_CALL = re.compile(r"= f32\[(\d+),(\d+)\]\S* custom-call\([^\n]*custom_call_target=\"" + TARGET
+                       + r"\"[^\n]*operand_layout_constraints=\{\w+\[(\d+),(\d+)\]")
+
+
+def hlo_flops(hlo_text: str) -> float:
+  """FLOPs of the MKL GEMMs in a compiled program's HLO text (2 M N K each; a holds M K elements
+  whether or not it comes transposed), which XLA's cost analysis counts as none."""
+  return float(sum(2 * int(n) * int(p) * int(q) for _, n, p, q in _HLO_CALL.findall(hlo_text)))
+

@@ -1,0 +1,123 @@
+"""radjax/mkl_gemm.py: MKL's GEMMs as an XLA custom call, against NumPy and against XLA's path.
+
+MKL is in the test extras on x86_64 Linux, so these run there on any CPU (``$RADJAX_MKL=on``
+forces the path where the Intel-only default would not take it); elsewhere they skip.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from radjax import hostcpu, mkl_gemm
+from radjax.models import layers
+
+pytestmark = pytest.mark.skipif(mkl_gemm.find_mkl() is None, reason="MKL is not installed")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+  assert mkl_gemm.register() is None
+
+
+def _reference(a, b, transpose_a, transpose_b):
+  a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return (a64.T if transpose_a else a64) @ (b64.T if transpose_b else b64)
+
+
+# (M, K, N): tiles split rows (M >= N) or columns, sizes off the 64 grid, one tile, empty sums.
+SHAPES = [(200, 96, 70), (33, 50, 300), (1, 7, 1), (130, 1, 129), (64, 0, 5), (0, 3, 4)]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("transpose_a,transpose_b", [(False, False), (True, False), (False, True), (True, True)])
+def test_gemm_matches_numpy(dtype, transpose_a, transpose_b):
+  rng = np.random.default_rng(0)
+  for m, k, n in SHAPES:
+    a = jnp.asarray(rng.standard_normal((k, m) if transpose_a else (m, k)), dtype)
+    b = jnp.asarray(rng.standard_normal((n, k) if transpose_b else (k, n)), dtype)
+    got = jax.jit(lambda x, y: mkl_gemm.gemm(x, y, transpose_a=transpose_a, transpose_b=transpose_b))(a, b)
+    assert got.shape == (m, n) and got.dtype == jnp.float32
+    # The operands are exact in float64; float32 accumulation over K terms of size ~1.
+    np.testing.assert_allclose(np.asarray(got), _reference(a, b, transpose_a, transpose_b),
+                               rtol=0, atol=1e-5 * max(k, 1))
+
+
+def test_gemm_refuses_what_it_cannot_multiply():
+  a = jnp.ones((4, 3), jnp.float32)
+  with pytest.raises(ValueError, match="contracting dimensions differ"):
+    mkl_gemm.gemm(a, jnp.ones((4, 5), jnp.float32))
+  with pytest.raises(ValueError, match="one dtype"):
+    mkl_gemm.gemm(a, jnp.ones((3, 5), jnp.bfloat16))
+  with pytest.raises(ValueError, match="2-D"):
+    mkl_gemm.gemm(jnp.ones((2, 4, 3)), jnp.ones((3, 5)))
+
+
+def _value_and_grads(make_layer, x_shape, dtype):
+  """A layer's loss and its gradients for the parameters and the input, and the program."""
+  graphdef, params = nnx.split(make_layer(dtype))
+  x = jax.random.normal(jax.random.key(1), x_shape, jnp.float32)
+
+  def loss(params, x):
+    return jnp.sum(jnp.sin(nnx.merge(graphdef, params)(x.astype(dtype)).astype(jnp.float32)))
+
+  f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  value, (param_grads, x_grad) = f(params, x)
+  grads = [param_grads["kernel"][...], param_grads["bias"][...], x_grad]
+  return value, grads, f.lower(params, x).as_text()
+
+
+LAYERS = {
+    "linear": (lambda dtype: layers.linear(96, 80, ("embed", "mlp"), rngs=nnx.Rngs(0), dtype=dtype),
+               (3, 70, 96)),
+    "conv3x3": (lambda dtype: layers.Conv(6, 10, (3, 3), padding="SAME", dtype=dtype, rngs=nnx.Rngs(0)),
+                (2, 9, 9, 6)),
+}
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_layers_through_mkl_match_xla(name, dtype, monkeypatch):
+  """A Linear's and a patch-matmul convolution's value and gradients (kernel, bias, input) are
+  the same through MKL as through XLA's dots, up to the order of float32 sums; the program holds
+  the custom call only when MKL is on."""
+  make_layer, x_shape = LAYERS[name]
+  monkeypatch.setenv(mkl_gemm.ENV, "on")
+  assert layers.cpu_matmul_path() == "MKL"
+  value_mkl, grads_mkl, hlo_mkl = _value_and_grads(make_layer, x_shape, dtype)
+  monkeypatch.setenv(mkl_gemm.ENV, "off")
+  assert layers.cpu_matmul_path() == f"XLA (not MKL: ${mkl_gemm.ENV}=off)"
+  value_xla, grads_xla, hlo_xla = _value_and_grads(make_layer, x_shape, dtype)
+  assert mkl_gemm.TARGET not in hlo_xla
+  # A Linear: the forward pass, dx and dW, one GEMM each; a convolution at least its dW.
+  calls = hlo_mkl.count(f"@{mkl_gemm.TARGET}(")
+  if name == "linear":
+    assert calls == 3, hlo_mkl
+  else:
+    assert calls >= 1, hlo_mkl
+  tol = 1e-2 if dtype == "bfloat16" else 1e-5
+  np.testing.assert_allclose(value_mkl, value_xla, rtol=tol)
+  for got, want in zip(grads_mkl, grads_xla):
+    scale = float(jnp.abs(want.astype(jnp.float32)).max())
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=0,
+                               atol=tol * scale)
+
+
+def test_default_is_intel_only(monkeypatch):
+  monkeypatch.delenv(mkl_gemm.ENV, raising=False)
+  intel = hostcpu.host_cpu().get("vendor") == "GenuineIntel"
+  reason = mkl_gemm.unavailable_reason()
+  assert (reason is None) == intel, reason
+  if not intel:
+    assert "not an Intel CPU" in reason
+
+
+def test_build_reports_a_compiler_error(tmp_path, monkeypatch):
+  monkeypatch.setenv("CXX", "radjax-no-such-compiler")
+  with pytest.raises(RuntimeError, match="no C\\+\\+ compiler 'radjax-no-such-compiler'"):
+    mkl_gemm.build_handler(str(tmp_path))
+  monkeypatch.setenv("CXX", "false")  # a "compiler" that fails
+  with pytest.raises(RuntimeError, match="failed"):
+    mkl_gemm.build_handler(str(tmp_path))
+  assert list(tmp_path.iterdir()) == []  # no partial library left behind
