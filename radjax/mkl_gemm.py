@@ -1,7 +1,8 @@
 """Intel MKL's GEMMs as an XLA custom call, for radjax's CPU matmuls on Intel CPUs.
 
-On an Intel Xeon with AMX, MKL's bf16 x bf16 -> f32 GEMM runs ViT-B/16's shapes at 1.2-1.8x XLA's
-rate, and its float32 GEMM at 1.1-1.25x; it also reads a transposed operand at full speed, where
+On an Intel Xeon with AMX, MKL's bf16 x bf16 -> f32 GEMM ran ViT-B/16's shapes at 0.9-2.7x XLA's
+rate (1.4-1.8 TFLOP/s), and its float32 GEMM at 1.1-1.35x; it also reads a transposed operand at
+full speed, where
 XLA:CPU contracts an operand's major dimension on a slow path (hence
 :func:`radjax.models.layers.transpose_rowmajor`). Measurements: BUILD_NOTES.md. On AMD CPUs MKL's
 bf16 GEMM ran at half XLA's and its float32 at the same rate, so this path is Intel's only.
@@ -101,9 +102,12 @@ def register() -> str | None:
     handler_path = build_handler()
   except (RuntimeError, OSError) as e:
     return f"its handler did not build: {e}"
-  mkl = ctypes.CDLL(mkl_path, mode=ctypes.RTLD_GLOBAL)
+  try:
+    mkl = ctypes.CDLL(mkl_path, mode=ctypes.RTLD_GLOBAL)
+    handler = ctypes.CDLL(handler_path)
+  except OSError as e:
+    return f"cannot load {mkl_path} or {handler_path}: {e}"
   mkl.MKL_Set_Threading_Layer(_MKL_THREADING_SEQUENTIAL)
-  handler = ctypes.CDLL(handler_path)
   address = lambda f: ctypes.cast(f, ctypes.c_void_p)
   handler.radjax_mkl_init.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
   handler.radjax_mkl_init(address(mkl.cblas_gemm_bf16bf16f32), address(mkl.cblas_sgemm))
