@@ -56,18 +56,18 @@ def _open_classifier(args, overrides=()):
 
 
 def cmd_evaluate(args, extra):
-  from radjax.eval import classifier, exported
+  from radjax.eval import evaluation, exported
   try:
     by = tuple(a for a in (args.by or "").split(",") if a)
-    result = classifier.evaluate(_open_classifier(args, parse_overrides(extra)), args.split, n_boot=args.n_boot,
+    result = evaluation.evaluate(_open_classifier(args, parse_overrides(extra)), args.split, n_boot=args.n_boot,
                                  by=by, min_group=args.min_group)
   except (FileNotFoundError, exported.UnreadableExport) as e:
     print(f"radjax evaluate: {e}", file=sys.stderr)
     return 2
-  print(classifier.format_evaluation(result))
+  print(evaluation.format_evaluation(result))
   folder = result["workdir"] or os.path.dirname(result["model_file"])
   out = args.out or os.path.join(folder, f"evaluation_{result['dataset']}_{args.split}.json")
-  classifier.write_evaluation(result, out)
+  evaluation.write_evaluation(result, out)
   print(f"wrote {out}")
 
 
@@ -101,7 +101,7 @@ def cmd_predict(args, extra):
 
 
 def cmd_export(args, extra):
-  from radjax.eval import classifier
+  from radjax.eval import classifier, evaluation
   if extra:
     raise ConfigError(f"export writes the run as it was trained; overrides {extra} do not apply")
   try:
@@ -112,7 +112,7 @@ def cmd_export(args, extra):
   print(f"radjax export: wrote {args.out} ({os.path.getsize(args.out) / 2**20:.1f} MiB; "
         f"{', '.join(meta['labels'])}; {meta['source']['checkpoint']}; runs on {', '.join(meta['platforms'])})")
   if meta["operating_point"]:
-    print(classifier.format_operating_point(meta["operating_point"]))
+    print(evaluation.format_operating_point(meta["operating_point"]))
   return 0
 
 

@@ -20,7 +20,7 @@ from radjax.config import load_config
 from radjax.data import synth_cxr
 from radjax.data.pipeline import image_norm, label_names
 from radjax.data.sources import get_source
-from radjax.eval import classifier, metrics
+from radjax.eval import classifier, evaluation, metrics
 from radjax.train import loop
 from radjax.train.checkpoint import load_pretrained
 
@@ -288,10 +288,10 @@ def test_operating_point_chosen_on_validation_decides_on_test(run, tmp_path, cap
   assert result["operating_point"] == {"rule": "sensitivity=0.75", "chosen_on": "synth_cxr/validation",
                                        "examples": 8}
   trained, deployed = classifier.open_classifier(run), classifier.open_classifier(run, overrides=other)
-  val_p, val_y, val_m, _ = classifier.score_split(trained.probabilities, trained.data, "validation")
-  test_p, test_y, test_m, _ = classifier.score_split(deployed.probabilities, deployed.data, "test")
+  val_p, val_y, val_m, _ = evaluation.score_split(trained.probabilities, trained.data, "validation")
+  test_p, test_y, test_m, _ = evaluation.score_split(deployed.probabilities, deployed.data, "test")
   assert result["examples"] == len(test_p) == 24
-  chosen_on_other = classifier.choose_operating_point(deployed.probabilities, deployed.data, "sensitivity=0.75")
+  chosen_on_other = evaluation.choose_operating_point(deployed.probabilities, deployed.data, "sensitivity=0.75")
   thresholds = {}
   for k, name in enumerate(label_names(deployed.data)):
     r, seen, held = result["labels"][name], val_m[:, k] > 0, test_m[:, k] > 0

@@ -199,7 +199,7 @@ def test_an_external_test_set_is_matched_by_label_name(built, tmp_path):
   columns' order or the other build's groups, and a build without one of them is refused."""
   from flax import nnx
   from radjax.config import ConfigError
-  from radjax.eval import classifier, exported
+  from radjax.eval import classifier, evaluation, exported
   from radjax.methods import get_method
   tiny = _tiny_classifier_config(built)
   assert tiny.data.labels == "diagnostic"  # effusion, nodule in the model's build
@@ -235,19 +235,19 @@ def test_an_external_test_set_is_matched_by_label_name(built, tmp_path):
       dst.writestr(item, blob)
   overrides = [("data.data_dir", str(other_dir)), ("data.num_workers", "0")]
   for path in (model_file, grouped):
-    result = classifier.evaluate(classifier.open_classifier(model_file=path, overrides=overrides), "test", n_boot=10)
+    result = evaluation.evaluate(classifier.open_classifier(model_file=path, overrides=overrides), "test", n_boot=10)
     assert list(result["labels"]) == ["effusion", "nodule"]
     assert [(r["positives"], r["negatives"]) for r in result["labels"].values()] == [(1, 5), (4, 2)]
   # Scored by site: each group apart, the blank one as "(missing)"; small groups counted, not named.
   deployed = classifier.open_classifier(model_file=model_file, overrides=overrides)
-  by_site = classifier.evaluate(deployed, "test", n_boot=10, by=("site",), min_group=1)["subgroups"]["site"]
+  by_site = evaluation.evaluate(deployed, "test", n_boot=10, by=("site",), min_group=1)["subgroups"]["site"]
   assert list(by_site["groups"]) == ["north", "south", "(missing)"]
   counts = {g: [(r["positives"], r["negatives"]) for r in v["labels"].values()] for g, v in by_site["groups"].items()}
   assert counts == {"north": [(1, 3), (2, 2)], "south": [(0, 1), (1, 0)], "(missing)": [(0, 1), (1, 0)]}
-  by_site = classifier.evaluate(deployed, "test", n_boot=10, by=("site",), min_group=2)["subgroups"]["site"]
+  by_site = evaluation.evaluate(deployed, "test", n_boot=10, by=("site",), min_group=2)["subgroups"]["site"]
   assert list(by_site["groups"]) == ["north"] and by_site["smaller_groups"] == {"groups": 2, "examples": 2}
   with pytest.raises(ConfigError, match="--by sex: image_table examples have the attributes site"):
-    classifier.evaluate(deployed, "test", by=("sex",))
+    evaluation.evaluate(deployed, "test", by=("sex",))
   fixtures_real.write_csv(other / "t.csv", ["image", "report", "split", "effusion"], [r[:3] + [r[4]] for r in rows])
   build_lib.build_dataset("image_table", tmp_path / "third", manual_dir=other, progress=False, verbose=False)
   with pytest.raises(ConfigError, match="the model predicts effusion, nodule; dataset 'image_table' has no "

@@ -40,7 +40,7 @@ def export(model: Any, config: Any, build: Any, description: str, out: str,
   """Writes the classifier ``model`` (a ``methods.supervised.Classifier`` as loaded, with its run's
   ``config`` and the ``build`` settings of ``classifier.build_settings``) to ``out``, in
   inference mode (``model.eval()``: BatchNorm on its running averages), with the decision
-  thresholds of ``operating_point`` (``classifier.choose_operating_point``) if given; returns the
+  thresholds of ``operating_point`` (``evaluation.choose_operating_point``) if given; returns the
   metadata written."""
   import jax
   import jax.numpy as jnp
