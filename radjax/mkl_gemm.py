@@ -25,6 +25,7 @@ import ctypes
 import functools
 import glob
 import hashlib
+import math
 import os
 import platform
 import re
@@ -39,6 +40,7 @@ import jax.numpy as jnp
 from radjax import hostcpu
 
 TARGET = "radjax_mkl_gemm"
+BATCHED_TARGET = "radjax_mkl_batched_gemm"
 ENV = "RADJAX_MKL"
 _SOURCE = os.path.join(os.path.dirname(__file__), "native", "mkl_gemm.cc")
 _MKL_THREADING_SEQUENTIAL = 1
@@ -112,6 +114,8 @@ def register() -> str | None:
   handler.radjax_mkl_init.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
   handler.radjax_mkl_init(address(mkl.cblas_gemm_bf16bf16f32), address(mkl.cblas_sgemm))
   jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler.RadjaxMklGemm), platform="cpu")
+  jax.ffi.register_ffi_target(BATCHED_TARGET, jax.ffi.pycapsule(handler.RadjaxMklBatchedGemm),
+                              platform="cpu")
   return None
 
 
@@ -154,13 +158,48 @@ def gemm(a: jax.Array, b: jax.Array, *, transpose_a: bool = False,
   return call(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
 
 
-# A compiled call in HLO text: its float32 [M, N] output and, among the operand layouts, a's shape.
-_HLO_CALL = re.compile(r"= f32\[(\d+),(\d+)\]\S* custom-call\([^\n]*custom_call_target=\"" + TARGET
-                       + r"\"[^\n]*operand_layout_constraints=\{\w+\[(\d+),(\d+)\]")
+def _matrices(x: jax.Array, heads_first: bool) -> tuple[int, int, int, int]:
+  """(batch, heads, rows, cols) of a 4-D operand [B, H, R, C] (heads_first) or [B, R, H, C]."""
+  b, d1, d2, c = x.shape
+  return (b, d1, d2, c) if heads_first else (b, d2, d1, c)
+
+
+def batched_gemm(a: jax.Array, b: jax.Array, *, transpose_a: bool = False, transpose_b: bool = False,
+                 a_heads_first: bool = True, b_heads_first: bool = True,
+                 out_heads_first: bool = True) -> jax.Array:
+  """op(a) @ op(b) for every (batch, head) matrix, in float32 through MKL, as :func:`gemm` does for
+  one. Each operand and the output is 4-D, [B, H, R, C] (``*_heads_first``) or [B, R, H, C], the
+  layout attention's q/k/v come in: MKL reads and writes those matrices in place, so no transpose
+  of the heads is materialised. Output [B, H, M, N] or [B, M, H, N] float32. Requires
+  :func:`register` to have succeeded."""
+  if a.ndim != 4 or b.ndim != 4 or a.dtype != b.dtype or a.dtype not in (jnp.bfloat16, jnp.float32):
+    raise ValueError(f"mkl_gemm: two 4-D bfloat16 or float32 operands of one dtype, got "
+                     f"{a.dtype}{list(a.shape)} and {b.dtype}{list(b.shape)}")
+  batch, heads, rows, cols = _matrices(a, a_heads_first)
+  b_batch, b_heads, b_rows, b_cols = _matrices(b, b_heads_first)
+  m, k = (cols, rows) if transpose_a else (rows, cols)
+  kb, n = (b_cols, b_rows) if transpose_b else (b_rows, b_cols)
+  if k != kb or (batch, heads) != (b_batch, b_heads):
+    raise ValueError(f"mkl_gemm: batched operands do not match: {a.shape} and {b.shape} "
+                     f"(transpose_a={transpose_a}, transpose_b={transpose_b})")
+  shape = (batch, heads, m, n) if out_heads_first else (batch, m, heads, n)
+  call = jax.ffi.ffi_call(BATCHED_TARGET, jax.ShapeDtypeStruct(shape, jnp.float32),
+                          vmap_method="sequential")
+  return call(a, b, transpose_a=transpose_a, transpose_b=transpose_b, a_heads_first=a_heads_first,
+              b_heads_first=b_heads_first, out_heads_first=out_heads_first)
+
+
+# A compiled call in HLO text: its float32 output's dims and, among the operand layouts, a's dims.
+_HLO_CALL = re.compile(r"= f32\[([\d,]+)\]\S* custom-call\([^\n]*custom_call_target=\"(?:"
+                       + TARGET + "|" + BATCHED_TARGET
+                       + r")\"[^\n]*operand_layout_constraints=\{\w+\[([\d,]+)\]")
 
 
 def hlo_flops(hlo_text: str) -> float:
-  """FLOPs of the MKL GEMMs in a compiled program's HLO text (2 M N K each; a holds M K elements
-  whether or not it comes transposed), which XLA's cost analysis counts as none."""
-  return float(sum(2 * int(n) * int(p) * int(q) for _, n, p, q in _HLO_CALL.findall(hlo_text)))
-
+  """FLOPs of the MKL GEMMs in a compiled program's HLO text, which XLA's cost analysis counts as
+  none: 2 M N K per matrix, i.e. twice a's element count (M K per matrix, transposed or not) times
+  the output's last dim (N, in every layout)."""
+  total = 0
+  for out_dims, a_dims in _HLO_CALL.findall(hlo_text):
+    total += 2 * math.prod(int(d) for d in a_dims.split(",")) * int(out_dims.split(",")[-1])
+  return float(total)

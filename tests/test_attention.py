@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from radjax import mkl_gemm
 from radjax.models import layers, transformer
 
 
@@ -48,10 +49,17 @@ def _case(name, key):
   return q, k, v, grad_out, mask, causal, allowed
 
 
+@pytest.mark.parametrize("matmuls", ["xla", "mkl"])
 @pytest.mark.parametrize("name", ["full", "key_padding", "causal", "cross"])
 @pytest.mark.parametrize("dtype,tol,bf16_dots", [
     (jnp.float32, 1e-5, None), (jnp.bfloat16, 3e-2, True), (jnp.bfloat16, 3e-2, False)])
-def test_cpu_attention_matches_numpy(monkeypatch, name, dtype, tol, bf16_dots):
+def test_cpu_attention_matches_numpy(monkeypatch, name, dtype, tol, bf16_dots, matmuls):
+  """Both paths: XLA's batched dots on materialised heads, and MKL's batched GEMMs reading the
+  [B, T, N, H] operands in place (radjax.mkl_gemm)."""
+  if matmuls == "mkl" and mkl_gemm.find_mkl() is None:
+    pytest.skip("MKL is not installed")
+  monkeypatch.setenv(mkl_gemm.ENV, "on" if matmuls == "mkl" else "off")
+  assert layers.use_mkl() == (matmuls == "mkl")
   monkeypatch.setattr(layers, "CPU_BF16_DOTS", bf16_dots)
   q, k, v, grad_out, mask, causal, allowed = _case(name, jax.random.key(len(name)))
 
@@ -91,6 +99,7 @@ def test_cpu_attention_batched_dots_operand_dtypes(monkeypatch, bf16_dots, opera
   if jax.default_backend() != "cpu" or jax.device_count() > 1:
     pytest.skip("XLA:CPU's dot lowering; the heads are materialised on one device only")
   monkeypatch.setattr(layers, "CPU_BF16_DOTS", bf16_dots)
+  monkeypatch.setenv(mkl_gemm.ENV, "off")  # XLA's dots (MKL's: tests/test_mkl_gemm.py)
   q, k, v, grad_out, mask, causal, _ = _case("full", jax.random.key(0))
   bf16 = lambda x: x.astype(jnp.bfloat16)
 

@@ -4,6 +4,8 @@ MKL is in the test extras on x86_64 Linux, so these run there on any CPU (``$RAD
 forces the path where the Intel-only default would not take it); elsewhere they skip.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,6 +44,55 @@ def test_gemm_matches_numpy(dtype, transpose_a, transpose_b):
     # The operands are exact in float64; float32 accumulation over K terms of size ~1.
     np.testing.assert_allclose(np.asarray(got), _reference(a, b, transpose_a, transpose_b),
                                rtol=0, atol=1e-5 * max(k, 1))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("transpose_a,transpose_b", [(False, False), (True, False), (False, True), (True, True)])
+def test_batched_gemm_matches_numpy(dtype, transpose_a, transpose_b):
+  """Every layout of operands and output ([B, H, R, C] or [B, R, H, C]), both transposes, a
+  matrix count (B H = 2 x 3) that does not split evenly over the threads, and empty sums."""
+  rng = np.random.default_rng(1)
+  batch, heads = 2, 3
+  for m, k, n in [(5, 7, 4), (1, 3, 9), (4, 0, 2)]:
+    for a_first, b_first, out_first in np.ndindex(2, 2, 2):
+      def operand(rows, cols, heads_first):
+        shape = (batch, heads, rows, cols) if heads_first else (batch, rows, heads, cols)
+        x = jnp.asarray(rng.standard_normal(shape), dtype)
+        as_bhrc = np.asarray(x, np.float64) if heads_first else np.asarray(x, np.float64).transpose(0, 2, 1, 3)
+        return x, as_bhrc
+      a, a64 = operand(*((k, m) if transpose_a else (m, k)), a_first)
+      b, b64 = operand(*((n, k) if transpose_b else (k, n)), b_first)
+      want = (a64.swapaxes(-1, -2) if transpose_a else a64) @ (b64.swapaxes(-1, -2) if transpose_b else b64)
+      got = jax.jit(lambda x, y: mkl_gemm.batched_gemm(
+          x, y, transpose_a=transpose_a, transpose_b=transpose_b, a_heads_first=bool(a_first),
+          b_heads_first=bool(b_first), out_heads_first=bool(out_first)))(a, b)
+      got = np.asarray(got) if out_first else np.asarray(got).transpose(0, 2, 1, 3)
+      np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * max(k, 1))
+
+
+def test_attention_through_mkl_transposes_no_heads(monkeypatch):
+  """CPU attention's forward and backward through MKL: six batched GEMMs (q k^T, p v; dp, dq, dk,
+  dv) on the [B, T, N, H] operands, and none of the XLA path's head transposes."""
+  from radjax.models import transformer
+  monkeypatch.setenv(mkl_gemm.ENV, "on")
+  q = jnp.ones((2, 5, 3, 8), jnp.bfloat16)
+  grad = jax.grad(lambda q, k, v: jnp.sum(transformer.cpu_attention(q, k, v, None, False).astype(jnp.float32)),
+                  argnums=(0, 1, 2))
+  text = jax.jit(grad).lower(q, q, q).as_text()
+  assert text.count(f"@{mkl_gemm.BATCHED_TARGET}(") == 6
+  # Only the [B, T, N] softmax row sums are transposed, never a 4-D operand.
+  assert not re.search(r"stablehlo.transpose [^\n]*-> tensor<\d+x\d+x\d+x\d+x", text), text
+
+
+def test_hlo_flops_counts_the_custom_calls():
+  """XLA's cost analysis counts no FLOPs for a custom call; hlo_flops counts 2 M N K per matrix."""
+  def program(a, b, q):
+    return (mkl_gemm.gemm(a, b, transpose_a=True).sum()
+            + mkl_gemm.batched_gemm(q, q, transpose_b=True, a_heads_first=False, b_heads_first=False).sum())
+
+  shapes = (jnp.ones((8, 16), jnp.float32), jnp.ones((8, 4), jnp.float32), jnp.ones((2, 5, 3, 4), jnp.float32))
+  hlo = jax.jit(program).lower(*shapes).compile().as_text()
+  assert mkl_gemm.hlo_flops(hlo) == 2 * 16 * 4 * 8 + 2 * (2 * 3) * 5 * 5 * 4
 
 
 def test_gemm_refuses_what_it_cannot_multiply():

@@ -130,7 +130,7 @@ def cpu_dot_dtype(dtype: Dtype) -> Dtype:
   return jnp.float32 if jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16) and not bf16_fast else dtype
 
 
-def _use_mkl() -> bool:
+def use_mkl() -> bool:
   """Whether radjax's CPU matmuls go through MKL (:mod:`radjax.mkl_gemm`): on one device only,
   as a custom call is opaque to the SPMD partitioner (it would gather sharded operands)."""
   return jax.device_count() == 1 and mkl_gemm.enabled()
@@ -149,7 +149,7 @@ def _mm(a: jax.Array, b: jax.Array, dims) -> jax.Array:
   (0 or 1: either may come transposed)."""
   dt = cpu_dot_dtype(a.dtype)
   a, b = a.astype(dt), b.astype(dt)
-  if _use_mkl():
+  if use_mkl():
     (contract_a,), (contract_b,) = dims[0]
     return mkl_gemm.gemm(a, b, transpose_a=contract_a == 0, transpose_b=contract_b == 1)
   return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
@@ -185,7 +185,7 @@ def _weight_grad(x: jax.Array, g: jax.Array, materialise_x: bool = False) -> jax
   1x1 convolutions are measured that way only. With MKL (:mod:`radjax.mkl_gemm`): one GEMM that
   reads x transposed, none of these.
   """
-  if _use_mkl():
+  if use_mkl():
     return _mm(x, g, _dims(0, 0))
   if materialise_x:
     x = jax.lax.optimization_barrier(transpose_rowmajor(x, (0, 1)))

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from radjax import mkl_gemm
 from radjax.models import layers
 from radjax.models.layers import Dtype, activation, layer_norm, linear, transpose_rowmajor
 from radjax.parallel.rules import constrain_batch
@@ -76,20 +77,58 @@ def _allowed(mask: jax.Array | None, is_causal: bool, t: int, s: int) -> jax.Arr
   return m
 
 
-def _cpu_attention_fwd_core(q, k, v, mask, is_causal):
-  t, h = q.shape[1], q.shape[3]
-  s = k.shape[1]
-  dt = q.dtype
-  # Scale q (not the [T, S] logits): a smaller tensor, and the same as scaling the logits.
-  qs = _heads((q.astype(_F32) * h ** -0.5).astype(dt))
-  kh, vh = _heads(k), _heads(v)
-  logits = _bmm("bnth,bnsh->bnts", qs, kh)
-  allowed = _allowed(mask, is_causal, t, s)
+def _probabilities(logits, mask, is_causal, dtype):
+  """Softmax over the keys of float32 logits [B, N, T, S], masked, in ``dtype``."""
+  allowed = _allowed(mask, is_causal, logits.shape[2], logits.shape[3])
   if allowed is not None:
     logits = jnp.where(allowed, logits, jnp.finfo(_F32).min)
-  p = jax.nn.softmax(logits, axis=-1).astype(dt)
-  o = _bmm("bnts,bnsh->bnth", p, vh).astype(dt)
+  return jax.nn.softmax(logits, axis=-1).astype(dtype)
+
+
+def _scaled(x):
+  """x [..., H] / sqrt(H), rounded back to x.dtype. Scaling q (not the [T, S] logits) is the same
+  product on a smaller tensor."""
+  return (x.astype(_F32) * x.shape[-1] ** -0.5).astype(x.dtype)
+
+
+def _cpu_attention_fwd_core(q, k, v, mask, is_causal):
+  qs = _heads(_scaled(q))
+  kh, vh = _heads(k), _heads(v)
+  p = _probabilities(_bmm("bnth,bnsh->bnts", qs, kh), mask, is_causal, q.dtype)
+  o = _bmm("bnts,bnsh->bnth", p, vh).astype(q.dtype)
   return o, (qs, kh, vh, p, o)
+
+
+# With MKL (radjax.mkl_gemm), attention's batched GEMMs read q, k, v and do in their [B, T, N, H]
+# layout and write o, dq, dk, dv in it: none of the head transposes above, and p^T, ds^T are read
+# transposed in place. ViT-B/16 measurements: BUILD_NOTES.md, "A ninth machine".
+def _bgemm(a, b, **layouts):
+  dt = layers.cpu_dot_dtype(a.dtype)
+  return mkl_gemm.batched_gemm(a.astype(dt), b.astype(dt), **layouts)
+
+
+_ROWS_FIRST = {"b_heads_first": False, "out_heads_first": False}  # b and out [B, T, N, H]
+
+
+def _mkl_attention_fwd(q, k, v, mask, is_causal):
+  qs = _scaled(q)
+  logits = _bgemm(qs, k, transpose_b=True, a_heads_first=False, b_heads_first=False)
+  p = _probabilities(logits, mask, is_causal, q.dtype)
+  o = _bgemm(p, v, **_ROWS_FIRST).astype(q.dtype)
+  return o, (qs, k, v, p, o)
+
+
+def _mkl_attention_bwd(res, do):
+  qs, k, v, p, o = res
+  dt = qs.dtype
+  do = do.astype(dt)
+  dp = _bgemm(do, v, transpose_b=True, a_heads_first=False, b_heads_first=False)
+  delta = jnp.sum(do.astype(_F32) * o.astype(_F32), -1)  # [B, T, N] = rowsum(dp * p)
+  ds = (p.astype(_F32) * (dp - jnp.swapaxes(delta, 1, 2)[..., None])).astype(dt)
+  dq = _bgemm(ds, _scaled(k), **_ROWS_FIRST).astype(dt)
+  dk = _bgemm(ds, qs, transpose_a=True, **_ROWS_FIRST).astype(dt)
+  dv = _bgemm(p, do, transpose_a=True, **_ROWS_FIRST).astype(dt)
+  return dq, dk, dv, None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -100,24 +139,29 @@ def cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | No
   q [B, T, N, H], k/v [B, S, N, H], mask bool broadcastable to [B, N, T, S] (True = attend) or
   None -> [B, T, N, H] in q.dtype. Logits and softmax in float32.
   """
-  return _unheads(_cpu_attention_fwd_core(q, k, v, mask, is_causal)[0])
+  return _cpu_attention_fwd(q, k, v, mask, is_causal)[0]
 
 
 def _cpu_attention_fwd(q, k, v, mask, is_causal):
+  if layers.use_mkl():
+    o, res = _mkl_attention_fwd(q, k, v, mask, is_causal)
+    return o, (res, mask)
   o, res = _cpu_attention_fwd_core(q, k, v, mask, is_causal)
   return _unheads(o), (res, mask)
 
 
 def _cpu_attention_bwd(is_causal, res, do):
-  (qs, kh, vh, p, o), mask = res
+  del is_causal  # in p already
+  res, _ = res
+  if layers.use_mkl():
+    return _mkl_attention_bwd(res, do)
+  qs, kh, vh, p, o = res
   dt = qs.dtype
-  h = qs.shape[-1]
   doh = _heads(do.astype(dt))
   dp = _bmm("bnth,bnsh->bnts", doh, vh)
   delta = jnp.sum(doh.astype(_F32) * o.astype(_F32), -1, keepdims=True)  # = rowsum(dp * p)
   ds = (p.astype(_F32) * (dp - delta)).astype(dt)
-  ks = (kh.astype(_F32) * h ** -0.5).astype(dt)
-  dq = _bmm("bnts,bnsh->bnth", ds, ks).astype(dt)
+  dq = _bmm("bnts,bnsh->bnth", ds, _scaled(kh)).astype(dt)
   dk = _bmm("bnst,bnth->bnsh", _transposed(ds), qs).astype(dt)
   dv = _bmm("bnst,bnth->bnsh", _transposed(p), doh).astype(dt)
   return _unheads(dq), _unheads(dk), _unheads(dv), None

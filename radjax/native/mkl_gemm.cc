@@ -1,7 +1,8 @@
-// XLA FFI custom call: out = op(A) @ op(B) in float32, through Intel MKL's GEMMs (bfloat16 x
-// bfloat16 -> float32, float32 x float32 -> float32). radjax/mkl_gemm.py loads MKL (sequential
-// threading layer) and passes its GEMMs to radjax_mkl_init. The handler splits the output into
-// one tile per thread of XLA's intra-op pool and runs them there.
+// XLA FFI custom calls through Intel MKL's GEMMs (bfloat16 x bfloat16 -> float32, float32 x float32
+// -> float32): out = op(A) @ op(B) (RadjaxMklGemm), and the same for every (batch, head) matrix of
+// 4-D attention operands, read and written in place whether heads come before or after the rows
+// (RadjaxMklBatchedGemm). radjax/mkl_gemm.py loads MKL (sequential threading layer) and passes its
+// GEMMs to radjax_mkl_init. Work is split into one tile per thread of XLA's intra-op pool.
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -33,6 +34,33 @@ struct Tiles {
   std::condition_variable finished;
 };
 
+// Runs run(t) for t in [0, total) on the calling thread and XLA's pool; returns when all are done.
+template <typename Run>
+void RunTiles(ffi::ThreadPool& pool, int total, Run run) {
+  auto tiles = std::make_shared<Tiles>();
+  tiles->total = total;
+  auto work = [tiles, run]() {
+    for (int t; (t = tiles->next.fetch_add(1)) < tiles->total;) {
+      run(t);
+      std::lock_guard<std::mutex> lock(tiles->mu);
+      if (++tiles->done == tiles->total) tiles->finished.notify_all();
+    }
+  };
+  for (int i = 1; i < total; ++i) pool.Schedule(decltype(work)(work));
+  work();
+  std::unique_lock<std::mutex> lock(tiles->mu);
+  tiles->finished.wait(lock, [&] { return tiles->done == tiles->total; });
+}
+
+GemmFn GemmFor(ffi::DataType a, ffi::DataType b) {
+  if (a != b) return nullptr;
+  return a == ffi::DataType::BF16 ? gemm_bf16 : a == ffi::DataType::F32 ? gemm_f32 : nullptr;
+}
+
+int PoolThreads(ffi::ThreadPool& pool) {
+  return static_cast<int>(std::max<int64_t>(1, pool.num_threads()));
+}
+
 }  // namespace
 
 extern "C" void radjax_mkl_init(void* bf16, void* f32) {
@@ -42,10 +70,8 @@ extern "C" void radjax_mkl_init(void* bf16, void* f32) {
 
 static ffi::Error Gemm(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
                        ffi::Result<ffi::Buffer<ffi::F32>> out, bool transpose_a, bool transpose_b) {
-  if (a.element_type() != b.element_type()) return ffi::Error::InvalidArgument("MKL GEMM: operand dtypes differ");
-  const GemmFn gemm = a.element_type() == ffi::DataType::BF16 ? gemm_bf16
-                    : a.element_type() == ffi::DataType::F32  ? gemm_f32 : nullptr;
-  if (gemm == nullptr) return ffi::Error::InvalidArgument("MKL GEMM: bf16 or f32 operands, after radjax_mkl_init");
+  const GemmFn gemm = GemmFor(a.element_type(), b.element_type());
+  if (gemm == nullptr) return ffi::Error::InvalidArgument("MKL GEMM: two bf16 or two f32 operands, after radjax_mkl_init");
   const auto ad = a.dimensions(), bd = b.dimensions();
   if (ad.size() != 2 || bd.size() != 2) return ffi::Error::InvalidArgument("MKL GEMM: 2-D operands");
   const int m = transpose_a ? ad[1] : ad[0], k = transpose_a ? ad[0] : ad[1];
@@ -66,12 +92,9 @@ static ffi::Error Gemm(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
   // tiles measured slower: MKL packs the whole other operand for each).
   const bool by_rows = m >= n;
   const int extent = by_rows ? m : n;
-  const int threads = static_cast<int>(std::max<int64_t>(1, pool.num_threads()));
+  const int threads = PoolThreads(pool);
   const int step = std::max(64, ((extent + threads - 1) / threads + 63) / 64 * 64);
-  auto tiles = std::make_shared<Tiles>();
-  tiles->total = (extent + step - 1) / step;
-
-  auto run_tile = [=](int t) {
+  RunTiles(pool, (extent + step - 1) / step, [=](int t) {
     const int lo = t * step, size = std::min(step, extent - lo);
     if (by_rows) {  // rows lo.. of out: rows of op(A)
       const char* pa_t = pa + static_cast<int64_t>(lo) * (transpose_a ? 1 : lda) * width;
@@ -80,18 +103,61 @@ static ffi::Error Gemm(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
       const char* pb_t = pb + static_cast<int64_t>(lo) * (transpose_b ? ldb : 1) * width;
       gemm(kRowMajor, ta, tb, m, size, k, 1.0f, pa, lda, pb_t, ldb, 0.0f, pc + lo, n);
     }
-  };
-  auto work = [tiles, run_tile]() {
-    for (int t; (t = tiles->next.fetch_add(1)) < tiles->total;) {
-      run_tile(t);
-      std::lock_guard<std::mutex> lock(tiles->mu);
-      if (++tiles->done == tiles->total) tiles->finished.notify_all();
+  });
+  return ffi::Error::Success();
+}
+
+// A 4-D operand as B x H matrices of R x C elements: [B, H, R, C] (heads_first), or [B, R, H, C],
+// where matrix (b, h) starts at element b R H C + h C with rows H C apart (no transpose needed).
+struct Matrices {
+  int64_t batch, heads, rows, cols, ld;
+  bool heads_first;
+  static Matrices Of(ffi::Span<const int64_t> d, bool heads_first) {
+    return heads_first ? Matrices{d[0], d[1], d[2], d[3], d[3], true}
+                       : Matrices{d[0], d[2], d[1], d[3], d[2] * d[3], false};
+  }
+  int64_t Offset(int64_t b, int64_t h) const {
+    return heads_first ? (b * heads + h) * rows * cols : b * rows * heads * cols + h * cols;
+  }
+};
+
+static ffi::Error BatchedGemm(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
+                              ffi::Result<ffi::Buffer<ffi::F32>> out, bool transpose_a,
+                              bool transpose_b, bool a_heads_first, bool b_heads_first,
+                              bool out_heads_first) {
+  const GemmFn gemm = GemmFor(a.element_type(), b.element_type());
+  if (gemm == nullptr) return ffi::Error::InvalidArgument("MKL batched GEMM: two bf16 or two f32 operands, after radjax_mkl_init");
+  if (a.dimensions().size() != 4 || b.dimensions().size() != 4 || out->dimensions().size() != 4)
+    return ffi::Error::InvalidArgument("MKL batched GEMM: 4-D operands and output");
+  const Matrices ma = Matrices::Of(a.dimensions(), a_heads_first);
+  const Matrices mb = Matrices::Of(b.dimensions(), b_heads_first);
+  const Matrices mc = Matrices::Of(out->dimensions(), out_heads_first);
+  const int64_t m = transpose_a ? ma.cols : ma.rows, k = transpose_a ? ma.rows : ma.cols;
+  const int64_t n = transpose_b ? mb.rows : mb.cols;
+  if ((transpose_b ? mb.cols : mb.rows) != k || ma.batch != mb.batch || ma.heads != mb.heads ||
+      mc.batch != ma.batch || mc.heads != ma.heads || mc.rows != m || mc.cols != n)
+    return ffi::Error::InvalidArgument("MKL batched GEMM: operand and output shapes do not match");
+  const int64_t count = ma.batch * ma.heads;
+  if (count == 0 || m == 0 || n == 0) return ffi::Error::Success();
+  const int width = ffi::ByteWidth(a.element_type());
+  const char* pa = static_cast<const char*>(a.untyped_data());
+  const char* pb = static_cast<const char*>(b.untyped_data());
+  float* pc = out->typed_data();
+  const int ta = transpose_a ? kTrans : kNoTrans, tb = transpose_b ? kTrans : kNoTrans;
+  const int threads = PoolThreads(pool);
+  const int64_t per_tile = (count + threads - 1) / threads;
+  RunTiles(pool, static_cast<int>((count + per_tile - 1) / per_tile), [=](int t) {
+    for (int64_t i = t * per_tile; i < std::min(count, (t + 1) * per_tile); ++i) {
+      const int64_t bi = i / ma.heads, hi = i % ma.heads;
+      float* c = pc + mc.Offset(bi, hi);
+      if (k == 0) {  // an empty sum (BLAS would reject the zero leading dimensions)
+        for (int64_t r = 0; r < m; ++r) std::fill(c + r * mc.ld, c + r * mc.ld + n, 0.0f);
+        continue;
+      }
+      gemm(kRowMajor, ta, tb, m, n, k, 1.0f, pa + ma.Offset(bi, hi) * width, ma.ld,
+           pb + mb.Offset(bi, hi) * width, mb.ld, 0.0f, c, mc.ld);
     }
-  };
-  for (int i = 1; i < tiles->total; ++i) pool.Schedule(decltype(work)(work));
-  work();
-  std::unique_lock<std::mutex> lock(tiles->mu);
-  tiles->finished.wait(lock, [&] { return tiles->done == tiles->total; });
+  });
   return ffi::Error::Success();
 }
 
@@ -103,3 +169,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxMklGemm, Gemm,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("transpose_a")
                                   .Attr<bool>("transpose_b"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxMklBatchedGemm, BatchedGemm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("transpose_a")
+                                  .Attr<bool>("transpose_b")
+                                  .Attr<bool>("a_heads_first")
+                                  .Attr<bool>("b_heads_first")
+                                  .Attr<bool>("out_heads_first"));
