@@ -1,4 +1,5 @@
-"""Intel MKL's GEMMs as an XLA custom call, for radjax's CPU matmuls on Intel CPUs.
+"""Intel MKL's GEMMs as XLA custom calls, for radjax's CPU matmuls on Intel CPUs: dense layers and
+matmul convolutions (:func:`gemm`) and attention's batched products (:func:`batched_gemm`).
 
 On an Intel Xeon with AMX, MKL's bf16 x bf16 -> f32 GEMM ran ViT-B/16's shapes at 0.9-2.7x XLA's
 rate (1.4-1.8 TFLOP/s), and its float32 GEMM at 1.1-1.35x; it also reads a transposed operand at
