@@ -35,6 +35,13 @@ ENV = "RADJAX_COMPILATION_CACHE"
 MAX_BYTES = 8 << 30
 
 
+def user_cache_dir(environ: dict[str, str] | None = None) -> str:
+  """radjax's folder in the user's cache: $XDG_CACHE_HOME/radjax, else ~/.cache/radjax."""
+  environ = os.environ if environ is None else environ
+  base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "radjax")
+
+
 def cache_dir(environ: dict[str, str] | None = None) -> str | None:
   """The folder this machine's compiled programs go to, or None when ``$RADJAX_COMPILATION_CACHE``
   is "off" (or "0", "false", "none")."""
@@ -43,8 +50,7 @@ def cache_dir(environ: dict[str, str] | None = None) -> str | None:
   if chosen.lower() in ("off", "0", "false", "none"):
     return None
   if not chosen:
-    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    chosen = os.path.join(base, "radjax", "xla")
+    chosen = os.path.join(user_cache_dir(environ), "xla")
   return os.path.join(os.path.abspath(os.path.expanduser(chosen)), hostcpu.instruction_set_key())
 
 

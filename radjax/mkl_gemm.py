@@ -38,7 +38,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from radjax import hostcpu
+from radjax import compile_cache, hostcpu
 
 TARGET = "radjax_mkl_gemm"
 BATCHED_TARGET = "radjax_mkl_batched_gemm"
@@ -57,11 +57,6 @@ def find_mkl() -> str | None:
   return None
 
 
-def _native_dir() -> str:
-  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(base, "radjax", "native")
-
-
 def build_handler(out_dir: str | None = None) -> str:
   """Compiles ``native/mkl_gemm.cc`` into a shared library (once: the file name carries a hash of
   the source, jaxlib's version and the compiler) and returns its path. Raises RuntimeError with
@@ -71,7 +66,7 @@ def build_handler(out_dir: str | None = None) -> str:
   with open(_SOURCE, "rb") as f:
     source = f.read()
   key = hashlib.sha256(source + jaxlib.__version__.encode() + compiler.encode()).hexdigest()[:16]
-  out_dir = out_dir or _native_dir()
+  out_dir = out_dir or os.path.join(compile_cache.user_cache_dir(), "native")
   path = os.path.join(out_dir, f"mkl_gemm-{key}.so")
   if os.path.exists(path):
     return path

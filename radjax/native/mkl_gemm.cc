@@ -161,23 +161,21 @@ static ffi::Error BatchedGemm(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBu
   return ffi::Error::Success();
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxMklGemm, Gemm,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("transpose_a")
-                                  .Attr<bool>("transpose_b"));
+// What both handlers take: XLA's pool, A and B, a float32 output, and whether A and B come transposed.
+static auto GemmBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Attr<bool>("transpose_a")
+      .Attr<bool>("transpose_b");
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxMklGemm, Gemm, GemmBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxMklBatchedGemm, BatchedGemm,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("transpose_a")
-                                  .Attr<bool>("transpose_b")
+                              GemmBinding()
                                   .Attr<bool>("a_heads_first")
                                   .Attr<bool>("b_heads_first")
                                   .Attr<bool>("out_heads_first"));
