@@ -42,6 +42,8 @@ from radjax import compile_cache, hostcpu
 
 TARGET = "radjax_mkl_gemm"
 BATCHED_TARGET = "radjax_mkl_batched_gemm"
+CONV_TARGET = "radjax_mkl_conv"
+CONV_WEIGHT_GRAD_TARGET = "radjax_mkl_conv_weight_grad"
 ENV = "RADJAX_MKL"
 _SOURCE = os.path.join(os.path.dirname(__file__), "native", "mkl_gemm.cc")
 _MKL_THREADING_SEQUENTIAL = 1
@@ -109,9 +111,10 @@ def register() -> str | None:
   address = lambda f: ctypes.cast(f, ctypes.c_void_p)
   handler.radjax_mkl_init.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
   handler.radjax_mkl_init(address(mkl.cblas_gemm_bf16bf16f32), address(mkl.cblas_sgemm))
-  jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler.RadjaxMklGemm), platform="cpu")
-  jax.ffi.register_ffi_target(BATCHED_TARGET, jax.ffi.pycapsule(handler.RadjaxMklBatchedGemm),
-                              platform="cpu")
+  for target, symbol in ((TARGET, "RadjaxMklGemm"), (BATCHED_TARGET, "RadjaxMklBatchedGemm"),
+                         (CONV_TARGET, "RadjaxMklConv"),
+                         (CONV_WEIGHT_GRAD_TARGET, "RadjaxMklConvWeightGrad")):
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handler, symbol)), platform="cpu")
   return None
 
 
@@ -185,10 +188,57 @@ def batched_gemm(a: jax.Array, b: jax.Array, *, transpose_a: bool = False, trans
               b_heads_first=b_heads_first, out_heads_first=out_heads_first)
 
 
+def _check_operands(name: str, *xs: jax.Array) -> None:
+  if any(x.ndim != 4 for x in xs) or len({x.dtype for x in xs}) != 1 or xs[0].dtype not in (
+      jnp.bfloat16, jnp.float32):
+    raise ValueError(f"mkl_gemm.{name}: 4-D bfloat16 or float32 operands of one dtype, got "
+                     + ", ".join(f"{x.dtype}{list(x.shape)}" for x in xs))
+
+
+def conv(x_padded: jax.Array, kernel: jax.Array, *, flip: bool = False,
+         transpose_kernel: bool = False) -> jax.Array:
+  """A stride-1 2-D convolution through MKL as kh * kw GEMMs over shifted rows of the input (no
+  patches built): x_padded [B, Hp, Wp, C] (the input with its zero padding), kernel [kh, kw, C, N]
+  (``transpose_kernel``: [kh, kw, N, C], each tap transposed; ``flip``: taps in reverse order)
+  -> [B, Hp, Wp, N] float32 on x's "wide" grid: [:, :Hp - kh + 1, :Wp - kw + 1] is the
+  convolution, the rest garbage (zeros in the last rows). The input gradient of a convolution is
+  this on its padded cotangent with ``flip`` and ``transpose_kernel``."""
+  _check_operands("conv", x_padded, kernel)
+  kh, kw = kernel.shape[:2]
+  c, n = kernel.shape[2:][::-1] if transpose_kernel else kernel.shape[2:]
+  if x_padded.shape[3] != c or x_padded.shape[1] < kh or x_padded.shape[2] < kw:
+    raise ValueError(f"mkl_gemm.conv: input {list(x_padded.shape)} does not fit kernel "
+                     f"{list(kernel.shape)} (transpose_kernel={transpose_kernel})")
+  call = jax.ffi.ffi_call(CONV_TARGET, jax.ShapeDtypeStruct(x_padded.shape[:3] + (n,), jnp.float32),
+                          vmap_method="sequential")
+  return call(x_padded, kernel, flip=flip, transpose_w=transpose_kernel)
+
+
+def conv_kernel_grad(x_padded: jax.Array, g_wide: jax.Array, kernel_size: tuple[int, int]) -> jax.Array:
+  """The kernel gradient of :func:`conv`: x_padded [B, Hp, Wp, C] and the cotangent on the same
+  wide grid, g_wide [B, Hp, Wp, O], zero outside its [:Hp - kh + 1, :Wp - kw + 1] corner
+  -> [kh, kw, C, O] float32."""
+  _check_operands("conv_kernel_grad", x_padded, g_wide)
+  if x_padded.shape[:3] != g_wide.shape[:3]:
+    raise ValueError(f"mkl_gemm.conv_kernel_grad: input {list(x_padded.shape)} and cotangent "
+                     f"{list(g_wide.shape)} are not on one grid")
+  kh, kw = kernel_size
+  shape = (kh, kw, x_padded.shape[3], g_wide.shape[3])
+  call = jax.ffi.ffi_call(CONV_WEIGHT_GRAD_TARGET, jax.ShapeDtypeStruct(shape, jnp.float32),
+                          vmap_method="sequential")
+  return call(x_padded, g_wide)
+
+
 # A compiled call in HLO text: its float32 output's dims and, among the operand layouts, a's dims.
 _HLO_CALL = re.compile(r"= f32\[([\d,]+)\]\S* custom-call\([^\n]*custom_call_target=\"(?:"
                        + TARGET + "|" + BATCHED_TARGET
                        + r")\"[^\n]*operand_layout_constraints=\{\w+\[([\d,]+)\]")
+
+
+# A compiled convolution call: its target, output dims and its two operands' dims.
+_HLO_CONV = re.compile(r"= f32\[([\d,]+)\]\S* custom-call\([^\n]*custom_call_target=\"("
+                       + CONV_TARGET + "|" + CONV_WEIGHT_GRAD_TARGET
+                       + r")\"[^\n]*operand_layout_constraints=\{\w+\[([\d,]+)\]\{[\d,]*\}, \w+\[([\d,]+)\]")
 
 
 def hlo_flops(hlo_text: str) -> float:
@@ -198,4 +248,12 @@ def hlo_flops(hlo_text: str) -> float:
   total = 0
   for out_dims, a_dims in _HLO_CALL.findall(hlo_text):
     total += 2 * math.prod(int(d) for d in a_dims.split(",")) * int(out_dims.split(",")[-1])
+  for out_dims, target, x_dims, w_dims in _HLO_CONV.findall(hlo_text):
+    out, x, w = ([int(d) for d in dims.split(",")] for dims in (out_dims, x_dims, w_dims))
+    if target == CONV_TARGET:  # w is the kernel [kh, kw, ., .]; out [B, Hp, Wp, N]
+      (kh, kw), (batch, hp, wp, c), n = w[:2], x, out[3]
+    else:  # w is the cotangent [B, Hp, Wp, O]; out the kernel [kh, kw, C, O]
+      kh, kw, c, n = out
+      batch, hp, wp = x[:3]
+    total += 2 * batch * (hp - kh + 1) * (wp - kw + 1) * kh * kw * c * n
   return float(total)

@@ -95,6 +95,81 @@ def test_hlo_flops_counts_the_custom_calls():
   assert mkl_gemm.hlo_flops(hlo) == 2 * 16 * 4 * 8 + 2 * (2 * 3) * 5 * 5 * 4
 
 
+def test_hlo_flops_counts_the_useful_convolution():
+  """A convolution's calls count the 2 B H' W' kh kw C N FLOPs of the convolution, not those of
+  the padded grid they compute on."""
+  x = jnp.ones((2, 9, 8, 3), jnp.bfloat16)
+  kernel = jnp.ones((3, 2, 3, 5), jnp.bfloat16)
+  conv_out = (2, 7, 7, 5)
+  program = lambda x, k: (mkl_gemm.conv(x, k).sum()
+                          + mkl_gemm.conv_kernel_grad(x, jnp.ones(x.shape[:3] + (5,), x.dtype), (3, 2)).sum())
+  hlo = jax.jit(program).lower(x, kernel).compile().as_text()
+  assert mkl_gemm.hlo_flops(hlo) == 2 * (2 * np.prod(conv_out) * 3 * 2 * 3)
+
+
+def _numpy_conv(x_padded, kernel):
+  """Stride-1 valid correlation in float64: x_padded [B, Hp, Wp, C], kernel [kh, kw, C, N]."""
+  x64, k64 = np.asarray(x_padded, np.float64), np.asarray(kernel, np.float64)
+  kh, kw = k64.shape[:2]
+  out_h, out_w = x64.shape[1] - kh + 1, x64.shape[2] - kw + 1
+  out = np.zeros((x64.shape[0], out_h, out_w, k64.shape[3]))
+  for i in range(kh):
+    for j in range(kw):
+      out += x64[:, i:i + out_h, j:j + out_w] @ k64[i, j]
+  return out
+
+
+# (B, Hp, Wp, C, N, kh, kw): square and oblong kernels, one tap, rows that split unevenly over
+# the threads and into several row blocks, no input channels.
+CONV_SHAPES = [(2, 7, 9, 5, 6, 3, 3), (3, 8, 6, 4, 7, 5, 3), (1, 5, 5, 2, 3, 1, 1),
+               (2, 40, 70, 16, 8, 3, 3), (2, 5, 6, 0, 3, 3, 3)]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_conv_and_its_gradients_match_numpy(dtype):
+  """conv on the wide grid (the convolution in its corner, zeros in the last rows), the input
+  gradient as conv of the padded cotangent with the flipped, transposed kernel, and the kernel
+  gradient, against NumPy loops over the taps."""
+  rng = np.random.default_rng(2)
+  for batch, hp, wp, c, n, kh, kw in CONV_SHAPES:
+    x = jnp.asarray(rng.standard_normal((batch, hp, wp, c)), dtype)
+    kernel = jnp.asarray(rng.standard_normal((kh, kw, c, n)), dtype)
+    out_h, out_w = hp - kh + 1, wp - kw + 1
+    atol = 1e-5 * max(kh * kw * c, 1)
+    wide = np.asarray(jax.jit(mkl_gemm.conv)(x, kernel))
+    assert wide.shape == (batch, hp, wp, n) and wide.dtype == np.float32
+    np.testing.assert_allclose(wide[:, :out_h, :out_w], _numpy_conv(x, kernel), rtol=0, atol=atol)
+    tail = (kh - 1) * wp + kw - 1  # rows no tap can read whole
+    assert not wide.reshape(-1, n)[wide.reshape(-1, n).shape[0] - tail:].any()
+
+    # The input gradient: full correlation of the cotangent with the flipped kernel.
+    g = jnp.asarray(rng.standard_normal((batch, out_h, out_w, n)), dtype)
+    g_padded = jnp.pad(g, ((0, 0), (kh - 1, kh - 1), (kw - 1, kw - 1), (0, 0)))
+    dx = jax.jit(lambda g_, k_: mkl_gemm.conv(g_, k_, flip=True, transpose_kernel=True))(g_padded, kernel)
+    flipped = np.asarray(kernel, np.float64)[::-1, ::-1].transpose(0, 1, 3, 2)
+    np.testing.assert_allclose(np.asarray(dx)[:, :hp, :wp], _numpy_conv(g_padded, flipped),
+                               rtol=0, atol=1e-5 * max(kh * kw * n, 1))
+
+    g_wide = jnp.pad(g, ((0, 0), (0, kh - 1), (0, kw - 1), (0, 0)))
+    dk = jax.jit(lambda x_, g_: mkl_gemm.conv_kernel_grad(x_, g_, (kh, kw)))(x, g_wide)
+    x64, g64 = np.asarray(x, np.float64), np.asarray(g, np.float64)
+    want = np.stack([np.stack([np.einsum("bhwc,bhwn->cn", x64[:, i:i + out_h, j:j + out_w], g64)
+                               for j in range(kw)]) for i in range(kh)])
+    np.testing.assert_allclose(np.asarray(dk), want, rtol=0, atol=1e-5 * batch * out_h * out_w)
+
+
+def test_conv_refuses_what_it_cannot_convolve():
+  x = jnp.ones((1, 5, 5, 3), jnp.float32)
+  with pytest.raises(ValueError, match="does not fit"):
+    mkl_gemm.conv(x, jnp.ones((3, 3, 4, 2), jnp.float32))
+  with pytest.raises(ValueError, match="does not fit"):
+    mkl_gemm.conv(x, jnp.ones((6, 1, 3, 2), jnp.float32))
+  with pytest.raises(ValueError, match="one dtype"):
+    mkl_gemm.conv(x, jnp.ones((3, 3, 3, 2), jnp.bfloat16))
+  with pytest.raises(ValueError, match="one grid"):
+    mkl_gemm.conv_kernel_grad(x, jnp.ones((1, 5, 4, 2), jnp.float32), (3, 3))
+
+
 def test_gemm_refuses_what_it_cannot_multiply():
   a = jnp.ones((4, 3), jnp.float32)
   with pytest.raises(ValueError, match="contracting dimensions differ"):
@@ -122,8 +197,12 @@ def _value_and_grads(make_layer, x_shape, dtype):
 LAYERS = {
     "linear": (lambda dtype: layers.linear(96, 80, ("embed", "mlp"), rngs=nnx.Rngs(0), dtype=dtype),
                (3, 70, 96)),
+    # 12x12 padded to 14x14: the shifted-GEMM path; 6x6 padded to 8x8 is mostly border, and
+    # takes the patches' GEMMs.
     "conv3x3": (lambda dtype: layers.Conv(6, 10, (3, 3), padding="SAME", dtype=dtype, rngs=nnx.Rngs(0)),
-                (2, 9, 9, 6)),
+                (2, 12, 12, 6)),
+    "conv3x3_small_map": (lambda dtype: layers.Conv(6, 10, (3, 3), padding="SAME", dtype=dtype,
+                                                    rngs=nnx.Rngs(0)), (2, 6, 6, 6)),
 }
 
 
@@ -141,12 +220,16 @@ def test_layers_through_mkl_match_xla(name, dtype, monkeypatch):
   assert layers.cpu_matmul_path() == f"XLA (not MKL: ${mkl_gemm.ENV}=off)"
   value_xla, grads_xla, hlo_xla = _value_and_grads(make_layer, x_shape, dtype)
   assert mkl_gemm.TARGET not in hlo_xla
-  # A Linear: the forward pass, dx and dW, one GEMM each; a convolution at least its dW.
-  calls = hlo_mkl.count(f"@{mkl_gemm.TARGET}(")
+  # A Linear: the forward pass, dx and dW, one GEMM each; a convolution on a large enough map
+  # the same as shifted GEMMs; on a small one at least its dW as one GEMM.
+  calls = {target: hlo_mkl.count(f"@{target}(") for target in (
+      mkl_gemm.TARGET, mkl_gemm.CONV_TARGET, mkl_gemm.CONV_WEIGHT_GRAD_TARGET)}
   if name == "linear":
-    assert calls == 3, hlo_mkl
+    assert calls == {mkl_gemm.TARGET: 3, mkl_gemm.CONV_TARGET: 0, mkl_gemm.CONV_WEIGHT_GRAD_TARGET: 0}, hlo_mkl
+  elif name == "conv3x3":
+    assert calls == {mkl_gemm.TARGET: 0, mkl_gemm.CONV_TARGET: 2, mkl_gemm.CONV_WEIGHT_GRAD_TARGET: 1}, hlo_mkl
   else:
-    assert calls >= 1, hlo_mkl
+    assert calls[mkl_gemm.TARGET] >= 1 and calls[mkl_gemm.CONV_TARGET] == 0, hlo_mkl
   tol = 1e-2 if dtype == "bfloat16" else 1e-5
   np.testing.assert_allclose(value_mkl, value_xla, rtol=tol)
   for got, want in zip(grads_mkl, grads_xla):

@@ -313,16 +313,22 @@ def test_clip_style_resnet_grid_and_errors(size):
     ResNet(dataclasses.replace(c, style="timm"), rngs=nnx.Rngs(0))
 
 
-def test_resnet_step_convolution_paths(monkeypatch):
+@pytest.mark.parametrize("mkl", ["off", "on"])
+def test_resnet_step_convolution_paths(mkl, monkeypatch):
   """A jitted ResNet backward on CPU compiles and runs with every stride-1 convolution on its CPU
   path: in bf16 with bf16 dots as patch matmuls, which leaves only the stride-2 stem convolution
   (its forward and weight gradient); in float32, and in bf16 without bf16 dots, as XLA's
-  convolutions without their weight gradients (forward and input gradient each). Gradients in
-  bf16 follow float32's (the same network with float32 compute)."""
+  convolutions without their weight gradients (forward and input gradient each). With MKL, those
+  on maps of 16x16 and more are shifted GEMMs through MKL in every case. Gradients in bf16
+  follow float32's (the same network with float32 compute)."""
+  from radjax import mkl_gemm
   from radjax.models import layers
   if jax.default_backend() != "cpu" or jax.device_count() > 1:
     pytest.skip("the patch paths are CPU, single-device only")
-  grads, convs = {}, {}
+  if mkl == "on" and mkl_gemm.find_mkl() is None:
+    pytest.skip("MKL is not installed")
+  monkeypatch.setenv(mkl_gemm.ENV, mkl)
+  grads, convs, mkl_convs = {}, {}, {}
   for dtype, bf16_dots in (("bfloat16", True), ("bfloat16", False), ("float32", None)):
     monkeypatch.setattr(layers, "CPU_BF16_DOTS", bf16_dots)
     c = ResNetConfig("50", blocks=(1, 1, 1, 1), width=8, image_size=64, channels=1, style="clip",
@@ -331,11 +337,18 @@ def test_resnet_step_convolution_paths(monkeypatch):
     loss = lambda p, x: jnp.sum(nnx.merge(graphdef, p, rest)(x)["pooled"].astype(jnp.float32) ** 2)
     x = jax.random.normal(jax.random.key(0), (2, 64, 64, 1))
     step = jax.jit(jax.grad(loss))
-    convs[dtype, bf16_dots] = step.lower(params, x).compile().as_text().count(" convolution(")
+    hlo = step.lower(params, x).compile().as_text()
+    convs[dtype, bf16_dots] = hlo.count(" convolution(")
+    mkl_convs[dtype, bf16_dots] = hlo.count(f'custom_call_target="{mkl_gemm.CONV_TARGET}"')
     grads[dtype, bf16_dots] = jax.tree.leaves(step(params, x))
   # The stride-2 stem convolution: forward + weight gradient (2). The 6 stride-1 3x3 ones (2 in
-  # the stem, 1 per block): none as patches; forward + input gradient each on "patch_grads".
-  assert convs == {("bfloat16", True): 2, ("bfloat16", False): 2 + 6 * 2, ("float32", None): 2 + 6 * 2}
+  # the stem at 32x32, 1 per block at 16, 16, 8, 4: a block pools after its convolution): none
+  # as patches; forward + input gradient each on "patch_grads". With MKL the four on maps of 16
+  # and more are MKL's (forward + input gradient each).
+  on_xla = 6 if mkl == "off" else 2
+  assert convs == {("bfloat16", True): 2, ("bfloat16", False): 2 + on_xla * 2,
+                   ("float32", None): 2 + on_xla * 2}
+  assert set(mkl_convs.values()) == {(6 - on_xla) * 2}
   ref = np.concatenate([np.ravel(g) for g in grads["float32", None]])
   for bf16_dots in (True, False):
     ours = np.concatenate([np.ravel(g) for g in grads["bfloat16", bf16_dots]])

@@ -388,14 +388,69 @@ def _conv_patch_grads_bwd(pads, res, g):
 _conv_patch_grads.defvjp(_conv_patch_grads_fwd, _conv_patch_grads_bwd)
 
 
+# :func:`_conv_mkl` computes the convolution on the padded input's whole grid; below this share of
+# useful outputs the waste costs more than it saves. ResNet-50's 3x3 convolutions at batch 16,
+# forward + backward, against the patch paths: 14x14 (77 % useful) 1.1-1.5x faster, 7x7 (60 %)
+# 0.6-0.8x (BUILD_NOTES.md, "3x3 convolutions through MKL").
+MKL_CONV_MIN_FILL = 0.7
+
+
+def _wide_grid_fill(x: jax.Array, kernel_size, pads) -> float:
+  out_h, out_w = _conv_out_size(x, kernel_size, pads)
+  padded = [n + lo + hi for n, (lo, hi) in zip(x.shape[1:3], pads)]
+  return out_h * out_w / (padded[0] * padded[1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _conv_mkl(x: jax.Array, kernel: jax.Array, bias: jax.Array, pads) -> jax.Array:
+  """A stride-1 convolution (arguments as :func:`_conv_f32acc`'s) through MKL, forward and
+  backward, as kh * kw GEMMs over shifted rows of the padded input (:func:`mkl_gemm.conv`): no
+  patches are built. Output in x.dtype, accumulated in float32; the operands as :func:`_mm`'s
+  (:func:`cpu_dot_dtype`)."""
+  return _conv_mkl_fwd(x, kernel, bias, pads)[0]
+
+
+def _conv_mkl_fwd(x, kernel, bias, pads):
+  kh, kw = kernel.shape[:2]
+  out_h, out_w = _conv_out_size(x, (kh, kw), pads)
+  dt = cpu_dot_dtype(x.dtype)
+  x_padded = jnp.pad(x.astype(dt), ((0, 0), *pads, (0, 0)))
+  wide = mkl_gemm.conv(x_padded, kernel.astype(dt))
+  y = (wide[:, :out_h, :out_w] + bias.astype(jnp.float32)).astype(x.dtype)
+  return y, (x_padded, kernel, jnp.zeros((0,), bias.dtype), jnp.zeros((0,), x.dtype))
+
+
+def _conv_mkl_bwd(pads, res, g):
+  x_padded, kernel, bias_like, x_like = res
+  kh, kw = kernel.shape[:2]
+  (_, hp, wp, _), (_, out_h, out_w, _) = x_padded.shape, g.shape
+  g = g.astype(x_like.dtype).astype(x_padded.dtype)
+  # dx is the full correlation of g, padded by (k - 1 - lo, k - 1 - hi), with the flipped kernel.
+  g_pads = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip((kh, kw), pads))
+  g_padded = jnp.pad(g, ((0, 0), *g_pads, (0, 0)))
+  in_h, in_w = hp - sum(pads[0]), wp - sum(pads[1])
+  dx = mkl_gemm.conv(g_padded, kernel.astype(g.dtype), flip=True, transpose_kernel=True)
+  dx = dx[:, :in_h, :in_w].astype(x_like.dtype)
+  g_wide = jnp.pad(g, ((0, 0), (0, hp - out_h), (0, wp - out_w), (0, 0)))
+  dk = mkl_gemm.conv_kernel_grad(x_padded, g_wide, (kh, kw)).astype(kernel.dtype)
+  db = g.astype(jnp.float32).sum((0, 1, 2)).astype(bias_like.dtype)
+  return dx, dk, db
+
+
+_conv_mkl.defvjp(_conv_mkl_fwd, _conv_mkl_bwd)
+
+
 class Conv(nnx.Conv):
-  """nnx.Conv (same parameters, same results up to rounding) with three CPU paths
+  """nnx.Conv (same parameters, same results up to rounding) with four CPU paths
   (:meth:`cpu_path`):
 
   - "dense": 1x1 convolutions without padding take :class:`Linear`'s CPU path. XLA:CPU runs them
     as convolutions at 25-145 GFLOP/s on ResNet-50's shapes, against 72-416 GFLOP/s as the same
     matmuls (BUILD_NOTES.md, "RN50").
-  - "patches": other 2-D stride-1 convolutions, on one device, in bf16 on a CPU with bf16 dot
+  - "mkl": other 2-D stride-1 convolutions, on one device with MKL (:func:`use_mkl`), unless the
+    map is so small that most of the padded grid is border (:data:`MKL_CONV_MIN_FILL`): shifted
+    GEMMs through MKL, forward and backward (:func:`_conv_mkl`).
+  - "patches": the other stride-1 convolutions, on one device, in bf16 on a CPU with bf16 dot
     instructions are matmuls of their patches, forward and backward (:func:`_conv_f32acc`).
   - "patch_grads": the same convolutions in float32, or in bf16 on a CPU without bf16 dots,
     are XLA's, except for their weight gradients (:func:`_conv_patch_grads`).
@@ -425,6 +480,8 @@ class Conv(nnx.Conv):
       return "dense", None
     if (len(ks) == 2 and all(s == 1 for s in strides) and jax.device_count() == 1
         and all(0 <= v < k for k, p in zip(ks, pads) for v in p)):
+      if use_mkl() and _wide_grid_fill(inputs, ks, pads) >= MKL_CONV_MIN_FILL:
+        return "mkl", pads
       bf16_operands = jnp.dtype(cpu_dot_dtype(as_dtype(dtype))) == jnp.dtype(jnp.bfloat16)
       return ("patches" if bf16_operands else "patch_grads"), pads
     return None, None
@@ -437,7 +494,7 @@ class Conv(nnx.Conv):
       return super().__call__(inputs, out_sharding)
     bias = self.bias[...] if self.bias is not None else jnp.zeros((kernel.shape[-1],), jnp.float32)
     if path != "dense":
-      conv = _conv_f32acc if path == "patches" else _conv_patch_grads
+      conv = {"patches": _conv_f32acc, "patch_grads": _conv_patch_grads, "mkl": _conv_mkl}[path]
       return conv(inputs.astype(dtype), kernel, bias, pads)
     x = inputs[(slice(None),) + tuple(slice(None, None, s) for s in self._strides())]
     y = _dense_f32acc(x.reshape(-1, x.shape[-1]).astype(dtype), kernel.reshape(-1, kernel.shape[-1]),

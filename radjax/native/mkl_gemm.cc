@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -161,6 +162,123 @@ static ffi::Error BatchedGemm(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBu
   return ffi::Error::Success();
 }
 
+// Stride-1 2-D convolutions as shifted GEMMs. x is the zero-padded input [B, Hp, Wp, C], read as
+// one matrix of B Hp Wp rows: output pixel (y, x) of image b sums, over the kh kw taps (i, j), row
+// r + i Wp + j of it times the tap's [C, N] kernel, where r = (b Hp + y) Wp + x. So each tap is
+// one GEMM over contiguous rows, no patches built; the output comes on the same wide grid
+// [B, Hp, Wp, N], its rows with y >= Ho or x >= Wo garbage for the caller to slice off (those
+// within the last kh - 1 rows of x's end are zeros). Rows go in blocks that keep the block's
+// output and input in L2 across the taps.
+namespace {
+
+int RowBlock(int64_t bytes_per_row) {
+  const int64_t rows = (int64_t{1} << 20) / std::max<int64_t>(1, bytes_per_row);
+  return static_cast<int>(std::clamp<int64_t>(rows / 16 * 16, 64, 4096));
+}
+
+// Rows of x that tap (i, j) starts at, and the rows every tap can read: all but the last shift.
+struct WideGrid {
+  int64_t rows, wp, last_shift;
+  static WideGrid Of(ffi::Span<const int64_t> d, int64_t kh, int64_t kw) {
+    return {d[0] * d[1] * d[2], d[2], (kh - 1) * d[2] + (kw - 1)};
+  }
+  int64_t Shift(int64_t i, int64_t j) const { return i * wp + j; }
+  int64_t Computed() const { return std::max<int64_t>(0, rows - last_shift); }
+};
+
+}  // namespace
+
+// out [B, Hp, Wp, N] = sum over taps of x's shifted rows times w's tap: w [kh, kw, C, N], or with
+// transpose_w [kh, kw, N, C] read transposed; flip takes tap (kh-1-i, kw-1-j) for (i, j). The
+// input gradient of a convolution is this with both (the full correlation of the padded cotangent).
+static ffi::Error Conv(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                       ffi::Result<ffi::Buffer<ffi::F32>> out, bool flip, bool transpose_w) {
+  const GemmFn gemm = GemmFor(x.element_type(), w.element_type());
+  if (gemm == nullptr) return ffi::Error::InvalidArgument("MKL convolution: two bf16 or two f32 operands, after radjax_mkl_init");
+  const auto xd = x.dimensions(), wd = w.dimensions(), od = out->dimensions();
+  if (xd.size() != 4 || wd.size() != 4 || od.size() != 4) return ffi::Error::InvalidArgument("MKL convolution: 4-D operands and output");
+  const int64_t kh = wd[0], kw = wd[1], c = transpose_w ? wd[3] : wd[2], n = transpose_w ? wd[2] : wd[3];
+  if (xd[3] != c || od[0] != xd[0] || od[1] != xd[1] || od[2] != xd[2] || od[3] != n)
+    return ffi::Error::InvalidArgument("MKL convolution: input, kernel and output shapes do not match");
+  const WideGrid grid = WideGrid::Of(xd, kh, kw);
+  const int width = ffi::ByteWidth(x.element_type());
+  const char* px = static_cast<const char*>(x.untyped_data());
+  const char* pw = static_cast<const char*>(w.untyped_data());
+  float* po = out->typed_data();
+  const int64_t computed = grid.Computed();
+  std::fill(po + computed * n, po + grid.rows * n, 0.0f);
+  if (computed == 0 || n == 0) return ffi::Error::Success();
+  if (c == 0) {
+    std::fill(po, po + computed * n, 0.0f);
+    return ffi::Error::Success();
+  }
+  const int tb = transpose_w ? kTrans : kNoTrans;
+  const int block = RowBlock(n * 4 + c * width);
+  const int threads = PoolThreads(pool);
+  const int64_t per_tile = ((computed + threads - 1) / threads + 15) / 16 * 16;
+  RunTiles(pool, static_cast<int>((computed + per_tile - 1) / per_tile), [=](int t) {
+    const int64_t end = std::min(computed, (t + 1) * per_tile);
+    for (int64_t r = t * per_tile; r < end; r += block) {
+      const int rows = static_cast<int>(std::min<int64_t>(block, end - r));
+      for (int64_t i = 0; i < kh; ++i) {
+        for (int64_t j = 0; j < kw; ++j) {
+          const int64_t tap = flip ? (kh - 1 - i) * kw + (kw - 1 - j) : i * kw + j;
+          gemm(kRowMajor, kNoTrans, tb, rows, n, c, 1.0f, px + (r + grid.Shift(i, j)) * c * width,
+               c, pw + tap * c * n * width, transpose_w ? c : n, i + j == 0 ? 0.0f : 1.0f,
+               po + r * n, n);
+        }
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// The kernel gradient [kh, kw, C, O]: for each tap, x's shifted rows transposed times g, the
+// cotangent on the same wide grid [B, Hp, Wp, O] with zeros outside the Ho x Wo output. Each
+// tile sums its own range of rows; tiles past the first into scratch, added at the end.
+static ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer g,
+                                 ffi::Result<ffi::Buffer<ffi::F32>> out) {
+  const GemmFn gemm = GemmFor(x.element_type(), g.element_type());
+  if (gemm == nullptr) return ffi::Error::InvalidArgument("MKL convolution kernel gradient: two bf16 or two f32 operands, after radjax_mkl_init");
+  const auto xd = x.dimensions(), gd = g.dimensions(), od = out->dimensions();
+  if (xd.size() != 4 || gd.size() != 4 || od.size() != 4) return ffi::Error::InvalidArgument("MKL convolution kernel gradient: 4-D operands and output");
+  const int64_t kh = od[0], kw = od[1], c = od[2], n = od[3];
+  if (xd[3] != c || gd[3] != n || gd[0] != xd[0] || gd[1] != xd[1] || gd[2] != xd[2])
+    return ffi::Error::InvalidArgument("MKL convolution kernel gradient: input, cotangent and output shapes do not match");
+  const WideGrid grid = WideGrid::Of(xd, kh, kw);
+  const int width = ffi::ByteWidth(x.element_type());
+  const char* px = static_cast<const char*>(x.untyped_data());
+  const char* pg = static_cast<const char*>(g.untyped_data());
+  const int64_t size = kh * kw * c * n, computed = grid.Computed();
+  float* po = out->typed_data();
+  std::fill(po, po + size, 0.0f);
+  if (computed == 0 || size == 0) return ffi::Error::Success();
+  const int block = RowBlock((c + n) * width);
+  const int threads = PoolThreads(pool);
+  const int64_t per_tile = ((computed + threads - 1) / threads + 15) / 16 * 16;
+  const int tiles = static_cast<int>((computed + per_tile - 1) / per_tile);
+  std::vector<float> scratch(static_cast<size_t>(tiles - 1) * size, 0.0f);
+  float* ps = scratch.data();
+  RunTiles(pool, tiles, [=](int t) {
+    float* acc = t == 0 ? po : ps + (t - 1) * size;
+    const int64_t end = std::min(computed, (t + 1) * per_tile);
+    for (int64_t r = t * per_tile; r < end; r += block) {
+      const int rows = static_cast<int>(std::min<int64_t>(block, end - r));
+      for (int64_t i = 0; i < kh; ++i) {
+        for (int64_t j = 0; j < kw; ++j) {
+          gemm(kRowMajor, kTrans, kNoTrans, c, n, rows, 1.0f, px + (r + grid.Shift(i, j)) * c * width,
+               c, pg + r * n * width, n, 1.0f, acc + (i * kw + j) * c * n, n);
+        }
+      }
+    }
+  });
+  for (int t = 1; t < tiles; ++t) {
+    const float* part = ps + (t - 1) * size;
+    for (int64_t e = 0; e < size; ++e) po[e] += part[e];
+  }
+  return ffi::Error::Success();
+}
+
 // What both handlers take: XLA's pool, A and B, a float32 output, and whether A and B come transposed.
 static auto GemmBinding() {
   return ffi::Ffi::Bind()
@@ -179,3 +297,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxMklBatchedGemm, BatchedGemm,
                                   .Attr<bool>("a_heads_first")
                                   .Attr<bool>("b_heads_first")
                                   .Attr<bool>("out_heads_first"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxMklConv, Conv,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("flip")
+                                  .Attr<bool>("transpose_w"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxMklConvWeightGrad, ConvWeightGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
