@@ -1,5 +1,6 @@
 """Intel MKL's GEMMs as XLA custom calls, for radjax's CPU matmuls on Intel CPUs: dense layers and
-matmul convolutions (:func:`gemm`) and attention's batched products (:func:`batched_gemm`).
+matmul convolutions (:func:`gemm`), attention's batched products (:func:`batched_gemm`) and
+stride-1 convolutions as shifted GEMMs (:func:`conv`, :func:`conv_kernel_grad`).
 
 On an Intel Xeon with AMX, MKL's bf16 x bf16 -> f32 GEMM ran ViT-B/16's shapes at 0.9-2.7x XLA's
 rate (1.4-1.8 TFLOP/s), and its float32 GEMM at 1.1-1.35x; it also reads a transposed operand at

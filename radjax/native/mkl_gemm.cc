@@ -1,8 +1,10 @@
 // XLA FFI custom calls through Intel MKL's GEMMs (bfloat16 x bfloat16 -> float32, float32 x float32
 // -> float32): out = op(A) @ op(B) (RadjaxMklGemm), and the same for every (batch, head) matrix of
 // 4-D attention operands, read and written in place whether heads come before or after the rows
-// (RadjaxMklBatchedGemm). radjax/mkl_gemm.py loads MKL (sequential threading layer) and passes its
-// GEMMs to radjax_mkl_init. Work is split into one tile per thread of XLA's intra-op pool.
+// (RadjaxMklBatchedGemm), and stride-1 convolutions as GEMMs over shifted rows of the padded input
+// (RadjaxMklConv, RadjaxMklConvWeightGrad). radjax/mkl_gemm.py loads MKL (sequential threading
+// layer) and passes its GEMMs to radjax_mkl_init. Work is split into one tile per thread of XLA's
+// intra-op pool.
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
