@@ -306,6 +306,13 @@ def _patches(x: jax.Array, kernel_size: tuple[int, int], pads) -> jax.Array:
   return jax.lax.bitcast_convert_type(cols, x.dtype).reshape(b * out_h * out_w, kh * kw * c)
 
 
+def _input_grad_pads(kernel_size: tuple[int, int], pads):
+  """How to pad a stride-1 convolution's cotangent g so that the input gradient is its full
+  correlation with the flipped kernel: row h of dx sums g[h + top - i] k[i] over i, i.e. g
+  padded by (kh - 1 - top, kh - 1 - bottom) (and the same for columns)."""
+  return tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(kernel_size, pads))
+
+
 def _conv_out(x, kernel, bias, pads):
   kh, kw, cin, cout = kernel.shape
   cols = _patches(x, (kh, kw), pads)
@@ -336,9 +343,7 @@ def _conv_bwd(pads, res, g):
   x, kernel, bias_like = res
   kh, kw, cin, cout = kernel.shape
   g = g.astype(x.dtype)
-  # dx is the full correlation of g with the flipped kernel, itself a patch matmul: row h of dx
-  # sums g[h + top - i] k[i] over i, i.e. g padded by (kh - 1 - top, kh - 1 - bottom).
-  g_pads = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip((kh, kw), pads))
+  g_pads = _input_grad_pads((kh, kw), pads)
   flipped = kernel.astype(x.dtype)[::-1, ::-1].transpose(0, 1, 3, 2).reshape(kh * kw * cout, cin)
   dx = _mm(_patches(g, (kh, kw), g_pads), flipped, _dims(1, 0)).astype(x.dtype).reshape(x.shape)
   return (dx,) + _conv_param_grads(x, kernel, bias_like, pads, g)
@@ -425,9 +430,7 @@ def _conv_mkl_bwd(pads, res, g):
   kh, kw = kernel.shape[:2]
   (_, hp, wp, _), (_, out_h, out_w, _) = x_padded.shape, g.shape
   g = g.astype(x_like.dtype).astype(x_padded.dtype)
-  # dx is the full correlation of g, padded by (k - 1 - lo, k - 1 - hi), with the flipped kernel.
-  g_pads = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip((kh, kw), pads))
-  g_padded = jnp.pad(g, ((0, 0), *g_pads, (0, 0)))
+  g_padded = jnp.pad(g, ((0, 0), *_input_grad_pads((kh, kw), pads), (0, 0)))
   in_h, in_w = hp - sum(pads[0]), wp - sum(pads[1])
   dx = mkl_gemm.conv(g_padded, kernel.astype(g.dtype), flip=True, transpose_kernel=True)
   dx = dx[:, :in_h, :in_w].astype(x_like.dtype)

@@ -178,6 +178,22 @@ int RowBlock(int64_t bytes_per_row) {
   return static_cast<int>(std::clamp<int64_t>(rows / 16 * 16, 64, 4096));
 }
 
+// Rows [0, count) as one tile per pool thread (multiples of 16 rows), each walked in blocks.
+struct RowTiles {
+  int64_t count, per_tile;
+  int total;
+  RowTiles(int64_t count, int threads)
+      : count(count), per_tile(((count + threads - 1) / threads + 15) / 16 * 16),
+        total(static_cast<int>((count + per_tile - 1) / per_tile)) {}
+  // body(first_row, rows) for each block of at most `block` rows of tile t.
+  template <typename Body>
+  void ForBlocks(int t, int block, Body body) const {
+    const int64_t end = std::min(count, (t + 1) * per_tile);
+    for (int64_t r = t * per_tile; r < end; r += block)
+      body(r, static_cast<int>(std::min<int64_t>(block, end - r)));
+  }
+};
+
 // Rows of x that tap (i, j) starts at, and the rows every tap can read: all but the last shift.
 struct WideGrid {
   int64_t rows, wp, last_shift;
@@ -216,12 +232,9 @@ static ffi::Error Conv(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   }
   const int tb = transpose_w ? kTrans : kNoTrans;
   const int block = RowBlock(n * 4 + c * width);
-  const int threads = PoolThreads(pool);
-  const int64_t per_tile = ((computed + threads - 1) / threads + 15) / 16 * 16;
-  RunTiles(pool, static_cast<int>((computed + per_tile - 1) / per_tile), [=](int t) {
-    const int64_t end = std::min(computed, (t + 1) * per_tile);
-    for (int64_t r = t * per_tile; r < end; r += block) {
-      const int rows = static_cast<int>(std::min<int64_t>(block, end - r));
+  const RowTiles tiles(computed, PoolThreads(pool));
+  RunTiles(pool, tiles.total, [=](int t) {
+    tiles.ForBlocks(t, block, [=](int64_t r, int rows) {
       for (int64_t i = 0; i < kh; ++i) {
         for (int64_t j = 0; j < kw; ++j) {
           const int64_t tap = flip ? (kh - 1 - i) * kw + (kw - 1 - j) : i * kw + j;
@@ -230,7 +243,7 @@ static ffi::Error Conv(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
                po + r * n, n);
         }
       }
-    }
+    });
   });
   return ffi::Error::Success();
 }
@@ -256,40 +269,39 @@ static ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::An
   std::fill(po, po + size, 0.0f);
   if (computed == 0 || size == 0) return ffi::Error::Success();
   const int block = RowBlock((c + n) * width);
-  const int threads = PoolThreads(pool);
-  const int64_t per_tile = ((computed + threads - 1) / threads + 15) / 16 * 16;
-  const int tiles = static_cast<int>((computed + per_tile - 1) / per_tile);
-  std::vector<float> scratch(static_cast<size_t>(tiles - 1) * size, 0.0f);
+  const RowTiles tiles(computed, PoolThreads(pool));
+  std::vector<float> scratch(static_cast<size_t>(tiles.total - 1) * size, 0.0f);
   float* ps = scratch.data();
-  RunTiles(pool, tiles, [=](int t) {
+  RunTiles(pool, tiles.total, [=](int t) {
     float* acc = t == 0 ? po : ps + (t - 1) * size;
-    const int64_t end = std::min(computed, (t + 1) * per_tile);
-    for (int64_t r = t * per_tile; r < end; r += block) {
-      const int rows = static_cast<int>(std::min<int64_t>(block, end - r));
+    tiles.ForBlocks(t, block, [=](int64_t r, int rows) {
       for (int64_t i = 0; i < kh; ++i) {
         for (int64_t j = 0; j < kw; ++j) {
           gemm(kRowMajor, kTrans, kNoTrans, c, n, rows, 1.0f, px + (r + grid.Shift(i, j)) * c * width,
                c, pg + r * n * width, n, 1.0f, acc + (i * kw + j) * c * n, n);
         }
       }
-    }
+    });
   });
-  for (int t = 1; t < tiles; ++t) {
+  for (int t = 1; t < tiles.total; ++t) {
     const float* part = ps + (t - 1) * size;
     for (int64_t e = 0; e < size; ++e) po[e] += part[e];
   }
   return ffi::Error::Success();
 }
 
-// What both handlers take: XLA's pool, A and B, a float32 output, and whether A and B come transposed.
-static auto GemmBinding() {
+// What every handler takes: XLA's pool, two operands and a float32 output.
+static auto TwoOperandBinding() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
       .Arg<ffi::AnyBuffer>()
       .Arg<ffi::AnyBuffer>()
-      .Ret<ffi::Buffer<ffi::F32>>()
-      .Attr<bool>("transpose_a")
-      .Attr<bool>("transpose_b");
+      .Ret<ffi::Buffer<ffi::F32>>();
+}
+
+// The GEMMs' binding: those and whether A and B come transposed.
+static auto GemmBinding() {
+  return TwoOperandBinding().Attr<bool>("transpose_a").Attr<bool>("transpose_b");
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxMklGemm, Gemm, GemmBinding());
@@ -301,17 +313,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxMklBatchedGemm, BatchedGemm,
                                   .Attr<bool>("out_heads_first"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxMklConv, Conv,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("flip")
-                                  .Attr<bool>("transpose_w"));
+                              TwoOperandBinding().Attr<bool>("flip").Attr<bool>("transpose_w"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxMklConvWeightGrad, ConvWeightGrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxMklConvWeightGrad, ConvWeightGrad, TwoOperandBinding());
