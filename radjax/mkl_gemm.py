@@ -1,6 +1,7 @@
 """Intel MKL's GEMMs as XLA custom calls, for radjax's CPU matmuls on Intel CPUs: dense layers and
-matmul convolutions (:func:`gemm`), attention's batched products (:func:`batched_gemm`) and
-stride-1 convolutions as shifted GEMMs (:func:`conv`, :func:`conv_kernel_grad`).
+matmul convolutions (:func:`gemm`), stride-1 convolutions as shifted GEMMs (:func:`conv`,
+:func:`conv_kernel_grad`) and softmax attention fused per (batch, head) (:func:`attention`,
+:func:`attention_grad`).
 
 On an Intel Xeon with AMX, MKL's bf16 x bf16 -> f32 GEMM ran ViT-B/16's shapes at 0.9-2.7x XLA's
 rate (1.4-1.8 TFLOP/s), and its float32 GEMM at 1.1-1.35x; it also reads a transposed operand at
@@ -17,8 +18,9 @@ It is used when all of these hold, else radjax's matmuls stay XLA's:
   ``$XDG_CACHE_HOME/radjax/native`` (``~/.cache/radjax/native``);
 - ``$RADJAX_MKL`` is not "off" (to compare with XLA's kernels); "on" uses it on any x86_64 CPU.
 
-The handler runs MKL sequentially on tiles of the output, spread over XLA's own intra-op thread
-pool, so MKL starts no threads of its own to compete with XLA's.
+The handler runs MKL sequentially on tiles of the work, spread over XLA's own intra-op thread
+pool, so MKL starts no threads of its own to compete with XLA's. It is built for the CPU it runs
+on (``-march=native``), so the attention's softmax loops use its widest vectors.
 """
 
 from __future__ import annotations
@@ -38,13 +40,15 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from radjax import compile_cache, hostcpu
 
 TARGET = "radjax_mkl_gemm"
-BATCHED_TARGET = "radjax_mkl_batched_gemm"
 CONV_TARGET = "radjax_mkl_conv"
 CONV_WEIGHT_GRAD_TARGET = "radjax_mkl_conv_weight_grad"
+ATTENTION_TARGET = "radjax_mkl_attention"
+ATTENTION_GRAD_TARGET = "radjax_mkl_attention_grad"
 ENV = "RADJAX_MKL"
 _SOURCE = os.path.join(os.path.dirname(__file__), "native", "mkl_gemm.cc")
 _MKL_THREADING_SEQUENTIAL = 1
@@ -68,7 +72,10 @@ def build_handler(out_dir: str | None = None) -> str:
   compiler = os.environ.get("CXX", "g++")
   with open(_SOURCE, "rb") as f:
     source = f.read()
-  key = hashlib.sha256(source + jaxlib.__version__.encode() + compiler.encode()).hexdigest()[:16]
+  # Built for this CPU (-march=native: the softmax loops of the fused attention vectorise), so the
+  # key names its instruction set too: a cache shared by different machines gets one per CPU.
+  identity = (jaxlib.__version__, compiler, hostcpu.instruction_set_key())
+  key = hashlib.sha256(source + "\n".join(identity).encode()).hexdigest()[:16]
   out_dir = out_dir or os.path.join(compile_cache.user_cache_dir(), "native")
   path = os.path.join(out_dir, f"mkl_gemm-{key}.so")
   if os.path.exists(path):
@@ -79,7 +86,8 @@ def build_handler(out_dir: str | None = None) -> str:
   # Built under a temporary name and renamed: processes building at once each get a whole file.
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
   os.close(fd)
-  cmd = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-w", "-I", jax.ffi.include_dir(),
+  cmd = [compiler, "-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-w",
+         "-I", jax.ffi.include_dir(),
          _SOURCE, "-o", tmp]
   try:
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -112,9 +120,10 @@ def register() -> str | None:
   address = lambda f: ctypes.cast(f, ctypes.c_void_p)
   handler.radjax_mkl_init.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
   handler.radjax_mkl_init(address(mkl.cblas_gemm_bf16bf16f32), address(mkl.cblas_sgemm))
-  for target, symbol in ((TARGET, "RadjaxMklGemm"), (BATCHED_TARGET, "RadjaxMklBatchedGemm"),
-                         (CONV_TARGET, "RadjaxMklConv"),
-                         (CONV_WEIGHT_GRAD_TARGET, "RadjaxMklConvWeightGrad")):
+  for target, symbol in ((TARGET, "RadjaxMklGemm"), (CONV_TARGET, "RadjaxMklConv"),
+                         (CONV_WEIGHT_GRAD_TARGET, "RadjaxMklConvWeightGrad"),
+                         (ATTENTION_TARGET, "RadjaxMklAttention"),
+                         (ATTENTION_GRAD_TARGET, "RadjaxMklAttentionGrad")):
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handler, symbol)), platform="cpu")
   return None
 
@@ -158,37 +167,6 @@ def gemm(a: jax.Array, b: jax.Array, *, transpose_a: bool = False,
   return call(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
 
 
-def _matrices(x: jax.Array, heads_first: bool) -> tuple[int, int, int, int]:
-  """(batch, heads, rows, cols) of a 4-D operand [B, H, R, C] (heads_first) or [B, R, H, C]."""
-  b, d1, d2, c = x.shape
-  return (b, d1, d2, c) if heads_first else (b, d2, d1, c)
-
-
-def batched_gemm(a: jax.Array, b: jax.Array, *, transpose_a: bool = False, transpose_b: bool = False,
-                 a_heads_first: bool = True, b_heads_first: bool = True,
-                 out_heads_first: bool = True) -> jax.Array:
-  """op(a) @ op(b) for every (batch, head) matrix, in float32 through MKL, as :func:`gemm` does for
-  one. Each operand and the output is 4-D, [B, H, R, C] (``*_heads_first``) or [B, R, H, C], the
-  layout attention's q/k/v come in: MKL reads and writes those matrices in place, so no transpose
-  of the heads is materialised. Output [B, H, M, N] or [B, M, H, N] float32. Requires
-  :func:`register` to have succeeded."""
-  if a.ndim != 4 or b.ndim != 4 or a.dtype != b.dtype or a.dtype not in (jnp.bfloat16, jnp.float32):
-    raise ValueError(f"mkl_gemm: two 4-D bfloat16 or float32 operands of one dtype, got "
-                     f"{a.dtype}{list(a.shape)} and {b.dtype}{list(b.shape)}")
-  batch, heads, rows, cols = _matrices(a, a_heads_first)
-  b_batch, b_heads, b_rows, b_cols = _matrices(b, b_heads_first)
-  m, k = (cols, rows) if transpose_a else (rows, cols)
-  kb, n = (b_cols, b_rows) if transpose_b else (b_rows, b_cols)
-  if k != kb or (batch, heads) != (b_batch, b_heads):
-    raise ValueError(f"mkl_gemm: batched operands do not match: {a.shape} and {b.shape} "
-                     f"(transpose_a={transpose_a}, transpose_b={transpose_b})")
-  shape = (batch, heads, m, n) if out_heads_first else (batch, m, heads, n)
-  call = jax.ffi.ffi_call(BATCHED_TARGET, jax.ShapeDtypeStruct(shape, jnp.float32),
-                          vmap_method="sequential")
-  return call(a, b, transpose_a=transpose_a, transpose_b=transpose_b, a_heads_first=a_heads_first,
-              b_heads_first=b_heads_first, out_heads_first=out_heads_first)
-
-
 def _check_operands(name: str, *xs: jax.Array) -> None:
   if any(x.ndim != 4 for x in xs) or len({x.dtype for x in xs}) != 1 or xs[0].dtype not in (
       jnp.bfloat16, jnp.float32):
@@ -230,10 +208,59 @@ def conv_kernel_grad(x_padded: jax.Array, g_wide: jax.Array, kernel_size: tuple[
   return call(x_padded, g_wide)
 
 
+def _attention_operands(q, k, v, mask):
+  """The mask as bool [Bm, Nm, Tm, Sm] (each 1 or the full size; None: one True) after checking
+  q [B, T, N, H], k and v [B, S, N, H]."""
+  _check_operands("attention", q, k, v)
+  (b, t, n, h), s = q.shape, k.shape[1]
+  if k.shape != v.shape or k.shape[0] != b or k.shape[2:] != (n, h) or 0 in (t, s, h):
+    raise ValueError(f"mkl_gemm.attention: q [B, T, N, H], k and v [B, S, N, H], none empty, got "
+                     f"{list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
+  mask = jnp.ones((1, 1, 1, 1), bool) if mask is None else mask.astype(bool)
+  mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+  if any(m not in (1, full) for m, full in zip(mask.shape, (b, n, t, s))):
+    raise ValueError(f"mkl_gemm.attention: mask {list(mask.shape)} is not broadcastable to "
+                     f"[B, N, T, S] = {[b, n, t, s]}")
+  return mask
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *, causal: bool,
+              scale: float) -> tuple[jax.Array, jax.Array]:
+  """Softmax attention through MKL, fused per (batch, head): q [B, T, N, H], k and v [B, S, N, H]
+  (bfloat16 or float32), mask bool broadcastable to [B, N, T, S] (True = attend) or None, causal:
+  key j attends to query i when j <= i + S - T. Logits are ``scale`` q k^T in float32, softmax in
+  float32, its probabilities rounded to q's dtype for the product with v.
+
+  Returns o [B, T, N, H] in q's dtype and stats [B, N, T, 2] float32 (each row's max logit and
+  1 / sum of exponentials), which :func:`attention_grad` takes."""
+  mask = _attention_operands(q, k, v, mask)
+  b, t, n, _ = q.shape
+  call = jax.ffi.ffi_call(ATTENTION_TARGET, (jax.ShapeDtypeStruct(q.shape, q.dtype),
+                                             jax.ShapeDtypeStruct((b, n, t, 2), jnp.float32)),
+                          vmap_method="sequential")
+  return call(q, k, v, mask, causal=bool(causal), scale=np.float32(scale))
+
+
+def attention_grad(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, o: jax.Array,
+                   stats: jax.Array, d_o: jax.Array, *, causal: bool,
+                   scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(dq, dk, dv) of :func:`attention` for the cotangent d_o [B, T, N, H] of its output o, given
+  the same q, k, v, mask, causal and scale and its stats; each in q's dtype. The probabilities are
+  recomputed (one more q k^T), not stored."""
+  mask = _attention_operands(q, k, v, mask)
+  if o.shape != q.shape or d_o.shape != q.shape or o.dtype != q.dtype or d_o.dtype != q.dtype:
+    raise ValueError(f"mkl_gemm.attention_grad: o and d_o like q {q.dtype}{list(q.shape)}, got "
+                     f"{o.dtype}{list(o.shape)} and {d_o.dtype}{list(d_o.shape)}")
+  call = jax.ffi.ffi_call(ATTENTION_GRAD_TARGET,
+                          tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)),
+                          vmap_method="sequential")
+  return call(q, k, v, mask, o, stats.astype(jnp.float32), d_o, causal=bool(causal),
+              scale=np.float32(scale))
+
+
 # A compiled call in HLO text: its float32 output's dims and, among the operand layouts, a's dims.
-_HLO_CALL = re.compile(r"= f32\[([\d,]+)\]\S* custom-call\([^\n]*custom_call_target=\"(?:"
-                       + TARGET + "|" + BATCHED_TARGET
-                       + r")\"[^\n]*operand_layout_constraints=\{\w+\[([\d,]+)\]")
+_HLO_CALL = re.compile(r"= f32\[([\d,]+)\]\S* custom-call\([^\n]*custom_call_target=\""
+                       + TARGET + r"\"[^\n]*operand_layout_constraints=\{\w+\[([\d,]+)\]")
 
 
 # A compiled convolution call: its target, output dims and its two operands' dims.
@@ -242,10 +269,20 @@ _HLO_CONV = re.compile(r"= f32\[([\d,]+)\]\S* custom-call\([^\n]*custom_call_tar
                        + r")\"[^\n]*operand_layout_constraints=\{\w+\[([\d,]+)\]\{[\d,]*\}, \w+\[([\d,]+)\]")
 
 
+# A compiled attention call: its target and the dims of q [B, T, N, H] and k [B, S, N, H].
+_HLO_ATTENTION = re.compile(r"custom_call_target=\"(" + ATTENTION_TARGET + "|" + ATTENTION_GRAD_TARGET
+                            + r")\"[^\n]*operand_layout_constraints=\{\w+\[([\d,]+)\]\{[\d,]*\}, \w+\[([\d,]+)\]")
+
+# GEMMs of T x S x H per (batch, head): q k^T and p v forward; the backward recomputes q k^T and
+# adds do v^T, p^T do, dS k and dS^T q.
+_ATTENTION_GEMMS = {ATTENTION_TARGET: 2, ATTENTION_GRAD_TARGET: 5}
+
+
 def hlo_flops(hlo_text: str) -> float:
-  """FLOPs of the MKL GEMMs in a compiled program's HLO text, which XLA's cost analysis counts as
-  none: 2 M N K per matrix, i.e. twice a's element count (M K per matrix, transposed or not) times
-  the output's last dim (N, in every layout)."""
+  """FLOPs of the MKL calls in a compiled program's HLO text, which XLA's cost analysis counts as
+  none: for a GEMM 2 M N K, i.e. twice a's element count (M K, transposed or not) times the
+  output's last dim; for a convolution its useful products (not the wide grid's); for attention
+  2 T S H per GEMM and (batch, head), causal or not (MKL computes the masked logits too)."""
   total = 0
   for out_dims, a_dims in _HLO_CALL.findall(hlo_text):
     total += 2 * math.prod(int(d) for d in a_dims.split(",")) * int(out_dims.split(",")[-1])
@@ -257,4 +294,7 @@ def hlo_flops(hlo_text: str) -> float:
       kh, kw, c, n = out
       batch, hp, wp = x[:3]
     total += 2 * batch * (hp - kh + 1) * (wp - kw + 1) * kh * kw * c * n
+  for target, q_dims, k_dims in _HLO_ATTENTION.findall(hlo_text):
+    q_shape = [int(d) for d in q_dims.split(",")]
+    total += 2 * _ATTENTION_GEMMS[target] * math.prod(q_shape) * int(k_dims.split(",")[1])
   return float(total)

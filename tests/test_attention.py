@@ -54,7 +54,7 @@ def _case(name, key):
 @pytest.mark.parametrize("dtype,tol,bf16_dots", [
     (jnp.float32, 1e-5, None), (jnp.bfloat16, 3e-2, True), (jnp.bfloat16, 3e-2, False)])
 def test_cpu_attention_matches_numpy(monkeypatch, name, dtype, tol, bf16_dots, matmuls):
-  """Both paths: XLA's batched dots on materialised heads, and MKL's batched GEMMs reading the
+  """Both paths: XLA's batched dots on materialised heads, and MKL's fused attention reading the
   [B, T, N, H] operands in place (radjax.mkl_gemm)."""
   if matmuls == "mkl" and mkl_gemm.find_mkl() is None:
     pytest.skip("MKL is not installed")

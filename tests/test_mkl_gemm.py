@@ -46,53 +46,96 @@ def test_gemm_matches_numpy(dtype, transpose_a, transpose_b):
                                rtol=0, atol=1e-5 * max(k, 1))
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-@pytest.mark.parametrize("transpose_a,transpose_b", [(False, False), (True, False), (False, True), (True, True)])
-def test_batched_gemm_matches_numpy(dtype, transpose_a, transpose_b):
-  """Every layout of operands and output ([B, H, R, C] or [B, R, H, C]), both transposes, a
-  matrix count (B H = 2 x 3) that does not split evenly over the threads, and empty sums."""
-  rng = np.random.default_rng(1)
-  batch, heads = 2, 3
-  for m, k, n in [(5, 7, 4), (1, 3, 9), (4, 0, 2)]:
-    for a_first, b_first, out_first in np.ndindex(2, 2, 2):
-      def operand(rows, cols, heads_first):
-        shape = (batch, heads, rows, cols) if heads_first else (batch, rows, heads, cols)
-        x = jnp.asarray(rng.standard_normal(shape), dtype)
-        as_bhrc = np.asarray(x, np.float64) if heads_first else np.asarray(x, np.float64).transpose(0, 2, 1, 3)
-        return x, as_bhrc
-      a, a64 = operand(*((k, m) if transpose_a else (m, k)), a_first)
-      b, b64 = operand(*((n, k) if transpose_b else (k, n)), b_first)
-      want = (a64.swapaxes(-1, -2) if transpose_a else a64) @ (b64.swapaxes(-1, -2) if transpose_b else b64)
-      got = jax.jit(lambda x, y: mkl_gemm.batched_gemm(
-          x, y, transpose_a=transpose_a, transpose_b=transpose_b, a_heads_first=bool(a_first),
-          b_heads_first=bool(b_first), out_heads_first=bool(out_first)))(a, b)
-      got = np.asarray(got) if out_first else np.asarray(got).transpose(0, 2, 1, 3)
-      np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * max(k, 1))
+def _numpy_attention(q, k, v, mask, causal, scale, d_o):
+  """Softmax attention and its gradients in float64, masked like XLA's path (disallowed logits
+  set to float32's lowest, so a row with no key allowed is uniform): q [B, T, N, H], k/v
+  [B, S, N, H], mask broadcastable to [B, N, T, S] or None -> o, dq, dk, dv."""
+  q, k, v, d_o = (np.asarray(x, np.float64) for x in (q, k, v, d_o))
+  (b, t, n, _), s = q.shape, k.shape[1]
+  allowed = np.ones((b, n, t, s), bool)
+  if mask is not None:
+    allowed &= np.broadcast_to(np.asarray(mask).reshape((1,) * (4 - mask.ndim) + mask.shape), allowed.shape)
+  if causal:
+    allowed &= np.tril(np.ones((t, s), bool), s - t)
+  logits = np.where(allowed, scale * np.einsum("btnh,bsnh->bnts", q, k), np.finfo(np.float32).min)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  dp = np.einsum("btnh,bsnh->bnts", d_o, v)
+  ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+  return (np.einsum("bnts,bsnh->btnh", p, v), scale * np.einsum("bnts,bsnh->btnh", ds, k),
+          scale * np.einsum("bnts,btnh->bsnh", ds, q), np.einsum("bnts,btnh->bsnh", p, d_o))
 
 
-def test_attention_through_mkl_transposes_no_heads(monkeypatch):
-  """CPU attention's forward and backward through MKL: six batched GEMMs (q k^T, p v; dp, dq, dk,
-  dv) on the [B, T, N, H] operands, and none of the XLA path's head transposes."""
+# (B, T, S, N, H, causal, mask shape): self and cross attention, causal with T < S and T > S,
+# masks per key, per (query, key), per head and a scalar, more pairs than threads, and 600 x 300
+# logits that take several row blocks.
+ATTENTION_CASES = [(2, 5, 7, 3, 4, False, None), (2, 7, 7, 3, 8, True, None),
+                   (3, 9, 6, 2, 5, False, (3, 1, 1, 6)), (2, 6, 4, 2, 3, True, (6, 4)),
+                   (2, 4, 5, 3, 2, False, (1, 3, 1, 1)), (1, 600, 300, 1, 8, True, (1, 1, 600, 300))]
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 3e-2)])
+def test_attention_and_its_gradients_match_numpy(dtype, tol):
+  """The fused attention and its gradients against NumPy on the same (rounded) inputs; one mask
+  leaves a query with no key, which is uniform over all keys as in XLA's path."""
+  rng = np.random.default_rng(2)
+  for b, t, s, n, h, causal, mask_shape in ATTENTION_CASES:
+    q, d_o = (jnp.asarray(rng.standard_normal((b, t, n, h)) * 2, dtype) for _ in range(2))
+    k, v = (jnp.asarray(rng.standard_normal((b, s, n, h)), dtype) for _ in range(2))
+    mask = None if mask_shape is None else rng.random(mask_shape) > 0.3
+    if mask_shape == (6, 4):
+      mask[1] = False
+    mask = None if mask is None else jnp.asarray(mask)
+    scale = h ** -0.5
+    o, stats = jax.jit(lambda q, k, v, m: mkl_gemm.attention(q, k, v, m, causal=causal, scale=scale))(q, k, v, mask)
+    assert o.dtype == q.dtype and stats.shape == (b, n, t, 2)
+    grads = jax.jit(lambda *args: mkl_gemm.attention_grad(*args, causal=causal, scale=scale))(
+        q, k, v, mask, o, stats, d_o)
+    for got, want in zip((o, *grads), _numpy_attention(q, k, v, mask, causal, scale, d_o)):
+      assert got.dtype == q.dtype and got.shape == want.shape
+      np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0,
+                                 atol=tol * np.abs(want).max(), err_msg=str((b, t, s, n, h, causal, mask_shape)))
+
+
+def test_attention_refuses_what_it_cannot_attend():
+  q = jnp.ones((2, 5, 3, 4), jnp.float32)
+  with pytest.raises(ValueError, match="one dtype"):
+    mkl_gemm.attention(q, q.astype(jnp.bfloat16), q, None, causal=False, scale=1.0)
+  with pytest.raises(ValueError, match="k and v"):
+    mkl_gemm.attention(q, q[:, :, :2], q[:, :, :2], None, causal=False, scale=1.0)
+  with pytest.raises(ValueError, match="not broadcastable"):
+    mkl_gemm.attention(q, q, q, jnp.ones((2, 1, 1, 4), bool), causal=False, scale=1.0)
+  with pytest.raises(ValueError, match="o and d_o"):
+    mkl_gemm.attention_grad(q, q, q, None, q, jnp.zeros((2, 3, 5, 2)), q[:, :4], causal=False, scale=1.0)
+
+
+def test_attention_through_mkl_is_two_calls_and_no_head_transposes(monkeypatch):
+  """CPU attention's forward and backward through MKL: one fused call each on the [B, T, N, H]
+  operands, no XLA dot and no transpose of a 4-D operand."""
   from radjax.models import transformer
   monkeypatch.setenv(mkl_gemm.ENV, "on")
   q = jnp.ones((2, 5, 3, 8), jnp.bfloat16)
   grad = jax.grad(lambda q, k, v: jnp.sum(transformer.cpu_attention(q, k, v, None, False).astype(jnp.float32)),
                   argnums=(0, 1, 2))
   text = jax.jit(grad).lower(q, q, q).as_text()
-  assert text.count(f"@{mkl_gemm.BATCHED_TARGET}(") == 6
-  # Only the [B, T, N] softmax row sums are transposed, never a 4-D operand.
+  assert text.count(f"@{mkl_gemm.ATTENTION_TARGET}(") == 1
+  assert text.count(f"@{mkl_gemm.ATTENTION_GRAD_TARGET}(") == 1
+  assert "stablehlo.dot_general" not in text
   assert not re.search(r"stablehlo.transpose [^\n]*-> tensor<\d+x\d+x\d+x\d+x", text), text
 
 
 def test_hlo_flops_counts_the_custom_calls():
-  """XLA's cost analysis counts no FLOPs for a custom call; hlo_flops counts 2 M N K per matrix."""
-  def program(a, b, q):
-    return (mkl_gemm.gemm(a, b, transpose_a=True).sum()
-            + mkl_gemm.batched_gemm(q, q, transpose_b=True, a_heads_first=False, b_heads_first=False).sum())
+  """XLA's cost analysis counts no FLOPs for a custom call; hlo_flops counts 2 M N K for a GEMM,
+  and 2 T S H per (batch, head) for each of attention's 2 GEMMs forward and 5 backward."""
+  def program(a, b, q, k):
+    o, stats = mkl_gemm.attention(q, k, k, None, causal=True, scale=0.5)
+    grads = mkl_gemm.attention_grad(q, k, k, None, o, stats, o, causal=True, scale=0.5)
+    return mkl_gemm.gemm(a, b, transpose_a=True).sum() + sum(g.sum() for g in grads)
 
-  shapes = (jnp.ones((8, 16), jnp.float32), jnp.ones((8, 4), jnp.float32), jnp.ones((2, 5, 3, 4), jnp.float32))
+  shapes = (jnp.ones((8, 16), jnp.float32), jnp.ones((8, 4), jnp.float32),
+            jnp.ones((2, 5, 3, 4), jnp.float32), jnp.ones((2, 6, 3, 4), jnp.float32))
   hlo = jax.jit(program).lower(*shapes).compile().as_text()
-  assert mkl_gemm.hlo_flops(hlo) == 2 * 16 * 4 * 8 + 2 * (2 * 3) * 5 * 5 * 4
+  assert mkl_gemm.hlo_flops(hlo) == 2 * 16 * 4 * 8 + (2 + 5) * 2 * (2 * 3) * 5 * 6 * 4
 
 
 def test_hlo_flops_counts_the_useful_convolution():

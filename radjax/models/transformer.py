@@ -99,36 +99,27 @@ def _cpu_attention_fwd_core(q, k, v, mask, is_causal):
   return o, (qs, kh, vh, p, o)
 
 
-# With MKL (radjax.mkl_gemm), attention's batched GEMMs read q, k, v and do in their [B, T, N, H]
-# layout and write o, dq, dk, dv in it: none of the head transposes above, and p^T, ds^T are read
-# transposed in place. ViT-B/16 measurements: BUILD_NOTES.md, "A ninth machine".
-def _bgemm(a, b, **layouts):
-  dt = layers.cpu_dot_dtype(a.dtype)
-  return mkl_gemm.batched_gemm(a.astype(dt), b.astype(dt), **layouts)
-
-
-_ROWS_FIRST = {"b_heads_first": False, "out_heads_first": False}  # b and out [B, T, N, H]
+# With MKL (radjax.mkl_gemm), attention is one fused call per direction: per (batch, head), the
+# logits, softmax and products stay in the core's cache, q, k, v and their gradients are read and
+# written in their [B, T, N, H] layout, and the backward recomputes the probabilities from each
+# row's max and sum instead of keeping [B, N, T, S] of them. ViT-B/16: BUILD_NOTES.md, "Fused
+# attention".
+def _mkl_operands(q, k, v):
+  dt = layers.cpu_dot_dtype(q.dtype)
+  return q.astype(dt), k.astype(dt), v.astype(dt)
 
 
 def _mkl_attention_fwd(q, k, v, mask, is_causal):
-  qs = _scaled(q)
-  logits = _bgemm(qs, k, transpose_b=True, a_heads_first=False, b_heads_first=False)
-  p = _probabilities(logits, mask, is_causal, q.dtype)
-  o = _bgemm(p, v, **_ROWS_FIRST).astype(q.dtype)
-  return o, (qs, k, v, p, o)
+  qc, kc, vc = _mkl_operands(q, k, v)
+  o, stats = mkl_gemm.attention(qc, kc, vc, mask, causal=is_causal, scale=q.shape[-1] ** -0.5)
+  return o.astype(q.dtype), (qc, kc, vc, o, stats)
 
 
-def _mkl_attention_bwd(res, do):
-  qs, k, v, p, o = res
-  dt = qs.dtype
-  do = do.astype(dt)
-  dp = _bgemm(do, v, transpose_b=True, a_heads_first=False, b_heads_first=False)
-  delta = jnp.sum(do.astype(_F32) * o.astype(_F32), -1)  # [B, T, N] = rowsum(dp * p)
-  ds = (p.astype(_F32) * (dp - jnp.swapaxes(delta, 1, 2)[..., None])).astype(dt)
-  dq = _bgemm(ds, _scaled(k), **_ROWS_FIRST).astype(dt)
-  dk = _bgemm(ds, qs, transpose_a=True, **_ROWS_FIRST).astype(dt)
-  dv = _bgemm(p, do, transpose_a=True, **_ROWS_FIRST).astype(dt)
-  return dq, dk, dv, None
+def _mkl_attention_bwd(mask, is_causal, res, do):
+  qc, kc, vc, o, stats = res
+  grads = mkl_gemm.attention_grad(qc, kc, vc, mask, o, stats, do.astype(qc.dtype),
+                                  causal=is_causal, scale=qc.shape[-1] ** -0.5)
+  return tuple(g.astype(do.dtype) for g in grads) + (None,)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -151,10 +142,9 @@ def _cpu_attention_fwd(q, k, v, mask, is_causal):
 
 
 def _cpu_attention_bwd(is_causal, res, do):
-  del is_causal  # in p already
-  res, _ = res
+  res, mask = res
   if layers.use_mkl():
-    return _mkl_attention_bwd(res, do)
+    return _mkl_attention_bwd(mask, is_causal, res, do)
   qs, kh, vh, p, o = res
   dt = qs.dtype
   doh = _heads(do.astype(dt))

@@ -1,16 +1,18 @@
 // XLA FFI custom calls through Intel MKL's GEMMs (bfloat16 x bfloat16 -> float32, float32 x float32
-// -> float32): out = op(A) @ op(B) (RadjaxMklGemm), and the same for every (batch, head) matrix of
-// 4-D attention operands, read and written in place whether heads come before or after the rows
-// (RadjaxMklBatchedGemm), and stride-1 convolutions as GEMMs over shifted rows of the padded input
-// (RadjaxMklConv, RadjaxMklConvWeightGrad). radjax/mkl_gemm.py loads MKL (sequential threading
-// layer) and passes its GEMMs to radjax_mkl_init. Work is split into one tile per thread of XLA's
-// intra-op pool.
+// -> float32): out = op(A) @ op(B) (RadjaxMklGemm), stride-1 convolutions as GEMMs over shifted
+// rows of the padded input (RadjaxMklConv, RadjaxMklConvWeightGrad), and softmax attention fused
+// per (batch, head) (RadjaxMklAttention, RadjaxMklAttentionGrad). radjax/mkl_gemm.py loads MKL
+// (sequential threading layer) and passes its GEMMs to radjax_mkl_init. Work is split into tiles
+// run on XLA's intra-op pool.
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <cstring>
+#include <limits>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -49,7 +51,9 @@ void RunTiles(ffi::ThreadPool& pool, int total, Run run) {
       if (++tiles->done == tiles->total) tiles->finished.notify_all();
     }
   };
-  for (int i = 1; i < total; ++i) pool.Schedule(decltype(work)(work));
+  // Helpers beyond the pool's threads would find no tile left.
+  const int helpers = std::min<int64_t>(total, std::max<int64_t>(1, pool.num_threads())) - 1;
+  for (int i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
   work();
   std::unique_lock<std::mutex> lock(tiles->mu);
   tiles->finished.wait(lock, [&] { return tiles->done == tiles->total; });
@@ -105,60 +109,6 @@ static ffi::Error Gemm(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
     } else {  // columns lo.. of out: columns of op(B)
       const char* pb_t = pb + static_cast<int64_t>(lo) * (transpose_b ? ldb : 1) * width;
       gemm(kRowMajor, ta, tb, m, size, k, 1.0f, pa, lda, pb_t, ldb, 0.0f, pc + lo, n);
-    }
-  });
-  return ffi::Error::Success();
-}
-
-// A 4-D operand as B x H matrices of R x C elements: [B, H, R, C] (heads_first), or [B, R, H, C],
-// where matrix (b, h) starts at element b R H C + h C with rows H C apart (no transpose needed).
-struct Matrices {
-  int64_t batch, heads, rows, cols, ld;
-  bool heads_first;
-  static Matrices Of(ffi::Span<const int64_t> d, bool heads_first) {
-    return heads_first ? Matrices{d[0], d[1], d[2], d[3], d[3], true}
-                       : Matrices{d[0], d[2], d[1], d[3], d[2] * d[3], false};
-  }
-  int64_t Offset(int64_t b, int64_t h) const {
-    return heads_first ? (b * heads + h) * rows * cols : b * rows * heads * cols + h * cols;
-  }
-};
-
-static ffi::Error BatchedGemm(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
-                              ffi::Result<ffi::Buffer<ffi::F32>> out, bool transpose_a,
-                              bool transpose_b, bool a_heads_first, bool b_heads_first,
-                              bool out_heads_first) {
-  const GemmFn gemm = GemmFor(a.element_type(), b.element_type());
-  if (gemm == nullptr) return ffi::Error::InvalidArgument("MKL batched GEMM: two bf16 or two f32 operands, after radjax_mkl_init");
-  if (a.dimensions().size() != 4 || b.dimensions().size() != 4 || out->dimensions().size() != 4)
-    return ffi::Error::InvalidArgument("MKL batched GEMM: 4-D operands and output");
-  const Matrices ma = Matrices::Of(a.dimensions(), a_heads_first);
-  const Matrices mb = Matrices::Of(b.dimensions(), b_heads_first);
-  const Matrices mc = Matrices::Of(out->dimensions(), out_heads_first);
-  const int64_t m = transpose_a ? ma.cols : ma.rows, k = transpose_a ? ma.rows : ma.cols;
-  const int64_t n = transpose_b ? mb.rows : mb.cols;
-  if ((transpose_b ? mb.cols : mb.rows) != k || ma.batch != mb.batch || ma.heads != mb.heads ||
-      mc.batch != ma.batch || mc.heads != ma.heads || mc.rows != m || mc.cols != n)
-    return ffi::Error::InvalidArgument("MKL batched GEMM: operand and output shapes do not match");
-  const int64_t count = ma.batch * ma.heads;
-  if (count == 0 || m == 0 || n == 0) return ffi::Error::Success();
-  const int width = ffi::ByteWidth(a.element_type());
-  const char* pa = static_cast<const char*>(a.untyped_data());
-  const char* pb = static_cast<const char*>(b.untyped_data());
-  float* pc = out->typed_data();
-  const int ta = transpose_a ? kTrans : kNoTrans, tb = transpose_b ? kTrans : kNoTrans;
-  const int threads = PoolThreads(pool);
-  const int64_t per_tile = (count + threads - 1) / threads;
-  RunTiles(pool, static_cast<int>((count + per_tile - 1) / per_tile), [=](int t) {
-    for (int64_t i = t * per_tile; i < std::min(count, (t + 1) * per_tile); ++i) {
-      const int64_t bi = i / ma.heads, hi = i % ma.heads;
-      float* c = pc + mc.Offset(bi, hi);
-      if (k == 0) {  // an empty sum (BLAS would reject the zero leading dimensions)
-        for (int64_t r = 0; r < m; ++r) std::fill(c + r * mc.ld, c + r * mc.ld + n, 0.0f);
-        continue;
-      }
-      gemm(kRowMajor, ta, tb, m, n, k, 1.0f, pa + ma.Offset(bi, hi) * width, ma.ld,
-           pb + mb.Offset(bi, hi) * width, mb.ld, 0.0f, c, mc.ld);
     }
   });
   return ffi::Error::Success();
@@ -290,6 +240,310 @@ static ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::An
   return ffi::Error::Success();
 }
 
+// Softmax attention fused per (batch, head): q [B, T, N, H], k and v [B, S, N, H] (bf16 or f32,
+// read in place), a mask broadcastable to [B, N, T, S] (true = attend) and causality. For each
+// block of query rows, the scaled logits q k^T, their softmax and its product with v stay in this
+// thread's scratch (L2) instead of round trips through memory of [B, N, T, S] float32 arrays.
+// The forward keeps each row's max and 1 / sum; the backward recomputes the probabilities from
+// them bit for bit, as flash attention does. Probabilities and dS are rounded to the operands'
+// dtype for the GEMMs that read them, like XLA's path; everything else is float32.
+namespace {
+
+inline float FromBf16(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t ToBf16(float f) {  // round to nearest even (NaN stays NaN, like XLA's convert)
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+inline float Load(const float* p, int64_t i) { return p[i]; }
+inline float Load(const uint16_t* p, int64_t i) { return FromBf16(p[i]); }
+inline void Store(float* p, int64_t i, float v) { p[i] = v; }
+inline void Store(uint16_t* p, int64_t i, float v) { p[i] = ToBf16(v); }
+
+// exp(x) for x <= 0, within 2 ulp; 0 below float's normal range; NaN stays NaN. Branch-free and
+// without libm, so the softmax loops vectorise.
+inline float ExpNonPositive(float x) {
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float shifted = x * 1.44269504088896341f + kRound;
+  uint32_t shifted_bits;
+  std::memcpy(&shifted_bits, &shifted, 4);
+  const int32_t n = static_cast<int32_t>(shifted_bits - 0x4B400000u);  // round(x / ln 2)
+  const float nf = shifted - kRound;
+  const float r = (x - nf * 0.693359375f) + nf * 2.12194440e-4f;  // x - n ln 2 in two parts
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const uint32_t scale_bits = static_cast<uint32_t>(n + 127) << 23;  // 2^n
+  float scale;
+  std::memcpy(&scale, &scale_bits, 4);
+  return x < -87.3f ? 0.0f : p * scale;
+}
+
+// A mask broadcastable to [B, N, T, S] as element strides (0 along its broadcast dims).
+struct Mask {
+  const bool* data;
+  int64_t b, n, t, s;
+  static Mask Of(const bool* data, ffi::Span<const int64_t> d) {
+    const int64_t s = d[3] == 1 ? 0 : 1, t = d[2] == 1 ? 0 : d[3];
+    const int64_t n = d[1] == 1 ? 0 : d[2] * d[3], b = d[0] == 1 ? 0 : d[1] * d[2] * d[3];
+    return {data, b, n, t, s};
+  }
+};
+
+// What one (batch, head) pair of an attention call reads and writes.
+struct AttentionShape {
+  int64_t batch, t, s, heads, h;
+  bool causal;
+  float scale;
+  int64_t Ld() const { return heads * h; }  // q, k, v rows are all heads' wide
+  int64_t QOffset(int64_t b, int64_t n) const { return b * t * heads * h + n * h; }
+  int64_t KOffset(int64_t b, int64_t n) const { return b * s * heads * h + n * h; }
+  // Query rows per block: the block's float32 logits within 256 KiB.
+  int64_t RowBlock() const { return std::clamp<int64_t>((int64_t{1} << 16) / std::max<int64_t>(1, s), 16, 1024); }
+};
+
+// Grows-only per-thread buffers (XLA's pool threads live as long as the process).
+float* Scratch(int slot, size_t floats) {
+  thread_local std::vector<float> buffers[4];
+  std::vector<float>& buffer = buffers[slot];
+  if (buffer.size() < floats) buffer.resize(floats);
+  return buffer.data();
+}
+
+// Logits of query rows [t0, t0 + rows) of (b, n): scale q k^T into x [rows, S], masked entries
+// set to float's lowest (as XLA's path does, so a row with no key allowed is uniform).
+template <typename T>
+void MaskedLogits(GemmFn gemm, const AttentionShape& a, const T* q, const T* k, const Mask& mask,
+                  int64_t b, int64_t n, int64_t t0, int64_t rows, float* x) {
+  const int64_t ld = a.Ld();
+  gemm(kRowMajor, kNoTrans, kTrans, rows, a.s, a.h, a.scale, q + a.QOffset(b, n) + t0 * ld, ld,
+       k + a.KOffset(b, n), ld, 0.0f, x, a.s);
+  constexpr float kLowest = -std::numeric_limits<float>::max();
+  for (int64_t i = 0; i < rows; ++i) {
+    float* row = x + i * a.s;
+    const int64_t t = t0 + i;
+    const bool* m = mask.data + b * mask.b + n * mask.n + t * mask.t;
+    if (mask.s != 0) {
+#pragma omp simd
+      for (int64_t j = 0; j < a.s; ++j) row[j] = m[j] ? row[j] : kLowest;
+    } else if (!m[0]) {
+      std::fill(row, row + a.s, kLowest);
+    }
+    if (a.causal)  // key j may attend to query t when j <= t + S - T (jnp.tril's offset)
+      for (int64_t j = std::max<int64_t>(0, t + a.s - a.t + 1); j < a.s; ++j) row[j] = kLowest;
+  }
+}
+
+// max(x[0, s)) (float's lowest for none). GCC leaves a max reduction scalar, a chain of 4-cycle
+// maxss, even under omp simd: 16 independent lanes make it vector code.
+inline float RowMax(const float* x, int64_t s) {
+  constexpr int kLanes = 16;
+  float lanes[kLanes];
+  std::fill(lanes, lanes + kLanes, -std::numeric_limits<float>::max());
+  int64_t j = 0;
+  for (; j + kLanes <= s; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) lanes[l] = x[j + l] > lanes[l] ? x[j + l] : lanes[l];
+  for (; j < s; ++j) lanes[0] = x[j] > lanes[0] ? x[j] : lanes[0];
+  return *std::max_element(lanes, lanes + kLanes);
+}
+
+// p = exp(x - max) / sum for one row of s logits, in T; returns (max, 1 / sum) for the backward.
+template <typename T>
+void SoftmaxRow(const float* x, int64_t s, T* p, float* stats) {
+  const float max = RowMax(x, s);
+  float* e = const_cast<float*>(x);  // exponentials in place of the logits
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < s; ++j) {
+    e[j] = ExpNonPositive(x[j] - max);
+    sum += e[j];
+  }
+  const float inv_sum = 1.0f / sum;
+#pragma omp simd
+  for (int64_t j = 0; j < s; ++j) Store(p, j, e[j] * inv_sum);
+  stats[0] = max;
+  stats[1] = inv_sum;
+}
+
+// The forward's probabilities again, from its (max, 1 / sum): the same float operations.
+template <typename T>
+void ProbabilitiesRow(const float* x, int64_t s, const float* stats, T* p) {
+  const float max = stats[0], inv_sum = stats[1];
+#pragma omp simd
+  for (int64_t j = 0; j < s; ++j) Store(p, j, ExpNonPositive(x[j] - max) * inv_sum);
+}
+
+// rows x cols float32 (dense) -> T rows ld apart.
+template <typename T>
+void StoreRows(const float* from, int64_t rows, int64_t cols, T* to, int64_t ld) {
+  for (int64_t i = 0; i < rows; ++i) {
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) Store(to + i * ld, j, from[i * cols + j]);
+  }
+}
+
+template <typename T>
+void AttentionPair(GemmFn gemm, const AttentionShape& a, const T* q, const T* k, const T* v,
+                   const Mask& mask, int64_t b, int64_t n, T* o, float* stats) {
+  const int64_t ld = a.Ld(), block = a.RowBlock();
+  float* x = Scratch(0, block * a.s);
+  T* p = reinterpret_cast<T*>(Scratch(1, block * a.s));
+  float* out = Scratch(2, block * a.h);
+  for (int64_t t0 = 0; t0 < a.t; t0 += block) {
+    const int64_t rows = std::min(block, a.t - t0);
+    MaskedLogits(gemm, a, q, k, mask, b, n, t0, rows, x);
+    for (int64_t i = 0; i < rows; ++i)
+      SoftmaxRow(x + i * a.s, a.s, p + i * a.s, stats + ((b * a.heads + n) * a.t + t0 + i) * 2);
+    gemm(kRowMajor, kNoTrans, kNoTrans, rows, a.h, a.s, 1.0f, p, a.s, v + a.KOffset(b, n), ld, 0.0f,
+         out, a.h);
+    StoreRows(out, rows, a.h, o + a.QOffset(b, n) + t0 * ld, ld);
+  }
+}
+
+template <typename T>
+void AttentionGradPair(GemmFn gemm, const AttentionShape& a, const T* q, const T* k, const T* v,
+                       const Mask& mask, const T* o, const float* stats, const T* d_o, int64_t b,
+                       int64_t n, T* dq, T* dk, T* dv) {
+  const int64_t ld = a.Ld(), block = a.RowBlock();
+  float* x = Scratch(0, block * a.s);
+  T* p = reinterpret_cast<T*>(Scratch(1, block * a.s));  // then dS
+  float* out = Scratch(2, std::max(block, a.s) * a.h);
+  float* dkv = Scratch(3, 2 * a.s * a.h);  // dk, dv accumulated over the row blocks
+  float *dk_acc = dkv, *dv_acc = dkv + a.s * a.h;
+  const int64_t qo = a.QOffset(b, n), ko = a.KOffset(b, n);
+  for (int64_t t0 = 0; t0 < a.t; t0 += block) {
+    const int64_t rows = std::min(block, a.t - t0);
+    const float beta = t0 == 0 ? 0.0f : 1.0f;
+    // The block's rows of o, read after four GEMMs for dS: fetched now, they arrive meanwhile.
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < a.h * int64_t{sizeof(T)}; j += 64)
+        __builtin_prefetch(reinterpret_cast<const char*>(o + qo + (t0 + i) * ld) + j);
+    MaskedLogits(gemm, a, q, k, mask, b, n, t0, rows, x);
+    for (int64_t i = 0; i < rows; ++i)
+      ProbabilitiesRow(x + i * a.s, a.s, stats + ((b * a.heads + n) * a.t + t0 + i) * 2, p + i * a.s);
+    // dv += p^T do; dp = do v^T (into x); dS = p (dp - rowsum(do o)).
+    gemm(kRowMajor, kTrans, kNoTrans, a.s, a.h, rows, 1.0f, p, a.s, d_o + qo + t0 * ld, ld, beta,
+         dv_acc, a.h);
+    gemm(kRowMajor, kNoTrans, kTrans, rows, a.s, a.h, 1.0f, d_o + qo + t0 * ld, ld, v + ko, ld, 0.0f,
+         x, a.s);
+    for (int64_t i = 0; i < rows; ++i) {
+      const T* do_row = d_o + qo + (t0 + i) * ld;
+      const T* o_row = o + qo + (t0 + i) * ld;
+      float delta = 0.0f;
+#pragma omp simd reduction(+ : delta)
+      for (int64_t j = 0; j < a.h; ++j) delta += Load(do_row, j) * Load(o_row, j);
+      const float* dp = x + i * a.s;
+      T* ds = p + i * a.s;
+#pragma omp simd
+      for (int64_t j = 0; j < a.s; ++j) Store(ds, j, Load(ds, j) * (dp[j] - delta));
+    }
+    // dq = scale dS k; dk += scale dS^T q.
+    gemm(kRowMajor, kNoTrans, kNoTrans, rows, a.h, a.s, a.scale, p, a.s, k + ko, ld, 0.0f, out, a.h);
+    StoreRows(out, rows, a.h, dq + qo + t0 * ld, ld);
+    gemm(kRowMajor, kTrans, kNoTrans, a.s, a.h, rows, a.scale, p, a.s, q + qo + t0 * ld, ld, beta,
+         dk_acc, a.h);
+  }
+  StoreRows(dk_acc, a.s, a.h, dk + ko, ld);
+  StoreRows(dv_acc, a.s, a.h, dv + ko, ld);
+}
+
+// The (batch, head) pairs [0, pairs) spread over the pool; body(b, n) for each.
+template <typename Body>
+void ForPairs(ffi::ThreadPool& pool, const AttentionShape& a, Body body) {
+  const int64_t pairs = a.batch * a.heads;
+  RunTiles(pool, static_cast<int>(pairs), [=](int i) { body(i / a.heads, i % a.heads); });
+}
+
+ffi::Error CheckAttention(const char* what, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                          ffi::Span<const int64_t> mask, bool causal, float scale,
+                          AttentionShape* shape) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (GemmFor(q.element_type(), k.element_type()) == nullptr || v.element_type() != q.element_type())
+    return ffi::Error::InvalidArgument(std::string(what) + ": q, k, v all bf16 or all f32, after radjax_mkl_init");
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || mask.size() != 4)
+    return ffi::Error::InvalidArgument(std::string(what) + ": 4-D q, k, v and mask");
+  bool fits = kd[0] == qd[0] && kd[2] == qd[2] && kd[3] == qd[3] && std::equal(kd.begin(), kd.end(), vd.begin());
+  const int64_t target[4] = {qd[0], qd[2], qd[1], kd[1]};
+  for (int i = 0; i < 4; ++i) fits = fits && (mask[i] == 1 || mask[i] == target[i]);
+  if (!fits) return ffi::Error::InvalidArgument(std::string(what) + ": q [B, T, N, H], k and v [B, S, N, H], mask broadcastable to [B, N, T, S]");
+  if (qd[1] == 0 || kd[1] == 0 || qd[3] == 0)
+    return ffi::Error::InvalidArgument(std::string(what) + ": no queries, keys or head dims");
+  *shape = {qd[0], qd[1], kd[1], qd[2], qd[3], causal, scale};
+  return ffi::Error::Success();
+}
+
+// f(T{}) with T the C++ type of a bf16 (uint16_t, its bits) or f32 buffer.
+template <typename F>
+void ForElementType(ffi::DataType type, F f) {
+  if (type == ffi::DataType::BF16) {
+    f(uint16_t{});
+  } else {
+    f(float{});
+  }
+}
+
+template <typename T>
+const T* In(const ffi::AnyBuffer& b) { return static_cast<const T*>(b.untyped_data()); }
+
+template <typename T>
+T* Out(ffi::Result<ffi::AnyBuffer>& b) { return static_cast<T*>(b->untyped_data()); }
+
+}  // namespace
+
+// o [B, T, N, H] in q's dtype and stats [B, N, T, 2] float32: each query row's max logit and
+// 1 / sum of exponentials, for AttentionGrad.
+static ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                           ffi::AnyBuffer v, ffi::Buffer<ffi::PRED> mask, ffi::Result<ffi::AnyBuffer> o,
+                           ffi::Result<ffi::Buffer<ffi::F32>> stats, bool causal, float scale) {
+  AttentionShape a;
+  if (auto e = CheckAttention("MKL attention", q, k, v, mask.dimensions(), causal, scale, &a); e.failure()) return e;
+  const GemmFn gemm = GemmFor(q.element_type(), k.element_type());
+  const Mask m = Mask::Of(mask.typed_data(), mask.dimensions());
+  float* st = stats->typed_data();
+  ForElementType(q.element_type(), [&](auto zero) {
+    using T = decltype(zero);
+    const T *pq = In<T>(q), *pk = In<T>(k), *pv = In<T>(v);
+    T* po = Out<T>(o);
+    ForPairs(pool, a, [=](int64_t b, int64_t n) { AttentionPair(gemm, a, pq, pk, pv, m, b, n, po, st); });
+  });
+  return ffi::Error::Success();
+}
+
+// dq, dk, dv of Attention, given its inputs, its output o and stats, and the cotangent d_o.
+static ffi::Error AttentionGrad(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                               ffi::AnyBuffer v, ffi::Buffer<ffi::PRED> mask, ffi::AnyBuffer o,
+                               ffi::Buffer<ffi::F32> stats, ffi::AnyBuffer d_o,
+                               ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                               ffi::Result<ffi::AnyBuffer> dv, bool causal, float scale) {
+  AttentionShape a;
+  if (auto e = CheckAttention("MKL attention gradient", q, k, v, mask.dimensions(), causal, scale, &a); e.failure()) return e;
+  if (o.element_type() != q.element_type() || d_o.element_type() != q.element_type())
+    return ffi::Error::InvalidArgument("MKL attention gradient: o and its cotangent in q's dtype");
+  const GemmFn gemm = GemmFor(q.element_type(), k.element_type());
+  const Mask m = Mask::Of(mask.typed_data(), mask.dimensions());
+  const float* st = stats.typed_data();
+  ForElementType(q.element_type(), [&](auto zero) {
+    using T = decltype(zero);
+    const T *pq = In<T>(q), *pk = In<T>(k), *pv = In<T>(v), *po = In<T>(o), *pdo = In<T>(d_o);
+    T *pdq = Out<T>(dq), *pdk = Out<T>(dk), *pdv = Out<T>(dv);
+    ForPairs(pool, a, [=](int64_t b, int64_t n) {
+      AttentionGradPair(gemm, a, pq, pk, pv, m, po, st, pdo, b, n, pdq, pdk, pdv);
+    });
+  });
+  return ffi::Error::Success();
+}
+
 // What every handler takes: XLA's pool, two operands and a float32 output.
 static auto TwoOperandBinding() {
   return ffi::Ffi::Bind()
@@ -306,13 +560,35 @@ static auto GemmBinding() {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxMklGemm, Gemm, GemmBinding());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxMklBatchedGemm, BatchedGemm,
-                              GemmBinding()
-                                  .Attr<bool>("a_heads_first")
-                                  .Attr<bool>("b_heads_first")
-                                  .Attr<bool>("out_heads_first"));
-
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxMklConv, Conv,
                               TwoOperandBinding().Attr<bool>("flip").Attr<bool>("transpose_w"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxMklConvWeightGrad, ConvWeightGrad, TwoOperandBinding());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxMklAttention, Attention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // q
+                                  .Arg<ffi::AnyBuffer>()  // k
+                                  .Arg<ffi::AnyBuffer>()  // v
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask
+                                  .Ret<ffi::AnyBuffer>()  // o
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // stats
+                                  .Attr<bool>("causal")
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxMklAttentionGrad, AttentionGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // q
+                                  .Arg<ffi::AnyBuffer>()  // k
+                                  .Arg<ffi::AnyBuffer>()  // v
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask
+                                  .Arg<ffi::AnyBuffer>()  // o
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // stats
+                                  .Arg<ffi::AnyBuffer>()  // d_o
+                                  .Ret<ffi::AnyBuffer>()  // dq
+                                  .Ret<ffi::AnyBuffer>()  // dk
+                                  .Ret<ffi::AnyBuffer>()  // dv
+                                  .Attr<bool>("causal")
+                                  .Attr<float>("scale"));
