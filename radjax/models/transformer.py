@@ -103,7 +103,7 @@ def _cpu_attention_fwd_core(q, k, v, mask, is_causal):
 # logits, softmax and products stay in the core's cache, q, k, v and their gradients are read and
 # written in their [B, T, N, H] layout, and the backward recomputes the probabilities from each
 # row's max and sum instead of keeping [B, N, T, S] of them. ViT-B/16: BUILD_NOTES.md, "Fused
-# attention".
+# attention through MKL".
 def _mkl_operands(q, k, v):
   dt = layers.cpu_dot_dtype(q.dtype)
   return q.astype(dt), k.astype(dt), v.astype(dt)

@@ -245,7 +245,7 @@ static ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::An
 // block of query rows, the scaled logits q k^T, their softmax and its product with v stay in this
 // thread's scratch (L2) instead of round trips through memory of [B, N, T, S] float32 arrays.
 // The forward keeps each row's max and 1 / sum; the backward recomputes the probabilities from
-// them bit for bit, as flash attention does. Probabilities and dS are rounded to the operands'
+// them with the same operations, as flash attention does. Probabilities and dS are rounded to the operands'
 // dtype for the GEMMs that read them, like XLA's path; everything else is float32.
 namespace {
 
@@ -341,7 +341,7 @@ void MaskedLogits(GemmFn gemm, const AttentionShape& a, const T* q, const T* k, 
       std::fill(row, row + a.s, kLowest);
     }
     if (a.causal)  // key j may attend to query t when j <= t + S - T (jnp.tril's offset)
-      for (int64_t j = std::max<int64_t>(0, t + a.s - a.t + 1); j < a.s; ++j) row[j] = kLowest;
+      std::fill(row + std::clamp<int64_t>(t + a.s - a.t + 1, 0, a.s), row + a.s, kLowest);
   }
 }
 
@@ -360,18 +360,17 @@ inline float RowMax(const float* x, int64_t s) {
 
 // p = exp(x - max) / sum for one row of s logits, in T; returns (max, 1 / sum) for the backward.
 template <typename T>
-void SoftmaxRow(const float* x, int64_t s, T* p, float* stats) {
+void SoftmaxRow(float* x, int64_t s, T* p, float* stats) {
   const float max = RowMax(x, s);
-  float* e = const_cast<float*>(x);  // exponentials in place of the logits
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < s; ++j) {
-    e[j] = ExpNonPositive(x[j] - max);
-    sum += e[j];
+    x[j] = ExpNonPositive(x[j] - max);  // in place of the logit
+    sum += x[j];
   }
   const float inv_sum = 1.0f / sum;
 #pragma omp simd
-  for (int64_t j = 0; j < s; ++j) Store(p, j, e[j] * inv_sum);
+  for (int64_t j = 0; j < s; ++j) Store(p, j, x[j] * inv_sum);
   stats[0] = max;
   stats[1] = inv_sum;
 }
