@@ -309,6 +309,7 @@ struct AttentionShape {
   int64_t Ld() const { return heads * h; }  // q, k, v rows are all heads' wide
   int64_t QOffset(int64_t b, int64_t n) const { return b * t * heads * h + n * h; }
   int64_t KOffset(int64_t b, int64_t n) const { return b * s * heads * h + n * h; }
+  int64_t StatsOffset(int64_t b, int64_t n, int64_t row) const { return ((b * heads + n) * t + row) * 2; }
   // Query rows per block: the block's float32 logits within 256 KiB.
   int64_t RowBlock() const { return std::clamp<int64_t>((int64_t{1} << 16) / std::max<int64_t>(1, s), 16, 1024); }
 };
@@ -403,7 +404,7 @@ void AttentionPair(GemmFn gemm, const AttentionShape& a, const T* q, const T* k,
     const int64_t rows = std::min(block, a.t - t0);
     MaskedLogits(gemm, a, q, k, mask, b, n, t0, rows, x);
     for (int64_t i = 0; i < rows; ++i)
-      SoftmaxRow(x + i * a.s, a.s, p + i * a.s, stats + ((b * a.heads + n) * a.t + t0 + i) * 2);
+      SoftmaxRow(x + i * a.s, a.s, p + i * a.s, stats + a.StatsOffset(b, n, t0 + i));
     gemm(kRowMajor, kNoTrans, kNoTrans, rows, a.h, a.s, 1.0f, p, a.s, v + a.KOffset(b, n), ld, 0.0f,
          out, a.h);
     StoreRows(out, rows, a.h, o + a.QOffset(b, n) + t0 * ld, ld);
@@ -430,7 +431,7 @@ void AttentionGradPair(GemmFn gemm, const AttentionShape& a, const T* q, const T
         __builtin_prefetch(reinterpret_cast<const char*>(o + qo + (t0 + i) * ld) + j);
     MaskedLogits(gemm, a, q, k, mask, b, n, t0, rows, x);
     for (int64_t i = 0; i < rows; ++i)
-      ProbabilitiesRow(x + i * a.s, a.s, stats + ((b * a.heads + n) * a.t + t0 + i) * 2, p + i * a.s);
+      ProbabilitiesRow(x + i * a.s, a.s, stats + a.StatsOffset(b, n, t0 + i), p + i * a.s);
     // dv += p^T do; dp = do v^T (into x); dS = p (dp - rowsum(do o)).
     gemm(kRowMajor, kTrans, kNoTrans, a.s, a.h, rows, 1.0f, p, a.s, d_o + qo + t0 * ld, ld, beta,
          dv_acc, a.h);
@@ -543,7 +544,7 @@ static ffi::Error AttentionGrad(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::Any
   return ffi::Error::Success();
 }
 
-// What every handler takes: XLA's pool, two operands and a float32 output.
+// What the GEMM and convolution handlers take: XLA's pool, two operands and a float32 output.
 static auto TwoOperandBinding() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
