@@ -348,6 +348,31 @@ def test_table_errors_name_what_is_wrong(tmp_path):
     image_table.make_config(image_sise=3)
 
 
+def test_unreadable_tables_name_the_file(tmp_path):
+  """read_table and table_header: an empty file, a gzip cut short (its header still readable),
+  bytes that are not UTF-8 and a missing file each raise ValueError naming the file; short and
+  long rows come back marked, with their line numbers."""
+  import gzip  # pylint: disable=import-outside-toplevel
+  (tmp_path / "empty.csv").write_text("")
+  rows = gzip.compress(b"a,b\n" + b"1,2\n" * 20000)
+  (tmp_path / "cut.csv.gz").write_bytes(rows[:len(rows) // 2])
+  (tmp_path / "latin1.tsv").write_bytes(b"a\tb\n\xff\t1\n")
+  (tmp_path / "ragged.csv").write_text(" a , b\n1,2\n3\n4,5,6\n")
+  read = lambda name, **kw: list(build_lib.read_table(tmp_path / name, **kw))
+  header = lambda name: build_lib.table_header(tmp_path / name)
+  for call, name, why in [(read, "empty.csv", "empty table"), (header, "empty.csv", "empty table"),
+                          (read, "cut.csv.gz", "EOFError"), (read, "latin1.tsv", "UnicodeDecodeError"),
+                          (header, "latin1.tsv", "UnicodeDecodeError"), (read, "nothere.csv", "FileNotFoundError"),
+                          (header, "nothere.csv", "FileNotFoundError")]:
+    with pytest.raises(ValueError, match=f"{name}: .*{why}"):
+      call(name)
+  assert header("cut.csv.gz") == ["a", "b"]
+  with pytest.raises(ValueError, match=r"ragged.csv: missing column\(s\) \['c'\]; found \['a', 'b'\]"):
+    read("ragged.csv", required=("c",))
+  assert read("ragged.csv", required=("a",)) == [
+      (2, {"a": "1", "b": "2"}), (3, {"a": "3", "b": None}), (4, {"a": "4", "b": "5", None: ["6"]})]
+
+
 def test_study_runs_on_a_table(tmp_path, capsys):
   """The README's own-data commands, shrunk: build from a table, advise, then the study's features, the
   report-seeing teacher and the cells, with tasks taken from the build's label groups (MIMIC's test

@@ -244,6 +244,22 @@ def open_text(path: str | os.PathLike) -> io.TextIOBase:
   return open(path, "r", encoding="utf-8-sig", newline="")
 
 
+@contextlib.contextmanager
+def _opened_table(path: str) -> Iterator[tuple[Any, list[str]]]:
+  """(a csv reader past the header row, the stripped header) of a table; the file cannot be
+  read, while open or while the caller reads rows, raises ValueError naming it."""
+  csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+  try:
+    with open_text(path) as f:
+      reader = csv.reader(f, delimiter=_delimiter(path))
+      header = next(reader, None)
+      if header is None:
+        raise ValueError(f"{path}: empty table (no header row)")
+      yield reader, [h.strip() for h in header]
+  except (OSError, EOFError, csv.Error, UnicodeDecodeError) as e:
+    raise ValueError(f"{path}: cannot be read as a table: {type(e).__name__}: {e}") from e
+
+
 def read_table(path: str | os.PathLike, required: Iterable[str] = ()) -> Iterator[tuple[int, dict[str, str | None]]]:
   """Yields (the row's first line number, row dict) from a CSV/TSV (``.tsv``/``.tsv.gz`` -> tab), gzipped or not.
 
@@ -253,44 +269,28 @@ def read_table(path: str | os.PathLike, required: Iterable[str] = ()) -> Iterato
   truncated gzip).
   """
   path = str(path)
-  csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-  try:
-    with open_text(path) as f:
-      reader = csv.reader(f, delimiter=_delimiter(path))
-      header = next(reader, None)
-      if header is None:
-        raise ValueError(f"{path}: empty table (no header row)")
-      header = [h.strip() for h in header]
-      missing = [c for c in required if c not in header]
-      if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; found {header}")
-      first_line = reader.line_num + 1
-      for values in reader:
-        line, first_line = first_line, reader.line_num + 1  # a quoted field may span lines
-        if not values or all(not v.strip() for v in values):
-          continue
-        row: dict[str | None, Any] = dict(zip(header, values))
-        if len(values) < len(header):
-          row.update({h: None for h in header[len(values):]})
-        elif len(values) > len(header):
-          row[None] = values[len(header):]
-        yield line, row
-  except (OSError, EOFError, csv.Error, UnicodeDecodeError) as e:
-    raise ValueError(f"{path}: cannot be read as a table: {type(e).__name__}: {e}") from e
+  with _opened_table(path) as (reader, header):
+    missing = [c for c in required if c not in header]
+    if missing:
+      raise ValueError(f"{path}: missing column(s) {missing}; found {header}")
+    first_line = reader.line_num + 1
+    for values in reader:
+      line, first_line = first_line, reader.line_num + 1  # a quoted field may span lines
+      if not values or all(not v.strip() for v in values):
+        continue
+      row: dict[str | None, Any] = dict(zip(header, values))
+      if len(values) < len(header):
+        row.update({h: None for h in header[len(values):]})
+      elif len(values) > len(header):
+        row[None] = values[len(header):]
+      yield line, row
 
 
 def table_header(path: str | os.PathLike) -> list[str]:
   """The column names of a table ``read_table`` reads (stripped). Raises ValueError naming the
   file when it cannot be read or is empty."""
-  path = str(path)
-  try:
-    with open_text(path) as f:
-      header = next(csv.reader(f, delimiter=_delimiter(path)), None)
-  except (OSError, EOFError, csv.Error, UnicodeDecodeError) as e:
-    raise ValueError(f"{path}: cannot be read as a table: {type(e).__name__}: {e}") from e
-  if header is None:
-    raise ValueError(f"{path}: empty table (no header row)")
-  return [h.strip() for h in header]
+  with _opened_table(str(path)) as (_, header):
+    return header
 
 
 def _delimiter(path: str) -> str:
