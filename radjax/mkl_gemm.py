@@ -45,6 +45,7 @@ import numpy as np
 from radjax import compile_cache, hostcpu
 
 TARGET = "radjax_mkl_gemm"
+BIAS_TARGET = "radjax_mkl_gemm_bias"
 CONV_TARGET = "radjax_mkl_conv"
 CONV_WEIGHT_GRAD_TARGET = "radjax_mkl_conv_weight_grad"
 ATTENTION_TARGET = "radjax_mkl_attention"
@@ -118,9 +119,13 @@ def register() -> str | None:
     return f"cannot load {mkl_path} or {handler_path}: {e}"
   mkl.MKL_Set_Threading_Layer(_MKL_THREADING_SEQUENTIAL)
   address = lambda f: ctypes.cast(f, ctypes.c_void_p)
-  handler.radjax_mkl_init.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-  handler.radjax_mkl_init(address(mkl.cblas_gemm_bf16bf16f32), address(mkl.cblas_sgemm))
-  for target, symbol in ((TARGET, "RadjaxMklGemm"), (CONV_TARGET, "RadjaxMklConv"),
+  functions = ("cblas_gemm_bf16bf16f32", "cblas_sgemm", "cblas_gemm_bf16bf16f32_pack_get_size",
+               "cblas_gemm_bf16bf16f32_pack", "cblas_gemm_bf16bf16f32_compute",
+               "cblas_sgemm_pack_get_size", "cblas_sgemm_pack", "cblas_sgemm_compute")
+  handler.radjax_mkl_init.argtypes = [ctypes.c_void_p] * len(functions)
+  handler.radjax_mkl_init(*(address(getattr(mkl, name)) for name in functions))
+  for target, symbol in ((TARGET, "RadjaxMklGemm"), (BIAS_TARGET, "RadjaxMklGemmBias"),
+                         (CONV_TARGET, "RadjaxMklConv"),
                          (CONV_WEIGHT_GRAD_TARGET, "RadjaxMklConvWeightGrad"),
                          (ATTENTION_TARGET, "RadjaxMklAttention"),
                          (ATTENTION_GRAD_TARGET, "RadjaxMklAttentionGrad")):
@@ -165,6 +170,23 @@ def gemm(a: jax.Array, b: jax.Array, *, transpose_a: bool = False,
                      f"(transpose_a={transpose_a}, transpose_b={transpose_b})")
   call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")
   return call(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
+
+
+def gemm_bias(a: jax.Array, b: jax.Array, bias: jax.Array, *, transpose_b: bool = False) -> jax.Array:
+  """a @ op(b) + bias through MKL, accumulated in float32 and rounded to a's dtype in the handler:
+  a [M, K], b [K, N] (or [N, K] with ``transpose_b``), both bfloat16 or both float32, bias [N]
+  (cast to float32) -> [M, N] in a's dtype. B is packed once per thread and the product stays in
+  cache until rounded, so only the result reaches memory. Requires :func:`register`."""
+  if a.ndim != 2 or b.ndim != 2 or a.dtype != b.dtype or a.dtype not in (jnp.bfloat16, jnp.float32):
+    raise ValueError(f"mkl_gemm.gemm_bias: two 2-D bfloat16 or float32 operands of one dtype, got "
+                     f"{a.dtype}{list(a.shape)} and {b.dtype}{list(b.shape)}")
+  kb, n = (b.shape[1], b.shape[0]) if transpose_b else b.shape
+  if a.shape[1] != kb or bias.shape != (n,):
+    raise ValueError(f"mkl_gemm.gemm_bias: a {list(a.shape)}, b {list(b.shape)} "
+                     f"(transpose_b={transpose_b}) and bias {list(bias.shape)} do not match")
+  call = jax.ffi.ffi_call(BIAS_TARGET, jax.ShapeDtypeStruct((a.shape[0], n), a.dtype),
+                          vmap_method="sequential")
+  return call(a, b, bias.astype(jnp.float32), transpose_b=transpose_b)
 
 
 def _check_operands(name: str, *xs: jax.Array) -> None:
@@ -259,8 +281,9 @@ def attention_grad(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | N
 
 
 # A compiled call in HLO text: its float32 output's dims and, among the operand layouts, a's dims.
-_HLO_CALL = re.compile(r"= f32\[([\d,]+)\]\S* custom-call\([^\n]*custom_call_target=\""
-                       + TARGET + r"\"[^\n]*operand_layout_constraints=\{\w+\[([\d,]+)\]")
+_HLO_CALL = re.compile(r"= \w+\[([\d,]+)\]\S* custom-call\([^\n]*custom_call_target=\"(?:"
+                       + TARGET + "|" + BIAS_TARGET
+                       + r")\"[^\n]*operand_layout_constraints=\{\w+\[([\d,]+)\]")
 
 
 # A compiled convolution call: its target, output dims and its two operands' dims.

@@ -46,6 +46,34 @@ def test_gemm_matches_numpy(dtype, transpose_a, transpose_b):
                                rtol=0, atol=1e-5 * max(k, 1))
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_gemm_bias_matches_numpy(dtype):
+  """a @ op(b) + bias rounded to a's dtype: rows over several threads' tiles and 256-row blocks
+  (1000, 3152), a ragged last block, fewer rows than threads, one column, K = 0."""
+  rng = np.random.default_rng(3)
+  for m, k, n, transpose_b in [(1000, 96, 70, False), (600, 33, 300, True), (5, 7, 1, False),
+                               (3152, 64, 40, True), (513, 0, 6, False)]:
+    a = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    b = jnp.asarray(rng.standard_normal((n, k) if transpose_b else (k, n)), dtype)
+    bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
+    got = jax.jit(lambda x, y, c: mkl_gemm.gemm_bias(x, y, c, transpose_b=transpose_b))(a, b, bias)
+    assert got.shape == (m, n) and got.dtype == a.dtype
+    want = _reference(a, b, False, transpose_b) + np.asarray(bias)
+    # float32 sums, then one rounding to the output dtype (bf16: 2^-9 relative).
+    tol = 2.0 ** -8 if dtype == "bfloat16" else 0.0
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=tol, atol=1e-5 * max(k, 1))
+
+
+def test_gemm_bias_refuses_what_it_cannot_multiply():
+  a = jnp.ones((4, 3), jnp.float32)
+  with pytest.raises(ValueError, match="do not match"):
+    mkl_gemm.gemm_bias(a, jnp.ones((3, 5), jnp.float32), jnp.ones((4,)))
+  with pytest.raises(ValueError, match="do not match"):
+    mkl_gemm.gemm_bias(a, jnp.ones((3, 5), jnp.float32), jnp.ones((5,)), transpose_b=True)
+  with pytest.raises(ValueError, match="one dtype"):
+    mkl_gemm.gemm_bias(a, jnp.ones((3, 5), jnp.bfloat16), jnp.ones((5,)))
+
+
 def _numpy_attention(q, k, v, mask, causal, scale, d_o):
   """Softmax attention and its gradients in float64, masked like XLA's path (disallowed logits
   set to float32's lowest, so a row with no key allowed is uniform): q [B, T, N, H], k/v
@@ -125,17 +153,19 @@ def test_attention_through_mkl_is_two_calls_and_no_head_transposes(monkeypatch):
 
 
 def test_hlo_flops_counts_the_custom_calls():
-  """XLA's cost analysis counts no FLOPs for a custom call; hlo_flops counts 2 M N K for a GEMM,
-  and 2 T S H per (batch, head) for each of attention's 2 GEMMs forward and 5 backward."""
-  def program(a, b, q, k):
+  """XLA's cost analysis counts no FLOPs for a custom call; hlo_flops counts 2 M N K for a GEMM
+  (with or without the bias and rounding), and 2 T S H per (batch, head) for each of attention's
+  2 GEMMs forward and 5 backward."""
+  def program(a, b, c, q, k):
     o, stats = mkl_gemm.attention(q, k, k, None, causal=True, scale=0.5)
     grads = mkl_gemm.attention_grad(q, k, k, None, o, stats, o, causal=True, scale=0.5)
-    return mkl_gemm.gemm(a, b, transpose_a=True).sum() + sum(g.sum() for g in grads)
+    rounded = mkl_gemm.gemm_bias(a, c, jnp.ones((5,)), transpose_b=True)
+    return mkl_gemm.gemm(a, b, transpose_a=True).sum() + rounded.sum() + sum(g.sum() for g in grads)
 
-  shapes = (jnp.ones((8, 16), jnp.float32), jnp.ones((8, 4), jnp.float32),
+  shapes = (jnp.ones((8, 16), jnp.float32), jnp.ones((8, 4), jnp.float32), jnp.ones((5, 16), jnp.float32),
             jnp.ones((2, 5, 3, 4), jnp.float32), jnp.ones((2, 6, 3, 4), jnp.float32))
   hlo = jax.jit(program).lower(*shapes).compile().as_text()
-  assert mkl_gemm.hlo_flops(hlo) == 2 * 16 * 4 * 8 + (2 + 5) * 2 * (2 * 3) * 5 * 6 * 4
+  assert mkl_gemm.hlo_flops(hlo) == 2 * 16 * 4 * 8 + 2 * 8 * 16 * 5 + (2 + 5) * 2 * (2 * 3) * 5 * 6 * 4
 
 
 def test_hlo_flops_counts_the_useful_convolution():
@@ -240,6 +270,9 @@ def _value_and_grads(make_layer, x_shape, dtype):
 LAYERS = {
     "linear": (lambda dtype: layers.linear(96, 80, ("embed", "mlp"), rngs=nnx.Rngs(0), dtype=dtype),
                (3, 70, 96)),
+    # 560 rows >= MKL_BIAS_MIN_ROWS: the forward and dx rounded in the handler.
+    "linear_many_rows": (lambda dtype: layers.linear(96, 80, ("embed", "mlp"), rngs=nnx.Rngs(0),
+                                                     dtype=dtype), (8, 70, 96)),
     # 12x12 padded to 14x14: the shifted-GEMM path; 6x6 padded to 8x8 is mostly border, and
     # takes the patches' GEMMs.
     "conv3x3": (lambda dtype: layers.Conv(6, 10, (3, 3), padding="SAME", dtype=dtype, rngs=nnx.Rngs(0)),
@@ -263,16 +296,19 @@ def test_layers_through_mkl_match_xla(name, dtype, monkeypatch):
   assert layers.cpu_matmul_path() == f"XLA (not MKL: ${mkl_gemm.ENV}=off)"
   value_xla, grads_xla, hlo_xla = _value_and_grads(make_layer, x_shape, dtype)
   assert mkl_gemm.TARGET not in hlo_xla
-  # A Linear: the forward pass, dx and dW, one GEMM each; a convolution on a large enough map
-  # the same as shifted GEMMs; on a small one at least its dW as one GEMM.
-  calls = {target: hlo_mkl.count(f"@{target}(") for target in (
-      mkl_gemm.TARGET, mkl_gemm.CONV_TARGET, mkl_gemm.CONV_WEIGHT_GRAD_TARGET)}
+  # A Linear: the forward pass, dx and dW, one GEMM each, the first two rounded in the handler
+  # from MKL_BIAS_MIN_ROWS rows on; a convolution on a large enough map the same as shifted GEMMs;
+  # on a small one at least its dW as one GEMM.
+  targets = (mkl_gemm.TARGET, mkl_gemm.BIAS_TARGET, mkl_gemm.CONV_TARGET, mkl_gemm.CONV_WEIGHT_GRAD_TARGET)
+  calls = tuple(hlo_mkl.count(f"@{target}(") for target in targets)
   if name == "linear":
-    assert calls == {mkl_gemm.TARGET: 3, mkl_gemm.CONV_TARGET: 0, mkl_gemm.CONV_WEIGHT_GRAD_TARGET: 0}, hlo_mkl
+    assert calls == (3, 0, 0, 0), hlo_mkl
+  elif name == "linear_many_rows":
+    assert calls == (1, 2, 0, 0), hlo_mkl
   elif name == "conv3x3":
-    assert calls == {mkl_gemm.TARGET: 0, mkl_gemm.CONV_TARGET: 2, mkl_gemm.CONV_WEIGHT_GRAD_TARGET: 1}, hlo_mkl
+    assert calls == (0, 0, 2, 1), hlo_mkl
   else:
-    assert calls[mkl_gemm.TARGET] >= 1 and calls[mkl_gemm.CONV_TARGET] == 0, hlo_mkl
+    assert calls[0] >= 1 and calls[2] == 0, hlo_mkl
   tol = 1e-2 if dtype == "bfloat16" else 1e-5
   np.testing.assert_allclose(value_mkl, value_xla, rtol=tol)
   for got, want in zip(grads_mkl, grads_xla):

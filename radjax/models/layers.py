@@ -194,8 +194,25 @@ def _weight_grad(x: jax.Array, g: jax.Array, materialise_x: bool = False) -> jax
   return _mm(transpose_rowmajor(x), g, _dims(1, 0))
 
 
+# Rows from which a dense layer's product (forward, and dx in the backward) goes through
+# mkl_gemm.gemm_bias: rows split over the threads, B packed once per thread, the bias added and
+# the result rounded in cache, so XLA neither writes nor reads a float32 [M, N] (ViT-B/16 bf16
+# step +11-14 %; BUILD_NOTES.md, "Rounded in cache"). Below it a thread's share is small and the
+# plain GEMM, which may split columns instead, is kept.
+MKL_BIAS_MIN_ROWS = 512
+
+
+def _mm_rounded(a: jax.Array, b: jax.Array, bias: jax.Array, transpose_b: bool = False) -> jax.Array:
+  """a [M, K] @ b [K, N] (or [N, K] with ``transpose_b``) + bias [N], accumulated in float32 and
+  rounded to a.dtype."""
+  if use_mkl() and a.shape[0] >= MKL_BIAS_MIN_ROWS:
+    dt = cpu_dot_dtype(a.dtype)
+    return mkl_gemm.gemm_bias(a.astype(dt), b.astype(dt), bias, transpose_b=transpose_b).astype(a.dtype)
+  return (_mm(a, b, _dims(1, 1 if transpose_b else 0)) + bias.astype(jnp.float32)).astype(a.dtype)
+
+
 def _dense_out(x: jax.Array, k: jax.Array, bias: jax.Array) -> jax.Array:
-  return (_mm(x, k, _dims(1, 0)) + bias.astype(jnp.float32)).astype(x.dtype)
+  return _mm_rounded(x, k, bias)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -222,7 +239,7 @@ def _dense_fwd(x, kernel, bias, materialise_x):
 def _dense_bwd(materialise_x, res, g):
   x, k, kernel_like, bias_like = res
   g = g.astype(x.dtype)
-  dx = _mm(g, k, _dims(1, 1)).astype(x.dtype)             # [M, N] x [K, N] -> [M, K]
+  dx = _mm_rounded(g, k, jnp.zeros((k.shape[0],), jnp.float32), transpose_b=True)  # [M, K]
   dk = _weight_grad(x, g, materialise_x).astype(kernel_like.dtype)
   db = g.astype(jnp.float32).sum(0).astype(bias_like.dtype)
   return dx, dk, db

@@ -13,6 +13,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -27,6 +28,21 @@ using GemmFn = void (*)(int, int, int, int, int, int, float, const void*, int, c
                         float, float*, int);
 
 GemmFn gemm_bf16 = nullptr, gemm_f32 = nullptr;
+
+// MKL's pack API: B packed once for many GEMMs (cblas_*_pack_get_size, _pack, _compute).
+constexpr int kPacked = 151, kBMatrix = 162;
+using PackSizeFn = size_t (*)(int, int, int, int);
+using PackBf16Fn = void (*)(int, int, int, int, int, int, const void*, int, void*);
+using PackF32Fn = void (*)(int, int, int, int, int, int, float, const void*, int, void*);
+using ComputeBf16Fn = void (*)(int, int, int, int, int, int, float, const void*, int, const void*,
+                               int, float, float*, int);
+using ComputeF32Fn = void (*)(int, int, int, int, int, int, const void*, int, const void*, int,
+                              float, float*, int);
+PackSizeFn pack_size_bf16 = nullptr, pack_size_f32 = nullptr;
+PackBf16Fn pack_bf16 = nullptr;
+PackF32Fn pack_f32 = nullptr;
+ComputeBf16Fn compute_bf16 = nullptr;
+ComputeF32Fn compute_f32 = nullptr;
 
 // The tiles of one call, claimed by the calling thread and by tasks on XLA's intra-op pool. The
 // caller never waits for a tile nobody has claimed (it claims it itself), so no thread blocks on
@@ -70,9 +86,17 @@ int PoolThreads(ffi::ThreadPool& pool) {
 
 }  // namespace
 
-extern "C" void radjax_mkl_init(void* bf16, void* f32) {
+extern "C" void radjax_mkl_init(void* bf16, void* f32, void* bf16_pack_size, void* bf16_pack,
+                                void* bf16_compute, void* f32_pack_size, void* f32_pack,
+                                void* f32_compute) {
   gemm_bf16 = reinterpret_cast<GemmFn>(bf16);
   gemm_f32 = reinterpret_cast<GemmFn>(f32);
+  pack_size_bf16 = reinterpret_cast<PackSizeFn>(bf16_pack_size);
+  pack_bf16 = reinterpret_cast<PackBf16Fn>(bf16_pack);
+  compute_bf16 = reinterpret_cast<ComputeBf16Fn>(bf16_compute);
+  pack_size_f32 = reinterpret_cast<PackSizeFn>(f32_pack_size);
+  pack_f32 = reinterpret_cast<PackF32Fn>(f32_pack);
+  compute_f32 = reinterpret_cast<ComputeF32Fn>(f32_compute);
 }
 
 static ffi::Error Gemm(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
@@ -544,6 +568,81 @@ static ffi::Error AttentionGrad(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::Any
   return ffi::Error::Success();
 }
 
+// out = a @ op(b) + bias, rounded to a's dtype: a [M, K], b [K, N] (or [N, K] with transpose_b),
+// bias [N] float32. Rows split into one tile per thread; each thread packs B once (MKL's pack
+// API) and computes its rows in blocks whose float32 product stays in cache, adding the bias and
+// rounding there, so only the bf16 result reaches memory (RadjaxMklGemm's float32 output is twice
+// the bytes, written and read back by XLA's bias fusion).
+namespace {
+
+constexpr int64_t kBiasRowBlock = 256;
+
+// Grows-only per-thread bytes for packed B.
+void* PackScratch(size_t bytes) {
+  thread_local std::vector<char> buffer;
+  if (buffer.size() < bytes) buffer.resize(bytes);
+  return buffer.data();
+}
+
+}  // namespace
+
+static ffi::Error GemmBias(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
+                           ffi::Buffer<ffi::F32> bias, ffi::Result<ffi::AnyBuffer> out,
+                           bool transpose_b) {
+  const ffi::DataType type = a.element_type();
+  if (GemmFor(type, b.element_type()) == nullptr || out->element_type() != type || pack_bf16 == nullptr)
+    return ffi::Error::InvalidArgument("MKL GEMM + bias: a, b and out all bf16 or all f32, after radjax_mkl_init");
+  const auto ad = a.dimensions(), bd = b.dimensions(), od = out->dimensions();
+  if (ad.size() != 2 || bd.size() != 2 || od.size() != 2 || bias.dimensions().size() != 1)
+    return ffi::Error::InvalidArgument("MKL GEMM + bias: 2-D a, b and out, 1-D bias");
+  const int m = ad[0], k = ad[1], n = transpose_b ? bd[0] : bd[1];
+  if ((transpose_b ? bd[1] : bd[0]) != k || od[0] != m || od[1] != n || bias.dimensions()[0] != n)
+    return ffi::Error::InvalidArgument("MKL GEMM + bias: shapes do not match");
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  const float* pbias = bias.typed_data();
+  const int tb = transpose_b ? kTrans : kNoTrans;
+  const int threads = PoolThreads(pool);
+  const int64_t per_tile = ((m + threads - 1) / threads + 15) / 16 * 16;
+  ForElementType(type, [&](auto zero) {
+    using T = decltype(zero);
+    const T* pa = In<T>(a);
+    const T* pb = In<T>(b);
+    T* po = Out<T>(out);
+    RunTiles(pool, static_cast<int>((m + per_tile - 1) / per_tile), [=](int t) {
+      const int64_t end = std::min<int64_t>(m, (t + 1) * per_tile);
+      float* c = Scratch(0, kBiasRowBlock * n);
+      void* packed = nullptr;
+      if (k > 0) {
+        const bool bf16 = std::is_same_v<T, uint16_t>;
+        const size_t bytes = (bf16 ? pack_size_bf16 : pack_size_f32)(kBMatrix, kBiasRowBlock, n, k);
+        packed = PackScratch(bytes);
+        if (bf16) {
+          pack_bf16(kRowMajor, kBMatrix, tb, kBiasRowBlock, n, k, pb, bd[1], packed);
+        } else {
+          pack_f32(kRowMajor, kBMatrix, tb, kBiasRowBlock, n, k, 1.0f, pb, bd[1], packed);
+        }
+      }
+      for (int64_t r = t * per_tile; r < end; r += kBiasRowBlock) {
+        const int rows = static_cast<int>(std::min<int64_t>(kBiasRowBlock, end - r));
+        if (k == 0) {
+          std::fill(c, c + static_cast<int64_t>(rows) * n, 0.0f);
+        } else if constexpr (std::is_same_v<T, uint16_t>) {
+          compute_bf16(kRowMajor, kNoTrans, kPacked, rows, n, k, 1.0f, pa + r * k, k, packed, n, 0.0f, c, n);
+        } else {
+          compute_f32(kRowMajor, kNoTrans, kPacked, rows, n, k, pa + r * k, k, packed, n, 0.0f, c, n);
+        }
+        for (int64_t i = 0; i < rows; ++i) {
+          T* row = po + (r + i) * n;
+          const float* from = c + i * n;
+#pragma omp simd
+          for (int64_t j = 0; j < n; ++j) Store(row, j, from[j] + pbias[j]);
+        }
+      }
+    });
+  });
+  return ffi::Error::Success();
+}
+
 // What the GEMM and convolution handlers take: XLA's pool, two operands and a float32 output.
 static auto TwoOperandBinding() {
   return ffi::Ffi::Bind()
@@ -559,6 +658,15 @@ static auto GemmBinding() {
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxMklGemm, Gemm, GemmBinding());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxMklGemmBias, GemmBias,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // a
+                                  .Arg<ffi::AnyBuffer>()  // b
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
+                                  .Ret<ffi::AnyBuffer>()  // out
+                                  .Attr<bool>("transpose_b"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxMklConv, Conv,
                               TwoOperandBinding().Attr<bool>("flip").Attr<bool>("transpose_w"));
