@@ -1,5 +1,5 @@
 """Intel MKL's GEMMs as XLA custom calls, for radjax's CPU matmuls on Intel CPUs: dense layers and
-matmul convolutions (:func:`gemm`), stride-1 convolutions as shifted GEMMs (:func:`conv`,
+matmul convolutions (:func:`gemm`, :func:`gemm_bias`), stride-1 convolutions as shifted GEMMs (:func:`conv`,
 :func:`conv_kernel_grad`) and softmax attention fused per (batch, head) (:func:`attention`,
 :func:`attention_grad`).
 
@@ -158,8 +158,8 @@ def gemm(a: jax.Array, b: jax.Array, *, transpose_a: bool = False,
   b [K, N] (or [N, K]), both bfloat16 or both float32 -> [M, N] float32, accumulated in float32.
   Requires :func:`register` to have succeeded.
 
-  The output stays float32: a bias and the rounding to bfloat16 are left to XLA, which fuses them
-  with what follows (done in the handler instead, the ViT-B/16 bf16 step ran 5-14 % slower)."""
+  The output stays float32 (weight gradients, small layers); :func:`gemm_bias` adds a bias and
+  rounds in the handler, for dense layers' activations."""
   if a.ndim != 2 or b.ndim != 2 or a.dtype != b.dtype or a.dtype not in (jnp.bfloat16, jnp.float32):
     raise ValueError(f"mkl_gemm: two 2-D bfloat16 or float32 operands of one dtype, got "
                      f"{a.dtype}{list(a.shape)} and {b.dtype}{list(b.shape)}")

@@ -1,5 +1,6 @@
 // XLA FFI custom calls through Intel MKL's GEMMs (bfloat16 x bfloat16 -> float32, float32 x float32
-// -> float32): out = op(A) @ op(B) (RadjaxMklGemm), stride-1 convolutions as GEMMs over shifted
+// -> float32): out = op(A) @ op(B) (RadjaxMklGemm), the same plus a bias rounded to the operands'
+// dtype in cache (RadjaxMklGemmBias), stride-1 convolutions as GEMMs over shifted
 // rows of the padded input (RadjaxMklConv, RadjaxMklConvWeightGrad), and softmax attention fused
 // per (batch, head) (RadjaxMklAttention, RadjaxMklAttentionGrad). radjax/mkl_gemm.py loads MKL
 // (sequential threading layer) and passes its GEMMs to radjax_mkl_init. Work is split into tiles
