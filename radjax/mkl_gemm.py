@@ -152,6 +152,13 @@ def enabled() -> bool:
   return unavailable_reason() is None
 
 
+def _check_operands(name: str, *xs: jax.Array, ndim: int = 4) -> None:
+  if any(x.ndim != ndim for x in xs) or len({x.dtype for x in xs}) != 1 or xs[0].dtype not in (
+      jnp.bfloat16, jnp.float32):
+    raise ValueError(f"mkl_gemm.{name}: {ndim}-D bfloat16 or float32 operands of one dtype, got "
+                     + ", ".join(f"{x.dtype}{list(x.shape)}" for x in xs))
+
+
 def gemm(a: jax.Array, b: jax.Array, *, transpose_a: bool = False,
          transpose_b: bool = False) -> jax.Array:
   """op(a) @ op(b) in float32 through MKL, op transposing where asked: a [M, K] (or [K, M]),
@@ -160,9 +167,7 @@ def gemm(a: jax.Array, b: jax.Array, *, transpose_a: bool = False,
 
   The output stays float32 (weight gradients, small layers); :func:`gemm_bias` adds a bias and
   rounds in the handler, for dense layers' activations."""
-  if a.ndim != 2 or b.ndim != 2 or a.dtype != b.dtype or a.dtype not in (jnp.bfloat16, jnp.float32):
-    raise ValueError(f"mkl_gemm: two 2-D bfloat16 or float32 operands of one dtype, got "
-                     f"{a.dtype}{list(a.shape)} and {b.dtype}{list(b.shape)}")
+  _check_operands("gemm", a, b, ndim=2)
   m, k = (a.shape[1], a.shape[0]) if transpose_a else a.shape
   kb, n = (b.shape[1], b.shape[0]) if transpose_b else b.shape
   if k != kb:
@@ -177,9 +182,7 @@ def gemm_bias(a: jax.Array, b: jax.Array, bias: jax.Array, *, transpose_b: bool 
   a [M, K], b [K, N] (or [N, K] with ``transpose_b``), both bfloat16 or both float32, bias [N]
   (cast to float32) -> [M, N] in a's dtype. B is packed once per thread and the product stays in
   cache until rounded, so only the result reaches memory. Requires :func:`register`."""
-  if a.ndim != 2 or b.ndim != 2 or a.dtype != b.dtype or a.dtype not in (jnp.bfloat16, jnp.float32):
-    raise ValueError(f"mkl_gemm.gemm_bias: two 2-D bfloat16 or float32 operands of one dtype, got "
-                     f"{a.dtype}{list(a.shape)} and {b.dtype}{list(b.shape)}")
+  _check_operands("gemm_bias", a, b, ndim=2)
   kb, n = (b.shape[1], b.shape[0]) if transpose_b else b.shape
   if a.shape[1] != kb or bias.shape != (n,):
     raise ValueError(f"mkl_gemm.gemm_bias: a {list(a.shape)}, b {list(b.shape)} "
@@ -187,13 +190,6 @@ def gemm_bias(a: jax.Array, b: jax.Array, bias: jax.Array, *, transpose_b: bool 
   call = jax.ffi.ffi_call(BIAS_TARGET, jax.ShapeDtypeStruct((a.shape[0], n), a.dtype),
                           vmap_method="sequential")
   return call(a, b, bias.astype(jnp.float32), transpose_b=transpose_b)
-
-
-def _check_operands(name: str, *xs: jax.Array) -> None:
-  if any(x.ndim != 4 for x in xs) or len({x.dtype for x in xs}) != 1 or xs[0].dtype not in (
-      jnp.bfloat16, jnp.float32):
-    raise ValueError(f"mkl_gemm.{name}: 4-D bfloat16 or float32 operands of one dtype, got "
-                     + ", ".join(f"{x.dtype}{list(x.shape)}" for x in xs))
 
 
 def conv(x_padded: jax.Array, kernel: jax.Array, *, flip: bool = False,

@@ -578,11 +578,28 @@ namespace {
 
 constexpr int64_t kBiasRowBlock = 256;
 
-// Grows-only per-thread bytes for packed B.
-void* PackScratch(size_t bytes) {
-  thread_local std::vector<char> buffer;
-  if (buffer.size() < bytes) buffer.resize(bytes);
-  return buffer.data();
+// op(B) [K, N] packed for GEMMs of up to kBiasRowBlock rows, in this thread's scratch.
+template <typename T>
+const void* PackB(int transpose_b, int n, int k, const T* b, int ldb) {
+  constexpr bool bf16 = std::is_same_v<T, uint16_t>;
+  const size_t bytes = (bf16 ? pack_size_bf16 : pack_size_f32)(kBMatrix, kBiasRowBlock, n, k);
+  void* packed = Scratch(1, (bytes + sizeof(float) - 1) / sizeof(float));
+  if constexpr (bf16) {
+    pack_bf16(kRowMajor, kBMatrix, transpose_b, kBiasRowBlock, n, k, b, ldb, packed);
+  } else {
+    pack_f32(kRowMajor, kBMatrix, transpose_b, kBiasRowBlock, n, k, 1.0f, b, ldb, packed);
+  }
+  return packed;
+}
+
+// c [rows, N] = a [rows, K] @ the packed B.
+template <typename T>
+void ComputePacked(int rows, int n, int k, const T* a, const void* packed, float* c) {
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    compute_bf16(kRowMajor, kNoTrans, kPacked, rows, n, k, 1.0f, a, k, packed, n, 0.0f, c, n);
+  } else {
+    compute_f32(kRowMajor, kNoTrans, kPacked, rows, n, k, a, k, packed, n, 0.0f, c, n);
+  }
 }
 
 }  // namespace
@@ -601,36 +618,21 @@ static ffi::Error GemmBias(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffe
     return ffi::Error::InvalidArgument("MKL GEMM + bias: shapes do not match");
   if (m == 0 || n == 0) return ffi::Error::Success();
   const float* pbias = bias.typed_data();
-  const int tb = transpose_b ? kTrans : kNoTrans;
-  const int threads = PoolThreads(pool);
-  const int64_t per_tile = ((m + threads - 1) / threads + 15) / 16 * 16;
+  const int tb = transpose_b ? kTrans : kNoTrans, ldb = bd[1];
+  const RowTiles tiles(m, PoolThreads(pool));
   ForElementType(type, [&](auto zero) {
     using T = decltype(zero);
     const T* pa = In<T>(a);
     const T* pb = In<T>(b);
     T* po = Out<T>(out);
-    RunTiles(pool, static_cast<int>((m + per_tile - 1) / per_tile), [=](int t) {
-      const int64_t end = std::min<int64_t>(m, (t + 1) * per_tile);
+    RunTiles(pool, tiles.total, [=](int t) {
       float* c = Scratch(0, kBiasRowBlock * n);
-      void* packed = nullptr;
-      if (k > 0) {
-        const bool bf16 = std::is_same_v<T, uint16_t>;
-        const size_t bytes = (bf16 ? pack_size_bf16 : pack_size_f32)(kBMatrix, kBiasRowBlock, n, k);
-        packed = PackScratch(bytes);
-        if (bf16) {
-          pack_bf16(kRowMajor, kBMatrix, tb, kBiasRowBlock, n, k, pb, bd[1], packed);
-        } else {
-          pack_f32(kRowMajor, kBMatrix, tb, kBiasRowBlock, n, k, 1.0f, pb, bd[1], packed);
-        }
-      }
-      for (int64_t r = t * per_tile; r < end; r += kBiasRowBlock) {
-        const int rows = static_cast<int>(std::min<int64_t>(kBiasRowBlock, end - r));
+      const void* packed = k > 0 ? PackB(tb, n, k, pb, ldb) : nullptr;
+      tiles.ForBlocks(t, kBiasRowBlock, [=](int64_t r, int rows) {
         if (k == 0) {
           std::fill(c, c + static_cast<int64_t>(rows) * n, 0.0f);
-        } else if constexpr (std::is_same_v<T, uint16_t>) {
-          compute_bf16(kRowMajor, kNoTrans, kPacked, rows, n, k, 1.0f, pa + r * k, k, packed, n, 0.0f, c, n);
         } else {
-          compute_f32(kRowMajor, kNoTrans, kPacked, rows, n, k, pa + r * k, k, packed, n, 0.0f, c, n);
+          ComputePacked(rows, n, k, pa + r * k, packed, c);
         }
         for (int64_t i = 0; i < rows; ++i) {
           T* row = po + (r + i) * n;
@@ -638,7 +640,7 @@ static ffi::Error GemmBias(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffe
 #pragma omp simd
           for (int64_t j = 0; j < n; ++j) Store(row, j, from[j] + pbias[j]);
         }
-      }
+      });
     });
   });
   return ffi::Error::Success();
@@ -674,25 +676,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxMklConv, Conv,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxMklConvWeightGrad, ConvWeightGrad, TwoOperandBinding());
 
+// What both attention handlers take first: XLA's pool, q, k, v and the mask.
+static auto AttentionInputsBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::AnyBuffer>()  // q
+      .Arg<ffi::AnyBuffer>()  // k
+      .Arg<ffi::AnyBuffer>()  // v
+      .Arg<ffi::Buffer<ffi::PRED>>();  // mask
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxMklAttention, Attention,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // q
-                                  .Arg<ffi::AnyBuffer>()  // k
-                                  .Arg<ffi::AnyBuffer>()  // v
-                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask
+                              AttentionInputsBinding()
                                   .Ret<ffi::AnyBuffer>()  // o
                                   .Ret<ffi::Buffer<ffi::F32>>()  // stats
                                   .Attr<bool>("causal")
                                   .Attr<float>("scale"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxMklAttentionGrad, AttentionGrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // q
-                                  .Arg<ffi::AnyBuffer>()  // k
-                                  .Arg<ffi::AnyBuffer>()  // v
-                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask
+                              AttentionInputsBinding()
                                   .Arg<ffi::AnyBuffer>()  // o
                                   .Arg<ffi::Buffer<ffi::F32>>()  // stats
                                   .Arg<ffi::AnyBuffer>()  // d_o
