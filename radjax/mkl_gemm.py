@@ -46,6 +46,8 @@ from radjax import compile_cache, hostcpu
 
 TARGET = "radjax_mkl_gemm"
 BIAS_TARGET = "radjax_mkl_gemm_bias"
+BIAS_GELU_TARGET = "radjax_mkl_gemm_bias_gelu"
+GELU_GRAD_TARGET = "radjax_mkl_gemm_gelu_grad"
 CONV_TARGET = "radjax_mkl_conv"
 CONV_WEIGHT_GRAD_TARGET = "radjax_mkl_conv_weight_grad"
 ATTENTION_TARGET = "radjax_mkl_attention"
@@ -65,9 +67,13 @@ def find_mkl() -> str | None:
   return None
 
 
+_CXX_FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd", "-std=c++17",
+              "-shared", "-fPIC", "-w")
+
+
 def build_handler(out_dir: str | None = None) -> str:
   """Compiles ``native/mkl_gemm.cc`` into a shared library (once: the file name carries a hash of
-  the source, jaxlib's version and the compiler) and returns its path. Raises RuntimeError with
+  the source, jaxlib's version, the compiler and its flags) and returns its path. Raises RuntimeError with
   the compiler's message when it cannot be built."""
   import jaxlib  # pylint: disable=import-outside-toplevel
   compiler = os.environ.get("CXX", "g++")
@@ -75,7 +81,7 @@ def build_handler(out_dir: str | None = None) -> str:
     source = f.read()
   # Built for this CPU (-march=native: the softmax loops of the fused attention vectorise), so the
   # key names its instruction set too: a cache shared by different machines gets one per CPU.
-  identity = (jaxlib.__version__, compiler, hostcpu.instruction_set_key())
+  identity = (jaxlib.__version__, compiler, *_CXX_FLAGS, hostcpu.instruction_set_key())
   key = hashlib.sha256(source + "\n".join(identity).encode()).hexdigest()[:16]
   out_dir = out_dir or os.path.join(compile_cache.user_cache_dir(), "native")
   path = os.path.join(out_dir, f"mkl_gemm-{key}.so")
@@ -87,9 +93,7 @@ def build_handler(out_dir: str | None = None) -> str:
   # Built under a temporary name and renamed: processes building at once each get a whole file.
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
   os.close(fd)
-  cmd = [compiler, "-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-w",
-         "-I", jax.ffi.include_dir(),
-         _SOURCE, "-o", tmp]
+  cmd = [compiler, *_CXX_FLAGS, "-I", jax.ffi.include_dir(), _SOURCE, "-o", tmp]
   try:
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -125,6 +129,8 @@ def register() -> str | None:
   handler.radjax_mkl_init.argtypes = [ctypes.c_void_p] * len(functions)
   handler.radjax_mkl_init(*(address(getattr(mkl, name)) for name in functions))
   for target, symbol in ((TARGET, "RadjaxMklGemm"), (BIAS_TARGET, "RadjaxMklGemmBias"),
+                         (BIAS_GELU_TARGET, "RadjaxMklGemmBiasGelu"),
+                         (GELU_GRAD_TARGET, "RadjaxMklGemmGeluGrad"),
                          (CONV_TARGET, "RadjaxMklConv"),
                          (CONV_WEIGHT_GRAD_TARGET, "RadjaxMklConvWeightGrad"),
                          (ATTENTION_TARGET, "RadjaxMklAttention"),
@@ -177,19 +183,52 @@ def gemm(a: jax.Array, b: jax.Array, *, transpose_a: bool = False,
   return call(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
 
 
+def _check_row_gemm(name: str, a: jax.Array, b: jax.Array, transpose_b: bool, other_name: str,
+                    other: jax.Array, rows: bool) -> int:
+  """N of a [M, K] @ op(b), after checking them and ``other``: [M, N] if ``rows`` else [N]."""
+  _check_operands(name, a, b, ndim=2)
+  kb, n = (b.shape[1], b.shape[0]) if transpose_b else b.shape
+  if a.shape[1] != kb or other.shape != ((a.shape[0], n) if rows else (n,)):
+    raise ValueError(f"mkl_gemm.{name}: a {list(a.shape)}, b {list(b.shape)} "
+                     f"(transpose_b={transpose_b}) and {other_name} {list(other.shape)} do not match")
+  return n
+
+
 def gemm_bias(a: jax.Array, b: jax.Array, bias: jax.Array, *, transpose_b: bool = False) -> jax.Array:
   """a @ op(b) + bias through MKL, accumulated in float32 and rounded to a's dtype in the handler:
   a [M, K], b [K, N] (or [N, K] with ``transpose_b``), both bfloat16 or both float32, bias [N]
   (cast to float32) -> [M, N] in a's dtype. B is packed once per thread and the product stays in
   cache until rounded, so only the result reaches memory. Requires :func:`register`."""
-  _check_operands("gemm_bias", a, b, ndim=2)
-  kb, n = (b.shape[1], b.shape[0]) if transpose_b else b.shape
-  if a.shape[1] != kb or bias.shape != (n,):
-    raise ValueError(f"mkl_gemm.gemm_bias: a {list(a.shape)}, b {list(b.shape)} "
-                     f"(transpose_b={transpose_b}) and bias {list(bias.shape)} do not match")
+  n = _check_row_gemm("gemm_bias", a, b, transpose_b, "bias", bias, rows=False)
   call = jax.ffi.ffi_call(BIAS_TARGET, jax.ShapeDtypeStruct((a.shape[0], n), a.dtype),
                           vmap_method="sequential")
   return call(a, b, bias.astype(jnp.float32), transpose_b=transpose_b)
+
+
+def gemm_bias_gelu(a: jax.Array, b: jax.Array, bias: jax.Array, *,
+                   transpose_b: bool = False) -> tuple[jax.Array, jax.Array]:
+  """A dense layer and its erf GELU in one call, like :func:`gemm_bias`: pre = a @ op(b) + bias
+  rounded to a's dtype, and GELU(pre) = pre / 2 (1 + erf(pre / sqrt 2)) computed from it in
+  float32 (erf within 1.5e-7 absolute) and rounded; both [M, N] in a's dtype. Returns
+  (GELU(pre), pre): :func:`gemm_gelu_grad` takes pre."""
+  n = _check_row_gemm("gemm_bias_gelu", a, b, transpose_b, "bias", bias, rows=False)
+  out = jax.ShapeDtypeStruct((a.shape[0], n), a.dtype)
+  call = jax.ffi.ffi_call(BIAS_GELU_TARGET, (out, out), vmap_method="sequential")
+  return call(a, b, bias.astype(jnp.float32), transpose_b=transpose_b)
+
+
+def gemm_gelu_grad(a: jax.Array, b: jax.Array, pre: jax.Array, *,
+                   transpose_b: bool = False) -> tuple[jax.Array, jax.Array]:
+  """The backward of :func:`gemm_bias_gelu`'s GELU fused with the GEMM that brings its output's
+  cotangent: d = (a @ op(b)) * GELU'(pre), the product in float32, rounded to a's dtype, with
+  a [M, K], b [K, N] (or [N, K]) and pre [M, N] of one dtype. Returns (d [M, N], d's column sums
+  [N] in float32 before rounding: the bias gradient of the layer that made pre)."""
+  n = _check_row_gemm("gemm_gelu_grad", a, b, transpose_b, "pre", pre, rows=True)
+  _check_operands("gemm_gelu_grad", a, pre, ndim=2)
+  call = jax.ffi.ffi_call(GELU_GRAD_TARGET, (jax.ShapeDtypeStruct((a.shape[0], n), a.dtype),
+                                             jax.ShapeDtypeStruct((n,), jnp.float32)),
+                          vmap_method="sequential")
+  return call(a, b, pre, transpose_b=transpose_b)
 
 
 def conv(x_padded: jax.Array, kernel: jax.Array, *, flip: bool = False,
@@ -276,9 +315,9 @@ def attention_grad(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | N
               scale=np.float32(scale))
 
 
-# A compiled call in HLO text: its float32 output's dims and, among the operand layouts, a's dims.
-_HLO_CALL = re.compile(r"= \w+\[([\d,]+)\]\S* custom-call\([^\n]*custom_call_target=\"(?:"
-                       + TARGET + "|" + BIAS_TARGET
+# A compiled GEMM call in HLO text: its (first) output's dims and, among the operand layouts, a's dims.
+_HLO_CALL = re.compile(r"= \(?\w+\[([\d,]+)\][^\n]*? custom-call\([^\n]*custom_call_target=\"(?:"
+                       + "|".join((TARGET, BIAS_TARGET, BIAS_GELU_TARGET, GELU_GRAD_TARGET))
                        + r")\"[^\n]*operand_layout_constraints=\{\w+\[([\d,]+)\]")
 
 

@@ -4,6 +4,7 @@ MKL is in the test extras on x86_64 Linux, so these run there on any CPU (``$RAD
 forces the path where the Intel-only default would not take it); elsewhere they skip.
 """
 
+import math
 import re
 
 import jax
@@ -72,6 +73,74 @@ def test_gemm_bias_refuses_what_it_cannot_multiply():
     mkl_gemm.gemm_bias(a, jnp.ones((3, 5), jnp.float32), jnp.ones((5,)), transpose_b=True)
   with pytest.raises(ValueError, match="one dtype"):
     mkl_gemm.gemm_bias(a, jnp.ones((3, 5), jnp.bfloat16), jnp.ones((5,)))
+
+
+def _numpy_gelu_and_slope(h):
+  """The erf GELU and its derivative in float64."""
+  cdf = 0.5 * (1.0 + np.vectorize(math.erf)(h / math.sqrt(2.0)))
+  return h * cdf, cdf + h * np.exp(-0.5 * h * h) / math.sqrt(2.0 * math.pi)
+
+
+# (M, K, N, transpose_b): rows over several tiles and 256-row blocks with a ragged last one, fewer
+# rows than threads, one column, K = 0.
+GELU_SHAPES = [(600, 33, 300, True), (1000, 96, 70, False), (5, 7, 1, False), (513, 0, 6, True)]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_gemm_bias_gelu_matches_numpy(dtype):
+  """pre = a @ op(b) + bias rounded to a's dtype, and GELU(pre) rounded: the erf GELU of the
+  rounded pre, to float32's accuracy before the rounding; the negative tail (pre down to -12,
+  where 1 + erf cancels in XLA's formula) to a relative 1e-3 in float32."""
+  rng = np.random.default_rng(4)
+  for m, k, n, transpose_b in GELU_SHAPES:
+    a = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    b = jnp.asarray(rng.standard_normal((n, k) if transpose_b else (k, n)), dtype)
+    bias = jnp.asarray(rng.uniform(-12, 6, n), jnp.float32)
+    out, pre = jax.jit(lambda x, y, c: mkl_gemm.gemm_bias_gelu(x, y, c, transpose_b=transpose_b))(a, b, bias)
+    assert out.shape == pre.shape == (m, n) and out.dtype == pre.dtype == a.dtype
+    want_pre = _reference(a, b, False, transpose_b) + np.asarray(bias)
+    rounding = 2.0 ** -8 if dtype == "bfloat16" else 0.0
+    np.testing.assert_allclose(np.asarray(pre, np.float64), want_pre, rtol=rounding, atol=1e-5 * max(k, 1))
+    want, _ = _numpy_gelu_and_slope(np.asarray(pre, np.float64))
+    np.testing.assert_allclose(np.asarray(out, np.float64), want, rtol=max(rounding, 1e-3), atol=1e-6)
+  # Tails, zero and non-finite values through the bias (K = 0).
+  h = np.array([-90.0, -12.0, -5.0, -1.0, -1e-3, 0.0, 1e-3, 1.0, 5.0, 40.0, np.inf, -np.inf, np.nan],
+               np.float32)
+  out, pre = mkl_gemm.gemm_bias_gelu(jnp.ones((1, 0), jnp.float32), jnp.ones((0, h.size), jnp.float32),
+                                     jnp.asarray(h))
+  with np.errstate(invalid="ignore"):
+    want, _ = _numpy_gelu_and_slope(h.astype(np.float64))
+  np.testing.assert_array_equal(np.asarray(pre)[0], h)
+  np.testing.assert_allclose(np.asarray(out)[0, :10], want[:10], rtol=2e-3, atol=1e-30)
+  assert np.asarray(out)[0, 10] == np.inf and np.isnan(np.asarray(out)[0, 11:]).all()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_gemm_gelu_grad_matches_numpy(dtype):
+  """d = (a @ op(b)) * GELU'(pre) from the float32 product, rounded once, and its column sums
+  before rounding."""
+  rng = np.random.default_rng(5)
+  for m, k, n, transpose_b in GELU_SHAPES:
+    a = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    b = jnp.asarray(rng.standard_normal((n, k) if transpose_b else (k, n)), dtype)
+    pre = jnp.asarray(rng.uniform(-6, 6, (m, n)), dtype)
+    d, d_bias = jax.jit(lambda x, y, p: mkl_gemm.gemm_gelu_grad(x, y, p, transpose_b=transpose_b))(a, b, pre)
+    assert d.shape == (m, n) and d.dtype == a.dtype and d_bias.shape == (n,) and d_bias.dtype == jnp.float32
+    _, slope = _numpy_gelu_and_slope(np.asarray(pre, np.float64))
+    want = _reference(a, b, False, transpose_b) * slope
+    rounding = 2.0 ** -8 if dtype == "bfloat16" else 0.0
+    np.testing.assert_allclose(np.asarray(d, np.float64), want, rtol=rounding, atol=2e-5 * max(k, 1))
+    np.testing.assert_allclose(np.asarray(d_bias), want.sum(0), rtol=1e-5, atol=2e-5 * max(k, 1) * m ** 0.5)
+
+
+def test_gelu_calls_refuse_what_they_cannot_multiply():
+  a = jnp.ones((4, 3), jnp.float32)
+  with pytest.raises(ValueError, match="do not match"):
+    mkl_gemm.gemm_bias_gelu(a, jnp.ones((3, 5), jnp.float32), jnp.ones((4,)))
+  with pytest.raises(ValueError, match="do not match"):
+    mkl_gemm.gemm_gelu_grad(a, jnp.ones((3, 5), jnp.float32), jnp.ones((4, 4), jnp.float32))
+  with pytest.raises(ValueError, match="one dtype"):
+    mkl_gemm.gemm_gelu_grad(a, jnp.ones((3, 5), jnp.float32), jnp.ones((4, 5), jnp.bfloat16))
 
 
 def _numpy_attention(q, k, v, mask, causal, scale, d_o):
@@ -154,18 +223,21 @@ def test_attention_through_mkl_is_two_calls_and_no_head_transposes(monkeypatch):
 
 def test_hlo_flops_counts_the_custom_calls():
   """XLA's cost analysis counts no FLOPs for a custom call; hlo_flops counts 2 M N K for a GEMM
-  (with or without the bias and rounding), and 2 T S H per (batch, head) for each of attention's
+  (with or without the bias and rounding, GELU or its derivative), and 2 T S H per (batch, head) for each of attention's
   2 GEMMs forward and 5 backward."""
   def program(a, b, c, q, k):
     o, stats = mkl_gemm.attention(q, k, k, None, causal=True, scale=0.5)
     grads = mkl_gemm.attention_grad(q, k, k, None, o, stats, o, causal=True, scale=0.5)
     rounded = mkl_gemm.gemm_bias(a, c, jnp.ones((5,)), transpose_b=True)
-    return mkl_gemm.gemm(a, b, transpose_a=True).sum() + rounded.sum() + sum(g.sum() for g in grads)
+    gelu, pre = mkl_gemm.gemm_bias_gelu(a, c, jnp.ones((5,)), transpose_b=True)
+    d, _ = mkl_gemm.gemm_gelu_grad(a, c, pre, transpose_b=True)
+    return (mkl_gemm.gemm(a, b, transpose_a=True).sum() + rounded.sum() + gelu.sum() + d.sum()
+            + sum(g.sum() for g in grads))
 
   shapes = (jnp.ones((8, 16), jnp.float32), jnp.ones((8, 4), jnp.float32), jnp.ones((5, 16), jnp.float32),
             jnp.ones((2, 5, 3, 4), jnp.float32), jnp.ones((2, 6, 3, 4), jnp.float32))
   hlo = jax.jit(program).lower(*shapes).compile().as_text()
-  assert mkl_gemm.hlo_flops(hlo) == 2 * 16 * 4 * 8 + 2 * 8 * 16 * 5 + (2 + 5) * 2 * (2 * 3) * 5 * 6 * 4
+  assert mkl_gemm.hlo_flops(hlo) == 2 * 16 * 4 * 8 + 3 * 2 * 8 * 16 * 5 + (2 + 5) * 2 * (2 * 3) * 5 * 6 * 4
 
 
 def test_hlo_flops_counts_the_useful_convolution():
@@ -312,6 +384,45 @@ def test_layers_through_mkl_match_xla(name, dtype, monkeypatch):
   tol = 1e-2 if dtype == "bfloat16" else 1e-5
   np.testing.assert_allclose(value_mkl, value_xla, rtol=tol)
   for got, want in zip(grads_mkl, grads_xla):
+    scale = float(jnp.abs(want.astype(jnp.float32)).max())
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=0,
+                               atol=tol * scale)
+
+
+def _mlp_value_and_grads(rows, dtype):
+  """An erf-GELU transformer Mlp's loss, its gradients (fc1 and fc2 kernel and bias, input) and
+  its program, for an input of ``rows`` rows."""
+  from radjax.models import transformer  # pylint: disable=import-outside-toplevel
+  graphdef, params = nnx.split(transformer.Mlp(48, 96, rngs=nnx.Rngs(0), dtype=dtype))
+  x = jax.random.normal(jax.random.key(1), (rows // 70, 70, 48), jnp.float32)
+
+  def loss(params, x):
+    return jnp.sum(jnp.sin(nnx.merge(graphdef, params)(x.astype(dtype)).astype(jnp.float32)))
+
+  f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  value, (g, x_grad) = f(params, x)
+  grads = [g[layer][name][...] for layer in ("fc1", "fc2") for name in ("kernel", "bias")] + [x_grad]
+  return value, grads, f.lower(params, x).compile().as_text()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_gelu_mlp_through_mkl_matches_xla(dtype, monkeypatch):
+  """An erf-GELU Mlp of 560 rows through MKL: GELU in fc1's GEMM call and its derivative in the
+  backward's, no erf left to XLA, and the value and every gradient as XLA's path gives them. With
+  fewer than MKL_BIAS_MIN_ROWS rows it takes the separate layers."""
+  monkeypatch.setenv(mkl_gemm.ENV, "on")
+  value_mkl, grads_mkl, hlo_mkl = _mlp_value_and_grads(560, dtype)
+  assert hlo_mkl.count(f'custom_call_target="{mkl_gemm.BIAS_GELU_TARGET}"') == 1, hlo_mkl
+  assert hlo_mkl.count(f'custom_call_target="{mkl_gemm.GELU_GRAD_TARGET}"') == 1, hlo_mkl
+  assert " erf(" not in hlo_mkl
+  _, _, hlo_few_rows = _mlp_value_and_grads(140, dtype)
+  assert mkl_gemm.BIAS_GELU_TARGET not in hlo_few_rows and " erf(" in hlo_few_rows
+  monkeypatch.setenv(mkl_gemm.ENV, "off")
+  value_xla, grads_xla, hlo_xla = _mlp_value_and_grads(560, dtype)
+  assert mkl_gemm.BIAS_GELU_TARGET not in hlo_xla
+  tol = 1e-2 if dtype == "bfloat16" else 1e-5
+  np.testing.assert_allclose(value_mkl, value_xla, rtol=tol)
+  for got, want in zip(grads_mkl, grads_xla, strict=True):
     scale = float(jnp.abs(want.astype(jnp.float32)).max())
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=0,
                                atol=tol * scale)

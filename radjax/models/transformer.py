@@ -269,8 +269,11 @@ class Mlp(nnx.Module):
     self.fc1 = linear(dim, mlp_dim, ("embed", "mlp"), rngs=rngs, dtype=dtype)
     self.fc2 = linear(mlp_dim, dim, ("mlp", "embed"), rngs=rngs, dtype=dtype)
     self.act = activation(act)
+    self.fused_gelu = act == "gelu"
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    if self.fused_gelu and (out := layers.gelu_mlp_in_cache(self.fc1, self.fc2, x)) is not None:
+      return out
     # Hidden [B, L, M]: batch axes, M over "tensor" (rules); a no-op on one device.
     return self.fc2(constrain_batch(self.act(self.fc1(x)), (None, "mlp")))
 

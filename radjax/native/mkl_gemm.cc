@@ -7,9 +7,11 @@
 // run on XLA's intra-op pool.
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <memory>
 #include <mutex>
@@ -569,11 +571,11 @@ static ffi::Error AttentionGrad(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::Any
   return ffi::Error::Success();
 }
 
-// out = a @ op(b) + bias, rounded to a's dtype: a [M, K], b [K, N] (or [N, K] with transpose_b),
-// bias [N] float32. Rows split into one tile per thread; each thread packs B once (MKL's pack
-// API) and computes its rows in blocks whose float32 product stays in cache, adding the bias and
-// rounding there, so only the bf16 result reaches memory (RadjaxMklGemm's float32 output is twice
-// the bytes, written and read back by XLA's bias fusion).
+// GEMMs whose float32 product is finished in cache: a [M, K] @ op(b), b [K, N] (or [N, K] with
+// transpose_b). Rows split into one tile per thread; each thread packs B once (MKL's pack API) and
+// computes its rows in blocks whose float32 product stays in its scratch, where the handler
+// finishes it (bias, rounding, GELU or its derivative), so only results in the operands' dtype
+// reach memory (RadjaxMklGemm's float32 output is twice the bytes, and XLA's fusions read it back).
 namespace {
 
 constexpr int64_t kBiasRowBlock = 256;
@@ -602,47 +604,175 @@ void ComputePacked(int rows, int n, int k, const T* a, const void* packed, float
   }
 }
 
+// The shapes of a row-blocked GEMM, checked against its outputs' [M, N].
+struct RowGemm {
+  int m, n, k, transpose_b, ldb;
+};
+
+ffi::Error CheckRowGemm(const std::string& what, const ffi::AnyBuffer& a, const ffi::AnyBuffer& b,
+                        bool transpose_b, std::initializer_list<const ffi::AnyBuffer*> outputs,
+                        RowGemm* g) {
+  const ffi::DataType type = a.element_type();
+  if (GemmFor(type, b.element_type()) == nullptr || pack_bf16 == nullptr)
+    return ffi::Error::InvalidArgument(what + ": a and b both bf16 or both f32, after radjax_mkl_init");
+  const auto ad = a.dimensions(), bd = b.dimensions();
+  if (ad.size() != 2 || bd.size() != 2) return ffi::Error::InvalidArgument(what + ": 2-D a and b");
+  const int64_t m = ad[0], k = ad[1], n = transpose_b ? bd[0] : bd[1];
+  if ((transpose_b ? bd[1] : bd[0]) != k) return ffi::Error::InvalidArgument(what + ": contracting dims differ");
+  for (const ffi::AnyBuffer* o : outputs) {
+    const auto od = o->dimensions();
+    if (o->element_type() != type || od.size() != 2 || od[0] != m || od[1] != n)
+      return ffi::Error::InvalidArgument(what + ": [M, N] arrays in a's dtype expected");
+  }
+  *g = {static_cast<int>(m), static_cast<int>(n), static_cast<int>(k),
+        transpose_b ? kTrans : kNoTrans, static_cast<int>(bd[1])};
+  return ffi::Error::Success();
+}
+
+// For each block of the rows of tile t: finish(t, first_row, rows, c), c [rows, N] the block's
+// float32 product in this thread's scratch.
+template <typename T, typename Finish>
+void ForProductBlocks(ffi::ThreadPool& pool, const RowTiles& tiles, const RowGemm& g, const T* a,
+                      const T* b, Finish finish) {
+  RunTiles(pool, tiles.total, [=, &tiles](int t) {
+    float* c = Scratch(0, kBiasRowBlock * g.n);
+    const void* packed = g.k > 0 ? PackB(g.transpose_b, g.n, g.k, b, g.ldb) : nullptr;
+    tiles.ForBlocks(t, kBiasRowBlock, [&](int64_t r, int rows) {
+      if (g.k == 0) {
+        std::fill(c, c + static_cast<int64_t>(rows) * g.n, 0.0f);
+      } else {
+        ComputePacked(rows, g.n, g.k, a + r * g.k, packed, c);
+      }
+      finish(t, r, rows, c);
+    });
+  });
+}
+
+// v rounded to T and back (bf16's rounding; float32's is none).
+inline float Rounded(float v, float) { return v; }
+inline float Rounded(float v, uint16_t) { return FromBf16(ToBf16(v)); }
+
+// The erf GELU, 0.5 h (1 + erf(h / sqrt 2)), and its derivative, 0.5 (1 + erf(h / sqrt 2)) +
+// h exp(-h^2 / 2) / sqrt(2 pi), from one exponential: 1 + erf(h / sqrt 2) is erfc(|h| / sqrt 2)
+// for h < 0 and 2 minus it otherwise, and erfc(x) = P(1 / (1 + p x)) exp(-x^2) with Abramowitz
+// and Stegun's 7.1.26 polynomial (absolute error under 1.5e-7), so the negative tail comes
+// without cancellation. Branch-free: the loops calling these vectorise.
+// 1 + erf(h / sqrt 2), given gauss = exp(-h^2 / 2).
+inline float TwiceNormalCdf(float h, float gauss) {
+  const float t = 1.0f / (1.0f + 0.3275911f * 0.70710678118654752f * std::fabs(h));
+  float p = 1.061405429f;
+  p = p * t - 1.453152027f;
+  p = p * t + 1.421413741f;
+  p = p * t - 0.284496736f;
+  p = p * t + 0.254829592f;
+  const float tail = p * t * gauss;  // erfc(|h| / sqrt 2)
+  return h < 0.0f ? tail : 2.0f - tail;
+}
+
+inline float Gelu(float h) { return 0.5f * h * TwiceNormalCdf(h, ExpNonPositive(-0.5f * h * h)); }
+
+inline float GeluSlope(float h) {
+  const float gauss = ExpNonPositive(-0.5f * h * h);
+  return 0.5f * TwiceNormalCdf(h, gauss) + h * gauss * 0.39894228040143268f;  // 1 / sqrt(2 pi)
+}
+
 }  // namespace
 
+// out = a @ op(b) + bias, rounded to a's dtype; bias [N] float32.
 static ffi::Error GemmBias(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
                            ffi::Buffer<ffi::F32> bias, ffi::Result<ffi::AnyBuffer> out,
                            bool transpose_b) {
-  const ffi::DataType type = a.element_type();
-  if (GemmFor(type, b.element_type()) == nullptr || out->element_type() != type || pack_bf16 == nullptr)
-    return ffi::Error::InvalidArgument("MKL GEMM + bias: a, b and out all bf16 or all f32, after radjax_mkl_init");
-  const auto ad = a.dimensions(), bd = b.dimensions(), od = out->dimensions();
-  if (ad.size() != 2 || bd.size() != 2 || od.size() != 2 || bias.dimensions().size() != 1)
-    return ffi::Error::InvalidArgument("MKL GEMM + bias: 2-D a, b and out, 1-D bias");
-  const int m = ad[0], k = ad[1], n = transpose_b ? bd[0] : bd[1];
-  if ((transpose_b ? bd[1] : bd[0]) != k || od[0] != m || od[1] != n || bias.dimensions()[0] != n)
-    return ffi::Error::InvalidArgument("MKL GEMM + bias: shapes do not match");
-  if (m == 0 || n == 0) return ffi::Error::Success();
+  RowGemm g;
+  if (auto e = CheckRowGemm("MKL GEMM + bias", a, b, transpose_b, {&*out}, &g); e.failure()) return e;
+  if (bias.dimensions().size() != 1 || bias.dimensions()[0] != g.n)
+    return ffi::Error::InvalidArgument("MKL GEMM + bias: bias [N] expected");
+  if (g.m == 0 || g.n == 0) return ffi::Error::Success();
   const float* pbias = bias.typed_data();
-  const int tb = transpose_b ? kTrans : kNoTrans, ldb = bd[1];
-  const RowTiles tiles(m, PoolThreads(pool));
-  ForElementType(type, [&](auto zero) {
+  const RowTiles tiles(g.m, PoolThreads(pool));
+  ForElementType(a.element_type(), [&](auto zero) {
     using T = decltype(zero);
-    const T* pa = In<T>(a);
-    const T* pb = In<T>(b);
     T* po = Out<T>(out);
-    RunTiles(pool, tiles.total, [=](int t) {
-      float* c = Scratch(0, kBiasRowBlock * n);
-      const void* packed = k > 0 ? PackB(tb, n, k, pb, ldb) : nullptr;
-      tiles.ForBlocks(t, kBiasRowBlock, [=](int64_t r, int rows) {
-        if (k == 0) {
-          std::fill(c, c + static_cast<int64_t>(rows) * n, 0.0f);
-        } else {
-          ComputePacked(rows, n, k, pa + r * k, packed, c);
-        }
-        for (int64_t i = 0; i < rows; ++i) {
-          T* row = po + (r + i) * n;
-          const float* from = c + i * n;
+    ForProductBlocks(pool, tiles, g, In<T>(a), In<T>(b), [=](int, int64_t r, int rows, const float* c) {
+      for (int64_t i = 0; i < rows; ++i) {
+        T* row = po + (r + i) * g.n;
+        const float* from = c + i * g.n;
 #pragma omp simd
-          for (int64_t j = 0; j < n; ++j) Store(row, j, from[j] + pbias[j]);
-        }
-      });
+        for (int64_t j = 0; j < g.n; ++j) Store(row, j, from[j] + pbias[j]);
+      }
     });
   });
+  return ffi::Error::Success();
+}
+
+// A dense layer and its erf GELU: pre = a @ op(b) + bias rounded to a's dtype, and out = GELU(pre)
+// (of the rounded pre, as XLA's path computes it), rounded too. pre is what the backward takes.
+static ffi::Error GemmBiasGelu(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
+                               ffi::Buffer<ffi::F32> bias, ffi::Result<ffi::AnyBuffer> out,
+                               ffi::Result<ffi::AnyBuffer> pre, bool transpose_b) {
+  RowGemm g;
+  if (auto e = CheckRowGemm("MKL GEMM + bias + GELU", a, b, transpose_b, {&*out, &*pre}, &g); e.failure()) return e;
+  if (bias.dimensions().size() != 1 || bias.dimensions()[0] != g.n)
+    return ffi::Error::InvalidArgument("MKL GEMM + bias + GELU: bias [N] expected");
+  if (g.m == 0 || g.n == 0) return ffi::Error::Success();
+  const float* pbias = bias.typed_data();
+  const RowTiles tiles(g.m, PoolThreads(pool));
+  ForElementType(a.element_type(), [&](auto zero) {
+    using T = decltype(zero);
+    T *po = Out<T>(out), *ppre = Out<T>(pre);
+    ForProductBlocks(pool, tiles, g, In<T>(a), In<T>(b), [=](int, int64_t r, int rows, const float* c) {
+      for (int64_t i = 0; i < rows; ++i) {
+        T *row = po + (r + i) * g.n, *pre_row = ppre + (r + i) * g.n;
+        const float* from = c + i * g.n;
+#pragma omp simd
+        for (int64_t j = 0; j < g.n; ++j) {
+          const float h = Rounded(from[j] + pbias[j], T{});
+          Store(pre_row, j, h);
+          Store(row, j, Gelu(h));
+        }
+      }
+    });
+  });
+  return ffi::Error::Success();
+}
+
+// The backward of GemmBiasGelu's GELU, from the cotangent of the next layer's input: out =
+// (a @ op(b)) * GELU'(pre), rounded to a's dtype, and dbias [N] float32, out's column sums before
+// rounding (the bias gradient of the layer that made pre).
+static ffi::Error GemmGeluGrad(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
+                               ffi::AnyBuffer pre, ffi::Result<ffi::AnyBuffer> out,
+                               ffi::Result<ffi::Buffer<ffi::F32>> dbias, bool transpose_b) {
+  RowGemm g;
+  if (auto e = CheckRowGemm("MKL GEMM x GELU'", a, b, transpose_b, {&pre, &*out}, &g); e.failure()) return e;
+  if (dbias->dimensions().size() != 1 || dbias->dimensions()[0] != g.n)
+    return ffi::Error::InvalidArgument("MKL GEMM x GELU': dbias [N] expected");
+  float* pdbias = dbias->typed_data();
+  std::fill(pdbias, pdbias + g.n, 0.0f);
+  if (g.m == 0 || g.n == 0) return ffi::Error::Success();
+  const RowTiles tiles(g.m, PoolThreads(pool));
+  std::vector<float> partial(static_cast<size_t>(tiles.total) * g.n, 0.0f);  // per tile
+  float* ppartial = partial.data();
+  ForElementType(a.element_type(), [&](auto zero) {
+    using T = decltype(zero);
+    const T* ppre = In<T>(pre);
+    T* po = Out<T>(out);
+    ForProductBlocks(pool, tiles, g, In<T>(a), In<T>(b), [=](int t, int64_t r, int rows, const float* c) {
+      float* sums = ppartial + static_cast<int64_t>(t) * g.n;
+      for (int64_t i = 0; i < rows; ++i) {
+        T* row = po + (r + i) * g.n;
+        const T* pre_row = ppre + (r + i) * g.n;
+        const float* from = c + i * g.n;
+#pragma omp simd
+        for (int64_t j = 0; j < g.n; ++j) {
+          const float h = Load(pre_row, j);
+          const float d = from[j] * GeluSlope(h);
+          sums[j] += d;
+          Store(row, j, d);
+        }
+      }
+    });
+  });
+  for (int t = 0; t < tiles.total; ++t)
+    for (int64_t j = 0; j < g.n; ++j) pdbias[j] += ppartial[static_cast<int64_t>(t) * g.n + j];
   return ffi::Error::Success();
 }
 
@@ -669,6 +799,26 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxMklGemmBias, GemmBias,
                                   .Arg<ffi::AnyBuffer>()  // b
                                   .Arg<ffi::Buffer<ffi::F32>>()  // bias
                                   .Ret<ffi::AnyBuffer>()  // out
+                                  .Attr<bool>("transpose_b"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxMklGemmBiasGelu, GemmBiasGelu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // a
+                                  .Arg<ffi::AnyBuffer>()  // b
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
+                                  .Ret<ffi::AnyBuffer>()  // out
+                                  .Ret<ffi::AnyBuffer>()  // pre
+                                  .Attr<bool>("transpose_b"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxMklGemmGeluGrad, GemmGeluGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // a
+                                  .Arg<ffi::AnyBuffer>()  // b
+                                  .Arg<ffi::AnyBuffer>()  // pre
+                                  .Ret<ffi::AnyBuffer>()  // out
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dbias
                                   .Attr<bool>("transpose_b"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxMklConv, Conv,
