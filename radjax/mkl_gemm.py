@@ -48,6 +48,8 @@ TARGET = "radjax_mkl_gemm"
 BIAS_TARGET = "radjax_mkl_gemm_bias"
 BIAS_GELU_TARGET = "radjax_mkl_gemm_bias_gelu"
 GELU_GRAD_TARGET = "radjax_mkl_gemm_gelu_grad"
+LAYER_NORM_TARGET = "radjax_layer_norm"
+LAYER_NORM_GRAD_TARGET = "radjax_layer_norm_grad"
 CONV_TARGET = "radjax_mkl_conv"
 CONV_WEIGHT_GRAD_TARGET = "radjax_mkl_conv_weight_grad"
 ATTENTION_TARGET = "radjax_mkl_attention"
@@ -131,6 +133,8 @@ def register() -> str | None:
   for target, symbol in ((TARGET, "RadjaxMklGemm"), (BIAS_TARGET, "RadjaxMklGemmBias"),
                          (BIAS_GELU_TARGET, "RadjaxMklGemmBiasGelu"),
                          (GELU_GRAD_TARGET, "RadjaxMklGemmGeluGrad"),
+                         (LAYER_NORM_TARGET, "RadjaxLayerNorm"),
+                         (LAYER_NORM_GRAD_TARGET, "RadjaxLayerNormGrad"),
                          (CONV_TARGET, "RadjaxMklConv"),
                          (CONV_WEIGHT_GRAD_TARGET, "RadjaxMklConvWeightGrad"),
                          (ATTENTION_TARGET, "RadjaxMklAttention"),
@@ -229,6 +233,39 @@ def gemm_gelu_grad(a: jax.Array, b: jax.Array, pre: jax.Array, *,
                                              jax.ShapeDtypeStruct((n,), jnp.float32)),
                           vmap_method="sequential")
   return call(a, b, pre, transpose_b=transpose_b)
+
+
+def _check_layer_norm(name: str, x: jax.Array, y_like: jax.Array, scale: jax.Array) -> None:
+  if (x.ndim != 2 or y_like.shape != x.shape or scale.shape != x.shape[1:]
+      or not {x.dtype, y_like.dtype} <= {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)}):
+    raise ValueError(f"mkl_gemm.{name}: x and y [M, D] (bfloat16 or float32) and scale [D], got "
+                     f"{x.dtype}{list(x.shape)}, {y_like.dtype}{list(y_like.shape)}, {list(scale.shape)}")
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, *, epsilon: float,
+               dtype) -> tuple[jax.Array, jax.Array]:
+  """LayerNorm over the last dim in one pass per row (the handler in the same library as the
+  GEMMs): x [M, D] (bfloat16 or float32), scale and bias [D] (cast to float32) -> y [M, D] in
+  ``dtype`` = (x - mean) / sqrt(var + epsilon) * scale + bias, computed in float32 from x as given,
+  and stats [M, 2] float32 (mean, 1 / sqrt(var + epsilon)) for :func:`layer_norm_grad`."""
+  y = jax.ShapeDtypeStruct(x.shape, dtype)
+  _check_layer_norm("layer_norm", x, y, scale)
+  if bias.shape != scale.shape:
+    raise ValueError(f"mkl_gemm.layer_norm: bias {list(bias.shape)}, expected {list(scale.shape)}")
+  call = jax.ffi.ffi_call(LAYER_NORM_TARGET, (y, jax.ShapeDtypeStruct((x.shape[0], 2), jnp.float32)),
+                          vmap_method="sequential")
+  return call(x, scale.astype(jnp.float32), bias.astype(jnp.float32), epsilon=np.float32(epsilon))
+
+
+def layer_norm_grad(x: jax.Array, scale: jax.Array, stats: jax.Array,
+                    dy: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(dx in x's dtype, dscale and dbias [D] float32) of :func:`layer_norm` for the cotangent dy
+  [M, D] of its output, given its x, scale and stats."""
+  _check_layer_norm("layer_norm_grad", x, dy, scale)
+  call = jax.ffi.ffi_call(LAYER_NORM_GRAD_TARGET, (jax.ShapeDtypeStruct(x.shape, x.dtype),)
+                          + (jax.ShapeDtypeStruct(scale.shape, jnp.float32),) * 2,
+                          vmap_method="sequential")
+  return call(x, scale.astype(jnp.float32), stats.astype(jnp.float32), dy)
 
 
 def conv(x_padded: jax.Array, kernel: jax.Array, *, flip: bool = False,

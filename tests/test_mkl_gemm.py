@@ -143,6 +143,52 @@ def test_gelu_calls_refuse_what_they_cannot_multiply():
     mkl_gemm.gemm_gelu_grad(a, jnp.ones((3, 5), jnp.float32), jnp.ones((4, 5), jnp.bfloat16))
 
 
+def _numpy_layer_norm(x, scale, bias, eps, dy):
+  """LayerNorm over the last dim and its gradients in float64 -> y, dx, dscale, dbias."""
+  mean = x.mean(-1, keepdims=True)
+  rstd = 1.0 / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + eps)
+  x_hat = (x - mean) * rstd
+  g = dy * scale
+  dx = rstd * (g - g.mean(-1, keepdims=True) - x_hat * (g * x_hat).mean(-1, keepdims=True))
+  return x_hat * scale + bias, dx, (dy * x_hat).sum(0), dy.sum(0)
+
+
+@pytest.mark.parametrize("x_dtype,y_dtype", [("float32", "bfloat16"), ("float32", "float32"),
+                                             ("bfloat16", "bfloat16"), ("bfloat16", "float32")])
+def test_layer_norm_and_its_gradients_match_numpy(x_dtype, y_dtype):
+  """y, its stats, dx, dscale and dbias against float64, for rows over several tiles, an offset
+  and spread that a one-pass variance would lose digits to, a row of constants (variance 0:
+  rstd = 1 / sqrt(eps)), fewer rows than threads and 2-wide rows."""
+  rng = np.random.default_rng(6)
+  for m, d in [(300, 96), (5, 2), (40, 777)]:
+    x = jnp.asarray(rng.standard_normal((m, d)) * 3.0 + 50.0, x_dtype).at[1].set(7.0)
+    scale = jnp.asarray(rng.standard_normal(d), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(d), jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((m, d)), y_dtype)
+    y, stats = jax.jit(lambda x, s, b: mkl_gemm.layer_norm(x, s, b, epsilon=1e-5, dtype=y_dtype))(x, scale, bias)
+    dx, dscale, dbias = jax.jit(mkl_gemm.layer_norm_grad)(x, scale, stats, dy)
+    assert y.dtype == dy.dtype and dx.dtype == x.dtype and stats.shape == (m, 2)
+    x64, dy64 = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+    want = _numpy_layer_norm(x64, np.asarray(scale, np.float64), np.asarray(bias, np.float64), 1e-5, dy64)
+    np.testing.assert_allclose(np.asarray(stats)[:, 0], x64.mean(-1), rtol=1e-6)
+    for name, got, ref in zip(("y", "dx", "dscale", "dbias"), (y, dx, dscale, dbias), want):
+      rounded = jnp.dtype(got.dtype) == jnp.bfloat16
+      atol = (2.0 ** -7 if rounded else 2e-5) * float(np.abs(ref).max())
+      np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=0, atol=atol, err_msg=name)
+
+
+def test_layer_norm_refuses_what_it_cannot_normalise():
+  x = jnp.ones((4, 3), jnp.float32)
+  with pytest.raises(ValueError, match="scale"):
+    mkl_gemm.layer_norm(x, jnp.ones((4,)), jnp.ones((4,)), epsilon=1e-6, dtype=jnp.float32)
+  with pytest.raises(ValueError, match="bias"):
+    mkl_gemm.layer_norm(x, jnp.ones((3,)), jnp.ones((4,)), epsilon=1e-6, dtype=jnp.float32)
+  with pytest.raises(ValueError, match="bfloat16 or float32"):
+    mkl_gemm.layer_norm(x, jnp.ones((3,)), jnp.ones((3,)), epsilon=1e-6, dtype=jnp.float16)
+  with pytest.raises(ValueError, match=r"\[M, D\]"):
+    mkl_gemm.layer_norm_grad(x, jnp.ones((3,)), jnp.ones((4, 2)), jnp.ones((4, 4), jnp.float32))
+
+
 def _numpy_attention(q, k, v, mask, causal, scale, d_o):
   """Softmax attention and its gradients in float64, masked like XLA's path (disallowed logits
   set to float32's lowest, so a row with no key allowed is uniform): q [B, T, N, H], k/v
@@ -426,6 +472,40 @@ def test_gelu_mlp_through_mkl_matches_xla(dtype, monkeypatch):
     scale = float(jnp.abs(want.astype(jnp.float32)).max())
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=0,
                                atol=tol * scale)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_layer_norm_module_through_mkl_matches_nnx(dtype, monkeypatch):
+  """layers.LayerNorm on a float32 residual: one call each way through MKL's library, and the
+  value and the scale, bias and input gradients of nnx.LayerNorm (which rounds x to ``dtype``
+  first: hence bf16's tolerance). With a mask it is nnx.LayerNorm's path."""
+  monkeypatch.setenv(mkl_gemm.ENV, "on")
+  x = jax.random.normal(jax.random.key(2), (3, 70, 48), jnp.float32) * 2.0 + 1.0
+  mine = layers.layer_norm(48, rngs=nnx.Rngs(0), dtype=dtype)
+  theirs = nnx.LayerNorm(48, epsilon=1e-6, dtype=dtype, rngs=nnx.Rngs(0))
+  for module in (mine, theirs):  # the same non-trivial parameters for both
+    module.scale[...] = jnp.linspace(0.5, 1.5, 48)
+    module.bias[...] = jnp.linspace(-1.0, 1.0, 48)
+
+  def value_and_grads(module):
+    graphdef, params = nnx.split(module)
+    loss = lambda params, x: jnp.sum(jnp.sin(nnx.merge(graphdef, params)(x).astype(jnp.float32)))
+    f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    value, (g, dx) = f(params, x)
+    return value, [g["scale"][...], g["bias"][...], dx], f.lower(params, x).as_text()
+
+  value, grads, text = value_and_grads(mine)
+  assert text.count(f"@{mkl_gemm.LAYER_NORM_TARGET}(") == 1
+  assert text.count(f"@{mkl_gemm.LAYER_NORM_GRAD_TARGET}(") == 1
+  want_value, want_grads, _ = value_and_grads(theirs)
+  tol = 2e-2 if dtype == "bfloat16" else 1e-5
+  np.testing.assert_allclose(value, want_value, rtol=tol)
+  for got, want in zip(grads, want_grads, strict=True):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0,
+                               atol=tol * float(jnp.abs(want).max()))
+  mask = jnp.ones(x.shape, bool)
+  masked = jax.jit(lambda x: mine(x, mask=mask)).lower(x).as_text()
+  assert mkl_gemm.LAYER_NORM_TARGET not in masked
 
 
 def test_default_is_intel_only(monkeypatch):

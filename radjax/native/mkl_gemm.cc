@@ -776,6 +776,144 @@ static ffi::Error GemmGeluGrad(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyB
   return ffi::Error::Success();
 }
 
+// LayerNorm over the last dim of x [M, D] (bf16 or f32) with float32 scale and bias [D]: y =
+// (x - mean) rstd scale + bias in float32, rounded to y's dtype, and stats [M, 2] = (mean, rstd)
+// for the backward. A row's statistics take two passes over it while it sits in L1 (XLA's path
+// ran the reductions and the normalisation as separate passes over memory). Rows split over the
+// pool's threads; the backward's scale and bias gradients are summed per tile, then added.
+namespace {
+
+struct Rows {
+  int64_t m, d;
+};
+
+ffi::Error CheckLayerNorm(const std::string& what, const ffi::AnyBuffer& x, ffi::Span<const int64_t> scale,
+                          ffi::Span<const int64_t> stats, const ffi::AnyBuffer& y, Rows* rows) {
+  const auto xd = x.dimensions(), yd = y.dimensions();
+  const auto is_float = [](ffi::DataType t) { return t == ffi::DataType::BF16 || t == ffi::DataType::F32; };
+  if (!is_float(x.element_type()) || !is_float(y.element_type()))
+    return ffi::Error::InvalidArgument(what + ": bf16 or f32 arrays");
+  if (xd.size() != 2 || yd.size() != 2 || yd[0] != xd[0] || yd[1] != xd[1] || scale.size() != 1 ||
+      scale[0] != xd[1] || stats.size() != 2 || stats[0] != xd[0] || stats[1] != 2)
+    return ffi::Error::InvalidArgument(what + ": x and y [M, D], scale [D], stats [M, 2]");
+  *rows = {xd[0], xd[1]};
+  return ffi::Error::Success();
+}
+
+template <typename F>
+void ForElementTypes(ffi::DataType a, ffi::DataType b, F f) {
+  ForElementType(a, [&](auto x) { ForElementType(b, [&](auto y) { f(x, y); }); });
+}
+
+}  // namespace
+
+static ffi::Error LayerNorm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale,
+                            ffi::Buffer<ffi::F32> bias, ffi::Result<ffi::AnyBuffer> y,
+                            ffi::Result<ffi::Buffer<ffi::F32>> stats, float epsilon) {
+  Rows r;
+  if (auto e = CheckLayerNorm("LayerNorm", x, scale.dimensions(), stats->dimensions(), *y, &r); e.failure()) return e;
+  if (bias.dimensions().size() != 1 || bias.dimensions()[0] != r.d)
+    return ffi::Error::InvalidArgument("LayerNorm: bias [D] expected");
+  if (r.m == 0) return ffi::Error::Success();
+  const float *pscale = scale.typed_data(), *pbias = bias.typed_data();
+  float* pstats = stats->typed_data();
+  const RowTiles tiles(r.m, PoolThreads(pool));
+  ForElementTypes(x.element_type(), y->element_type(), [&](auto x_zero, auto y_zero) {
+    using X = decltype(x_zero);
+    using Y = decltype(y_zero);
+    const X* px = In<X>(x);
+    Y* py = Out<Y>(y);
+    RunTiles(pool, tiles.total, [=, &tiles](int t) {
+      tiles.ForBlocks(t, 1, [=](int64_t i, int) {
+        const X* row = px + i * r.d;
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < r.d; ++j) sum += Load(row, j);
+        const float mean = r.d > 0 ? sum / r.d : 0.0f;
+        float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+        for (int64_t j = 0; j < r.d; ++j) {
+          const float centred = Load(row, j) - mean;
+          squares += centred * centred;
+        }
+        const float rstd = 1.0f / std::sqrt((r.d > 0 ? squares / r.d : 0.0f) + epsilon);
+        Y* out = py + i * r.d;
+#pragma omp simd
+        for (int64_t j = 0; j < r.d; ++j) Store(out, j, (Load(row, j) - mean) * rstd * pscale[j] + pbias[j]);
+        pstats[2 * i] = mean;
+        pstats[2 * i + 1] = rstd;
+      });
+    });
+  });
+  return ffi::Error::Success();
+}
+
+// dx (x's dtype), dscale and dbias (float32 [D]) of LayerNorm for the cotangent dy of y (y's
+// dtype), from x, scale and LayerNorm's stats.
+static ffi::Error LayerNormGrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale,
+                                ffi::Buffer<ffi::F32> stats, ffi::AnyBuffer dy,
+                                ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::Buffer<ffi::F32>> dscale,
+                                ffi::Result<ffi::Buffer<ffi::F32>> dbias) {
+  Rows r;
+  if (auto e = CheckLayerNorm("LayerNorm gradient", x, scale.dimensions(), stats.dimensions(), dy, &r); e.failure()) return e;
+  const auto dxd = dx->dimensions();
+  if (dx->element_type() != x.element_type() || dxd.size() != 2 || dxd[0] != r.m || dxd[1] != r.d ||
+      dscale->dimensions().size() != 1 || dscale->dimensions()[0] != r.d ||
+      dbias->dimensions().size() != 1 || dbias->dimensions()[0] != r.d)
+    return ffi::Error::InvalidArgument("LayerNorm gradient: dx like x, dscale and dbias [D]");
+  float *pdscale = dscale->typed_data(), *pdbias = dbias->typed_data();
+  std::fill(pdscale, pdscale + r.d, 0.0f);
+  std::fill(pdbias, pdbias + r.d, 0.0f);
+  if (r.m == 0) return ffi::Error::Success();
+  const float *pscale = scale.typed_data(), *pstats = stats.typed_data();
+  const RowTiles tiles(r.m, PoolThreads(pool));
+  std::vector<float> partial(static_cast<size_t>(tiles.total) * 2 * r.d, 0.0f);  // per tile: dscale, dbias
+  float* ppartial = partial.data();
+  ForElementTypes(x.element_type(), dy.element_type(), [&](auto x_zero, auto y_zero) {
+    using X = decltype(x_zero);
+    using Y = decltype(y_zero);
+    const X* px = In<X>(x);
+    const Y* pdy = In<Y>(dy);
+    X* pdx = Out<X>(dx);
+    RunTiles(pool, tiles.total, [=, &tiles](int t) {
+      float* sums_scale = ppartial + static_cast<int64_t>(t) * 2 * r.d;
+      float* sums_bias = sums_scale + r.d;
+      tiles.ForBlocks(t, 1, [=](int64_t i, int) {
+        const X* row = px + i * r.d;
+        const Y* g = pdy + i * r.d;
+        const float mean = pstats[2 * i], rstd = pstats[2 * i + 1];
+        // dx = rstd (dy scale - mean(dy scale) - x_hat mean(dy scale x_hat)).
+        float mean_g = 0.0f, mean_g_xhat = 0.0f;
+#pragma omp simd reduction(+ : mean_g, mean_g_xhat)
+        for (int64_t j = 0; j < r.d; ++j) {
+          const float x_hat = (Load(row, j) - mean) * rstd, dy_j = Load(g, j);
+          const float g_j = dy_j * pscale[j];
+          mean_g += g_j;
+          mean_g_xhat += g_j * x_hat;
+          sums_scale[j] += dy_j * x_hat;
+          sums_bias[j] += dy_j;
+        }
+        mean_g /= r.d;
+        mean_g_xhat /= r.d;
+        X* out = pdx + i * r.d;
+#pragma omp simd
+        for (int64_t j = 0; j < r.d; ++j) {
+          const float x_hat = (Load(row, j) - mean) * rstd;
+          Store(out, j, rstd * (Load(g, j) * pscale[j] - mean_g - x_hat * mean_g_xhat));
+        }
+      });
+    });
+  });
+  for (int t = 0; t < tiles.total; ++t) {
+    const float* part = ppartial + static_cast<int64_t>(t) * 2 * r.d;
+    for (int64_t j = 0; j < r.d; ++j) {
+      pdscale[j] += part[j];
+      pdbias[j] += part[r.d + j];
+    }
+  }
+  return ffi::Error::Success();
+}
+
 // What the GEMM and convolution handlers take: XLA's pool, two operands and a float32 output.
 static auto TwoOperandBinding() {
   return ffi::Ffi::Bind()
@@ -825,6 +963,27 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxMklConv, Conv,
                               TwoOperandBinding().Attr<bool>("flip").Attr<bool>("transpose_w"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxMklConvWeightGrad, ConvWeightGrad, TwoOperandBinding());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxLayerNorm, LayerNorm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
+                                  .Ret<ffi::AnyBuffer>()  // y
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // stats
+                                  .Attr<float>("epsilon"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxLayerNormGrad, LayerNormGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // stats
+                                  .Arg<ffi::AnyBuffer>()  // dy
+                                  .Ret<ffi::AnyBuffer>()  // dx
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dscale
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dbias
 
 // What both attention handlers take first: XLA's pool, q, k, v and the mask.
 static auto AttentionInputsBinding() {
