@@ -1,7 +1,9 @@
 """Intel MKL's GEMMs as XLA custom calls, for radjax's CPU matmuls on Intel CPUs: dense layers and
-matmul convolutions (:func:`gemm`, :func:`gemm_bias`), stride-1 convolutions as shifted GEMMs (:func:`conv`,
+matmul convolutions (:func:`gemm`, :func:`gemm_bias`; an erf-GELU MLP's :func:`gemm_bias_gelu` and
+:func:`gemm_gelu_grad`), stride-1 convolutions as shifted GEMMs (:func:`conv`,
 :func:`conv_kernel_grad`) and softmax attention fused per (batch, head) (:func:`attention`,
-:func:`attention_grad`).
+:func:`attention_grad`). The same handler library also holds LayerNorm (:func:`layer_norm`,
+:func:`layer_norm_grad`), which needs no MKL but comes with it.
 
 On an Intel Xeon with AMX, MKL's bf16 x bf16 -> f32 GEMM ran ViT-B/16's shapes at 0.9-2.7x XLA's
 rate (1.4-1.8 TFLOP/s), and its float32 GEMM at 1.1-1.35x; it also reads a transposed operand at
@@ -20,7 +22,8 @@ It is used when all of these hold, else radjax's matmuls stay XLA's:
 
 The handler runs MKL sequentially on tiles of the work, spread over XLA's own intra-op thread
 pool, so MKL starts no threads of its own to compete with XLA's. It is built for the CPU it runs
-on (``-march=native``), so the attention's softmax loops use its widest vectors.
+on (``-march=native``, 512-bit vectors where it has them), so the softmax, GELU and LayerNorm
+loops use its widest vectors.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 // XLA FFI custom calls through Intel MKL's GEMMs (bfloat16 x bfloat16 -> float32, float32 x float32
 // -> float32): out = op(A) @ op(B) (RadjaxMklGemm), the same plus a bias rounded to the operands'
-// dtype in cache (RadjaxMklGemmBias), stride-1 convolutions as GEMMs over shifted
+// dtype in cache (RadjaxMklGemmBias), with the erf GELU or its derivative applied there too
+// (RadjaxMklGemmBiasGelu, RadjaxMklGemmGeluGrad), stride-1 convolutions as GEMMs over shifted
 // rows of the padded input (RadjaxMklConv, RadjaxMklConvWeightGrad), and softmax attention fused
-// per (batch, head) (RadjaxMklAttention, RadjaxMklAttentionGrad). radjax/mkl_gemm.py loads MKL
+// per (batch, head) (RadjaxMklAttention, RadjaxMklAttentionGrad); besides, LayerNorm in one pass
+// per row each way (RadjaxLayerNorm, RadjaxLayerNormGrad). radjax/mkl_gemm.py loads MKL
 // (sequential threading layer) and passes its GEMMs to radjax_mkl_init. Work is split into tiles
 // run on XLA's intra-op pool.
 #include <algorithm>
@@ -629,6 +631,12 @@ ffi::Error CheckRowGemm(const std::string& what, const ffi::AnyBuffer& a, const 
   return ffi::Error::Success();
 }
 
+// A [N] vector of a row-blocked GEMM (a bias or its gradient).
+ffi::Error CheckVector(const std::string& what, const char* name, ffi::Span<const int64_t> dims, int n) {
+  if (dims.size() == 1 && dims[0] == n) return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(what + ": " + name + " [N] expected");
+}
+
 // For each block of the rows of tile t: finish(t, first_row, rows, c), c [rows, N] the block's
 // float32 product in this thread's scratch.
 template <typename T, typename Finish>
@@ -657,6 +665,7 @@ inline float Rounded(float v, uint16_t) { return FromBf16(ToBf16(v)); }
 // for h < 0 and 2 minus it otherwise, and erfc(x) = P(1 / (1 + p x)) exp(-x^2) with Abramowitz
 // and Stegun's 7.1.26 polynomial (absolute error under 1.5e-7), so the negative tail comes
 // without cancellation. Branch-free: the loops calling these vectorise.
+//
 // 1 + erf(h / sqrt 2), given gauss = exp(-h^2 / 2).
 inline float TwiceNormalCdf(float h, float gauss) {
   const float t = 1.0f / (1.0f + 0.3275911f * 0.70710678118654752f * std::fabs(h));
@@ -684,8 +693,7 @@ static ffi::Error GemmBias(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffe
                            bool transpose_b) {
   RowGemm g;
   if (auto e = CheckRowGemm("MKL GEMM + bias", a, b, transpose_b, {&*out}, &g); e.failure()) return e;
-  if (bias.dimensions().size() != 1 || bias.dimensions()[0] != g.n)
-    return ffi::Error::InvalidArgument("MKL GEMM + bias: bias [N] expected");
+  if (auto e = CheckVector("MKL GEMM + bias", "bias", bias.dimensions(), g.n); e.failure()) return e;
   if (g.m == 0 || g.n == 0) return ffi::Error::Success();
   const float* pbias = bias.typed_data();
   const RowTiles tiles(g.m, PoolThreads(pool));
@@ -711,8 +719,7 @@ static ffi::Error GemmBiasGelu(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyB
                                ffi::Result<ffi::AnyBuffer> pre, bool transpose_b) {
   RowGemm g;
   if (auto e = CheckRowGemm("MKL GEMM + bias + GELU", a, b, transpose_b, {&*out, &*pre}, &g); e.failure()) return e;
-  if (bias.dimensions().size() != 1 || bias.dimensions()[0] != g.n)
-    return ffi::Error::InvalidArgument("MKL GEMM + bias + GELU: bias [N] expected");
+  if (auto e = CheckVector("MKL GEMM + bias + GELU", "bias", bias.dimensions(), g.n); e.failure()) return e;
   if (g.m == 0 || g.n == 0) return ffi::Error::Success();
   const float* pbias = bias.typed_data();
   const RowTiles tiles(g.m, PoolThreads(pool));
@@ -743,8 +750,7 @@ static ffi::Error GemmGeluGrad(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyB
                                ffi::Result<ffi::Buffer<ffi::F32>> dbias, bool transpose_b) {
   RowGemm g;
   if (auto e = CheckRowGemm("MKL GEMM x GELU'", a, b, transpose_b, {&pre, &*out}, &g); e.failure()) return e;
-  if (dbias->dimensions().size() != 1 || dbias->dimensions()[0] != g.n)
-    return ffi::Error::InvalidArgument("MKL GEMM x GELU': dbias [N] expected");
+  if (auto e = CheckVector("MKL GEMM x GELU'", "dbias", dbias->dimensions(), g.n); e.failure()) return e;
   float* pdbias = dbias->typed_data();
   std::fill(pdbias, pdbias + g.n, 0.0f);
   if (g.m == 0 || g.n == 0) return ffi::Error::Success();
