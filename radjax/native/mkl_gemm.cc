@@ -173,6 +173,20 @@ struct RowTiles {
   }
 };
 
+// Column sums [N] accumulated per tile (no locks, no order dependence), then added together.
+struct TileSums {
+  int count;
+  int64_t n;
+  std::vector<float> parts;
+  TileSums(const RowTiles& tiles, int64_t n)
+      : count(tiles.total), n(n), parts(static_cast<size_t>(tiles.total) * n, 0.0f) {}
+  float* Of(int t) { return parts.data() + t * n; }
+  void AddTo(float* out) const {
+    for (int t = 0; t < count; ++t)
+      for (int64_t j = 0; j < n; ++j) out[j] += parts[t * n + j];
+  }
+};
+
 // Rows of x that tap (i, j) starts at, and the rows every tap can read: all but the last shift.
 struct WideGrid {
   int64_t rows, wp, last_shift;
@@ -631,10 +645,11 @@ ffi::Error CheckRowGemm(const std::string& what, const ffi::AnyBuffer& a, const 
   return ffi::Error::Success();
 }
 
-// A [N] vector of a row-blocked GEMM (a bias or its gradient).
-ffi::Error CheckVector(const std::string& what, const char* name, ffi::Span<const int64_t> dims, int n) {
+// A vector of n elements (a bias or its gradient); ``expected`` names it and its dim.
+ffi::Error CheckVector(const std::string& what, const char* expected, ffi::Span<const int64_t> dims,
+                       int64_t n) {
   if (dims.size() == 1 && dims[0] == n) return ffi::Error::Success();
-  return ffi::Error::InvalidArgument(what + ": " + name + " [N] expected");
+  return ffi::Error::InvalidArgument(what + ": " + expected + " expected");
 }
 
 // For each block of the rows of tile t: finish(t, first_row, rows, c), c [rows, N] the block's
@@ -693,7 +708,7 @@ static ffi::Error GemmBias(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffe
                            bool transpose_b) {
   RowGemm g;
   if (auto e = CheckRowGemm("MKL GEMM + bias", a, b, transpose_b, {&*out}, &g); e.failure()) return e;
-  if (auto e = CheckVector("MKL GEMM + bias", "bias", bias.dimensions(), g.n); e.failure()) return e;
+  if (auto e = CheckVector("MKL GEMM + bias", "bias [N]", bias.dimensions(), g.n); e.failure()) return e;
   if (g.m == 0 || g.n == 0) return ffi::Error::Success();
   const float* pbias = bias.typed_data();
   const RowTiles tiles(g.m, PoolThreads(pool));
@@ -719,7 +734,7 @@ static ffi::Error GemmBiasGelu(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyB
                                ffi::Result<ffi::AnyBuffer> pre, bool transpose_b) {
   RowGemm g;
   if (auto e = CheckRowGemm("MKL GEMM + bias + GELU", a, b, transpose_b, {&*out, &*pre}, &g); e.failure()) return e;
-  if (auto e = CheckVector("MKL GEMM + bias + GELU", "bias", bias.dimensions(), g.n); e.failure()) return e;
+  if (auto e = CheckVector("MKL GEMM + bias + GELU", "bias [N]", bias.dimensions(), g.n); e.failure()) return e;
   if (g.m == 0 || g.n == 0) return ffi::Error::Success();
   const float* pbias = bias.typed_data();
   const RowTiles tiles(g.m, PoolThreads(pool));
@@ -750,19 +765,18 @@ static ffi::Error GemmGeluGrad(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyB
                                ffi::Result<ffi::Buffer<ffi::F32>> dbias, bool transpose_b) {
   RowGemm g;
   if (auto e = CheckRowGemm("MKL GEMM x GELU'", a, b, transpose_b, {&pre, &*out}, &g); e.failure()) return e;
-  if (auto e = CheckVector("MKL GEMM x GELU'", "dbias", dbias->dimensions(), g.n); e.failure()) return e;
+  if (auto e = CheckVector("MKL GEMM x GELU'", "dbias [N]", dbias->dimensions(), g.n); e.failure()) return e;
   float* pdbias = dbias->typed_data();
   std::fill(pdbias, pdbias + g.n, 0.0f);
   if (g.m == 0 || g.n == 0) return ffi::Error::Success();
   const RowTiles tiles(g.m, PoolThreads(pool));
-  std::vector<float> partial(static_cast<size_t>(tiles.total) * g.n, 0.0f);  // per tile
-  float* ppartial = partial.data();
+  TileSums sums(tiles, g.n);
   ForElementType(a.element_type(), [&](auto zero) {
     using T = decltype(zero);
     const T* ppre = In<T>(pre);
     T* po = Out<T>(out);
-    ForProductBlocks(pool, tiles, g, In<T>(a), In<T>(b), [=](int t, int64_t r, int rows, const float* c) {
-      float* sums = ppartial + static_cast<int64_t>(t) * g.n;
+    ForProductBlocks(pool, tiles, g, In<T>(a), In<T>(b), [=, &sums](int t, int64_t r, int rows, const float* c) {
+      float* tile_sums = sums.Of(t);
       for (int64_t i = 0; i < rows; ++i) {
         T* row = po + (r + i) * g.n;
         const T* pre_row = ppre + (r + i) * g.n;
@@ -771,14 +785,13 @@ static ffi::Error GemmGeluGrad(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyB
         for (int64_t j = 0; j < g.n; ++j) {
           const float h = Load(pre_row, j);
           const float d = from[j] * GeluSlope(h);
-          sums[j] += d;
+          tile_sums[j] += d;
           Store(row, j, d);
         }
       }
     });
   });
-  for (int t = 0; t < tiles.total; ++t)
-    for (int64_t j = 0; j < g.n; ++j) pdbias[j] += ppartial[static_cast<int64_t>(t) * g.n + j];
+  sums.AddTo(pdbias);
   return ffi::Error::Success();
 }
 
@@ -818,8 +831,7 @@ static ffi::Error LayerNorm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<
                             ffi::Result<ffi::Buffer<ffi::F32>> stats, float epsilon) {
   Rows r;
   if (auto e = CheckLayerNorm("LayerNorm", x, scale.dimensions(), stats->dimensions(), *y, &r); e.failure()) return e;
-  if (bias.dimensions().size() != 1 || bias.dimensions()[0] != r.d)
-    return ffi::Error::InvalidArgument("LayerNorm: bias [D] expected");
+  if (auto e = CheckVector("LayerNorm", "bias [D]", bias.dimensions(), r.d); e.failure()) return e;
   if (r.m == 0) return ffi::Error::Success();
   const float *pscale = scale.typed_data(), *pbias = bias.typed_data();
   float* pstats = stats->typed_data();
@@ -863,27 +875,25 @@ static ffi::Error LayerNormGrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buf
   Rows r;
   if (auto e = CheckLayerNorm("LayerNorm gradient", x, scale.dimensions(), stats.dimensions(), dy, &r); e.failure()) return e;
   const auto dxd = dx->dimensions();
-  if (dx->element_type() != x.element_type() || dxd.size() != 2 || dxd[0] != r.m || dxd[1] != r.d ||
-      dscale->dimensions().size() != 1 || dscale->dimensions()[0] != r.d ||
-      dbias->dimensions().size() != 1 || dbias->dimensions()[0] != r.d)
-    return ffi::Error::InvalidArgument("LayerNorm gradient: dx like x, dscale and dbias [D]");
+  if (dx->element_type() != x.element_type() || dxd.size() != 2 || dxd[0] != r.m || dxd[1] != r.d)
+    return ffi::Error::InvalidArgument("LayerNorm gradient: dx like x expected");
+  if (auto e = CheckVector("LayerNorm gradient", "dscale [D]", dscale->dimensions(), r.d); e.failure()) return e;
+  if (auto e = CheckVector("LayerNorm gradient", "dbias [D]", dbias->dimensions(), r.d); e.failure()) return e;
   float *pdscale = dscale->typed_data(), *pdbias = dbias->typed_data();
   std::fill(pdscale, pdscale + r.d, 0.0f);
   std::fill(pdbias, pdbias + r.d, 0.0f);
   if (r.m == 0) return ffi::Error::Success();
   const float *pscale = scale.typed_data(), *pstats = stats.typed_data();
   const RowTiles tiles(r.m, PoolThreads(pool));
-  std::vector<float> partial(static_cast<size_t>(tiles.total) * 2 * r.d, 0.0f);  // per tile: dscale, dbias
-  float* ppartial = partial.data();
+  TileSums scale_sums(tiles, r.d), bias_sums(tiles, r.d);
   ForElementTypes(x.element_type(), dy.element_type(), [&](auto x_zero, auto y_zero) {
     using X = decltype(x_zero);
     using Y = decltype(y_zero);
     const X* px = In<X>(x);
     const Y* pdy = In<Y>(dy);
     X* pdx = Out<X>(dx);
-    RunTiles(pool, tiles.total, [=, &tiles](int t) {
-      float* sums_scale = ppartial + static_cast<int64_t>(t) * 2 * r.d;
-      float* sums_bias = sums_scale + r.d;
+    RunTiles(pool, tiles.total, [=, &tiles, &scale_sums, &bias_sums](int t) {
+      float *sums_scale = scale_sums.Of(t), *sums_bias = bias_sums.Of(t);
       tiles.ForBlocks(t, 1, [=](int64_t i, int) {
         const X* row = px + i * r.d;
         const Y* g = pdy + i * r.d;
@@ -910,13 +920,8 @@ static ffi::Error LayerNormGrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buf
       });
     });
   });
-  for (int t = 0; t < tiles.total; ++t) {
-    const float* part = ppartial + static_cast<int64_t>(t) * 2 * r.d;
-    for (int64_t j = 0; j < r.d; ++j) {
-      pdscale[j] += part[j];
-      pdbias[j] += part[r.d + j];
-    }
-  }
+  scale_sums.AddTo(pdscale);
+  bias_sums.AddTo(pdbias);
   return ffi::Error::Success();
 }
 
@@ -936,21 +941,22 @@ static auto GemmBinding() {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxMklGemm, Gemm, GemmBinding());
 
+// What the bias GEMMs take first: XLA's pool, a, b and the float32 bias.
+static auto BiasGemmInputsBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::AnyBuffer>()  // a
+      .Arg<ffi::AnyBuffer>()  // b
+      .Arg<ffi::Buffer<ffi::F32>>();  // bias
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxMklGemmBias, GemmBias,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // a
-                                  .Arg<ffi::AnyBuffer>()  // b
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
+                              BiasGemmInputsBinding()
                                   .Ret<ffi::AnyBuffer>()  // out
                                   .Attr<bool>("transpose_b"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxMklGemmBiasGelu, GemmBiasGelu,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // a
-                                  .Arg<ffi::AnyBuffer>()  // b
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
+                              BiasGemmInputsBinding()
                                   .Ret<ffi::AnyBuffer>()  // out
                                   .Ret<ffi::AnyBuffer>()  // pre
                                   .Attr<bool>("transpose_b"));
