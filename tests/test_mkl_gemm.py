@@ -189,6 +189,66 @@ def test_layer_norm_refuses_what_it_cannot_normalise():
     mkl_gemm.layer_norm_grad(x, jnp.ones((3,)), jnp.ones((4, 2)), jnp.ones((4, 4), jnp.float32))
 
 
+def _numpy_batch_norm(x, scale, bias, eps, residual, relu_mask, dy):
+  """Training-mode BatchNorm over the rows, + residual, and its gradients in float64, the ReLU's
+  mask given -> y before the ReLU, mean, var, dx, dresidual, dscale, dbias."""
+  mean, var = x.mean(0), x.var(0)
+  rstd = 1.0 / np.sqrt(var + eps)
+  x_hat = (x - mean) * rstd
+  g = dy * relu_mask
+  dx = scale * rstd * (g - g.mean(0) - x_hat * (g * x_hat).mean(0))
+  return x_hat * scale + bias + residual, mean, var, dx, g, (g * x_hat).sum(0), g.sum(0)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("relu,with_residual", [(False, False), (True, False), (True, True)])
+def test_batch_norm_and_its_gradients_match_numpy(dtype, relu, with_residual):
+  """y, the moments, dx, the residual's cotangent, dscale and dbias against float64, for rows over
+  several tiles and moment blocks (a [20000, 64] map whose offset a float32 running sum would lose
+  digits to), fewer rows than threads, and a constant channel (variance 0). The ReLU's mask is
+  the one the kernel's y shows, checked itself through y."""
+  rng = np.random.default_rng(7)
+  for m, c in [(20000, 64), (300, 96), (3, 2)]:
+    x = jnp.asarray(rng.standard_normal((m, c)) * 3.0 + 20.0, dtype).at[:, 1].set(5.0)
+    scale = jnp.asarray(rng.standard_normal(c), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(c), jnp.float32)
+    residual = jnp.asarray(rng.standard_normal((m, c)), dtype) if with_residual else None
+    dy = jnp.asarray(rng.standard_normal((m, c)), dtype)
+    y, moments = jax.jit(lambda x, s, b, r: mkl_gemm.batch_norm(x, s, b, r, epsilon=1e-5, relu=relu))(
+        x, scale, bias, residual)
+    dx, dresidual, dscale, dbias = jax.jit(lambda *a: mkl_gemm.batch_norm_grad(
+        *a, epsilon=1e-5, relu=relu, residual=with_residual))(x, scale, moments, y, dy)
+    assert y.dtype == dx.dtype == x.dtype and moments.shape == (2, c)
+    assert (dresidual is not None) == with_residual
+    f64 = lambda a: np.asarray(a, np.float64)
+    mask = f64(y) > 0 if relu else 1.0
+    pre, mean, var, *grads = _numpy_batch_norm(f64(x), f64(scale), f64(bias), 1e-5,
+                                               f64(residual) if with_residual else 0.0, mask, f64(dy))
+    want_y = np.maximum(pre, 0.0) if relu else pre
+    rounded = dtype == "bfloat16"
+    for name, got, want in [("y", y, want_y), ("mean", moments[0], mean), ("var", moments[1], var),
+                            *zip(("dx", "dresidual", "dscale", "dbias"), (dx, dresidual, dscale, dbias), grads)]:
+      if got is None:
+        continue
+      bf16_array = rounded and name in ("y", "dx", "dresidual")
+      atol = (2.0 ** -7 if bf16_array else 3e-5) * float(np.abs(want).max())
+      np.testing.assert_allclose(f64(got), want, rtol=0, atol=atol, err_msg=f"{name} [{m}, {c}]")
+
+
+def test_batch_norm_refuses_what_it_cannot_normalise():
+  x = jnp.ones((4, 3), jnp.float32)
+  with pytest.raises(ValueError, match=r"x \[M, C\]"):
+    mkl_gemm.batch_norm(x, jnp.ones((4,)), jnp.ones((4,)), epsilon=1e-5, relu=False)
+  with pytest.raises(ValueError, match="bias"):
+    mkl_gemm.batch_norm(x, jnp.ones((3,)), jnp.ones((4,)), epsilon=1e-5, relu=False)
+  with pytest.raises(ValueError, match="x's dtype"):
+    mkl_gemm.batch_norm(x, jnp.ones((3,)), jnp.ones((3,)), jnp.ones((4, 3), jnp.bfloat16),
+                        epsilon=1e-5, relu=True)
+  with pytest.raises(ValueError, match=r"\[M, C\] arrays"):
+    mkl_gemm.batch_norm_grad(x, jnp.ones((3,)), jnp.ones((2, 3)), x, jnp.ones((4, 4)),
+                             epsilon=1e-5, relu=True, residual=False)
+
+
 def _numpy_attention(q, k, v, mask, causal, scale, d_o):
   """Softmax attention and its gradients in float64, masked like XLA's path (disallowed logits
   set to float32's lowest, so a row with no key allowed is uniform): q [B, T, N, H], k/v
@@ -506,6 +566,57 @@ def test_layer_norm_module_through_mkl_matches_nnx(dtype, monkeypatch):
   mask = jnp.ones(x.shape, bool)
   masked = jax.jit(lambda x: mine(x, mask=mask)).lower(x).as_text()
   assert mkl_gemm.LAYER_NORM_TARGET not in masked
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_batch_norm_module_through_mkl_matches_nnx(dtype, monkeypatch):
+  """layers.BatchNorm in training mode with a residual and the ReLU: one call each way through
+  MKL's library, and the value, the scale, bias, input and residual gradients and the running
+  averages of nnx.BatchNorm followed by the add and jax.nn.relu. In running-average mode it is
+  nnx.BatchNorm's path."""
+  monkeypatch.setenv(mkl_gemm.ENV, "on")
+  x = jax.random.normal(jax.random.key(3), (4, 9, 9, 24), jnp.float32) * 2.0 + 1.0
+  scale, bias = np.linspace(0.5, 1.5, 24), np.linspace(-1.0, 1.0, 24)
+  # The residual keeps every input of the ReLU 0.25 or more from 0, where bf16's roundings (one
+  # here, two on nnx's path) could flip the ReLU's mask.
+  x64 = np.asarray(x, np.float64)
+  normalised = (x64 - x64.mean((0, 1, 2))) / np.sqrt(x64.var((0, 1, 2)) + 1e-5) * scale + bias
+  residual = np.asarray(jax.random.normal(jax.random.key(4), x.shape), np.float64)
+  residual = jnp.asarray(residual + 0.25 * np.sign(normalised + residual), dtype)
+  kw = dict(momentum=0.9, epsilon=1e-5, dtype=dtype, rngs=nnx.Rngs(0))
+  mine, theirs = layers.BatchNorm(24, **kw), nnx.BatchNorm(24, **kw)
+  for module in (mine, theirs):  # the same non-trivial parameters for both
+    module.scale[...], module.bias[...] = jnp.asarray(scale, jnp.float32), jnp.asarray(bias, jnp.float32)
+
+  def value_and_grads(module, call):
+    graphdef, params, stats = nnx.split(module, nnx.Param, nnx.BatchStat)
+
+    def loss(params, stats, x, residual):
+      module = nnx.merge(graphdef, params, stats)
+      y = call(module, x, residual)
+      return jnp.sum(jnp.sin(y.astype(jnp.float32))), nnx.state(module, nnx.BatchStat)
+
+    # The statistics are differentiated too (their gradient is zero): nnx updates them in place,
+    # which needs them at the trace level of the parameters.
+    f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
+    (value, new_stats), (g, _, dx, dresidual) = f(params, stats, x, residual)
+    arrays = [g["scale"][...], g["bias"][...], dx, dresidual, new_stats["mean"][...], new_stats["var"][...]]
+    return value, arrays, f.lower(params, stats, x, residual).as_text()
+
+  value, arrays, text = value_and_grads(mine, lambda m, x, r: m(x, residual=r, relu=True))
+  assert text.count(f"@{mkl_gemm.BATCH_NORM_TARGET}(") == 1
+  assert text.count(f"@{mkl_gemm.BATCH_NORM_GRAD_TARGET}(") == 1
+  want_value, want_arrays, _ = value_and_grads(theirs, lambda m, x, r: jax.nn.relu(m(x) + r))
+  # bf16: y differs by an ulp where nnx's path rounds twice, and the loss's cos(y) carries that
+  # into the cotangent; the float64 test above holds the kernel to bf16's own rounding.
+  tol = 4e-2 if dtype == "bfloat16" else 1e-5
+  np.testing.assert_allclose(value, want_value, rtol=tol)
+  for got, want in zip(arrays, want_arrays, strict=True):
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=0,
+                               atol=tol * float(jnp.abs(want.astype(jnp.float32)).max()))
+  mine.eval()
+  evaluated = jax.jit(lambda x: mine(x, relu=True)).lower(x).as_text()
+  assert mkl_gemm.BATCH_NORM_TARGET not in evaluated
 
 
 def test_default_is_intel_only(monkeypatch):

@@ -197,6 +197,26 @@ def test_patch_conv_matches_lax_conv(kernel_size, pads, conv_name):
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("k", [2, 3])
+def test_avg_pool_and_its_gradient_match_numpy(k, dtype):
+  """ResNet's average pool (strided slices forward, a broadcast backward) against NumPy's window
+  means, with a remainder row and column that torch's AvgPool2d drops (gradient 0 there)."""
+  from radjax.models.resnet import avg_pool
+  x = jax.random.normal(jax.random.key(0), (2, 3 * k + 1, 2 * k + 1, 5), dtype)
+  w = np.asarray(jax.random.normal(jax.random.key(1), (2, 3, 2, 5)), np.float64)
+  y, vjp = jax.vjp(lambda x: avg_pool(x, k), x)
+  (dx,) = vjp(jnp.asarray(w, dtype))
+  x64 = np.asarray(x, np.float64)[:, :3 * k, :2 * k]
+  want = x64.reshape(2, 3, k, 2, k, 5).mean((2, 4))
+  want_dx = np.zeros(x.shape)
+  want_dx[:, :3 * k, :2 * k] = np.repeat(np.repeat(w, k, 1), k, 2) / k ** 2
+  tol = 1e-2 if dtype == "bfloat16" else 1e-6
+  assert y.dtype == dx.dtype == x.dtype
+  np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=tol, atol=tol)
+  np.testing.assert_allclose(np.asarray(dx, np.float64), want_dx, rtol=tol, atol=tol)
+
+
 def test_batch_norm_train_matches_numpy():
   """The hand-written BatchNorm forward and backward against the textbook formulas in float64:
   y = scale * (x - mean) / sqrt(var + eps) + bias over [N, H, W];

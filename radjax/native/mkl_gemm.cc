@@ -4,7 +4,8 @@
 // (RadjaxMklGemmBiasGelu, RadjaxMklGemmGeluGrad), stride-1 convolutions as GEMMs over shifted
 // rows of the padded input (RadjaxMklConv, RadjaxMklConvWeightGrad), and softmax attention fused
 // per (batch, head) (RadjaxMklAttention, RadjaxMklAttentionGrad); besides, LayerNorm in one pass
-// per row each way (RadjaxLayerNorm, RadjaxLayerNormGrad). radjax/mkl_gemm.py loads MKL
+// per row each way (RadjaxLayerNorm, RadjaxLayerNormGrad) and training-mode BatchNorm with its
+// residual add and ReLU in two passes each way (RadjaxBatchNorm, RadjaxBatchNormGrad). radjax/mkl_gemm.py loads MKL
 // (sequential threading layer) and passes its GEMMs to radjax_mkl_init. Work is split into tiles
 // run on XLA's intra-op pool.
 #include <algorithm>
@@ -925,6 +926,239 @@ static ffi::Error LayerNormGrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buf
   return ffi::Error::Success();
 }
 
+// BatchNorm in training mode over the rows of x [M, C] (bf16 or f32; C the channels, the rows every
+// other axis): per-channel batch mean and variance (E[x^2] - E[x]^2, as flax's fast variance), y
+// = (x - mean) rstd scale + bias, optionally plus a residual [M, C] and through a ReLU, rounded
+// to y's dtype. One pass over x for the moments, one for y (XLA's path made separate passes for
+// the moments, the normalisation, the residual's add and the ReLU, and ran most of them on one
+// thread). The moments are summed in float32 over blocks of kMomentRows rows and the blocks in
+// float64, so a [50176, 64] map loses nothing to a long float32 running sum.
+namespace {
+
+constexpr int kMomentRows = 64;
+
+// Per-channel sums of two quantities over the rows of each tile, in float64, then added together.
+struct ChannelSums {
+  int64_t c;
+  std::vector<double> parts;  // [tiles, 2, C]
+  ChannelSums(const RowTiles& tiles, int64_t c) : c(c), parts(static_cast<size_t>(tiles.total) * 2 * c, 0.0) {}
+  // body(r, rows, first, second) for each block of tile t: it adds the block's rows into the
+  // float32 [C] sums first and second (zeroed), which are then added to the tile's.
+  template <typename Body>
+  void Accumulate(const RowTiles& tiles, int t, Body body) {
+    float* block = Scratch(0, 2 * c);
+    double* tile = parts.data() + static_cast<int64_t>(t) * 2 * c;
+    tiles.ForBlocks(t, kMomentRows, [&](int64_t r, int rows) {
+      std::fill(block, block + 2 * c, 0.0f);
+      body(r, rows, block, block + c);
+      for (int64_t j = 0; j < 2 * c; ++j) tile[j] += block[j];
+    });
+  }
+  // The totals [2, C]: (first, second) summed over every row.
+  std::vector<double> Totals() const {
+    std::vector<double> out(2 * c, 0.0);
+    for (size_t p = 0; p < parts.size(); ++p) out[p % (2 * c)] += parts[p];
+    return out;
+  }
+};
+
+struct Channels {
+  int64_t m, c;
+};
+
+// x [M, C] bf16 or f32, the arrays like_x [M, C] in its dtype, the vectors [C].
+ffi::Error CheckBatchNorm(const std::string& what, const ffi::AnyBuffer& x,
+                          std::initializer_list<const ffi::AnyBuffer*> like_x,
+                          std::initializer_list<ffi::Span<const int64_t>> vectors, Channels* ch) {
+  const auto xd = x.dimensions();
+  if ((x.element_type() != ffi::DataType::BF16 && x.element_type() != ffi::DataType::F32) || xd.size() != 2)
+    return ffi::Error::InvalidArgument(what + ": x [M, C] bf16 or f32 expected");
+  for (const ffi::AnyBuffer* b : like_x) {
+    const auto bd = b->dimensions();
+    if (b->element_type() != x.element_type() || bd.size() != 2 || bd[0] != xd[0] || bd[1] != xd[1])
+      return ffi::Error::InvalidArgument(what + ": [M, C] arrays in x's dtype expected");
+  }
+  for (const auto& v : vectors)
+    if (v.size() != 1 || v[0] != xd[1])
+      return ffi::Error::InvalidArgument(what + ": per-channel vectors [C] expected");
+  *ch = {xd[0], xd[1]};
+  return ffi::Error::Success();
+}
+
+// Whether an optional array is given: [M, C] in x's dtype yes, [0] no; else an error.
+ffi::Error Optional(const std::string& what, const char* name, const ffi::AnyBuffer& b,
+                    const ffi::AnyBuffer& x, const Channels& ch, bool* given) {
+  const auto d = b.dimensions();
+  *given = d.size() == 2;
+  if ((d.size() == 1 && d[0] == 0) ||
+      (*given && d[0] == ch.m && d[1] == ch.c && b.element_type() == x.element_type()))
+    return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(what + ": " + name + " [M, C] in x's dtype, or [0], expected");
+}
+
+}  // namespace
+
+// y [M, C] and moments [2, C] = (batch mean, batch variance) of x; residual [M, C] or [0] (none).
+static ffi::Error BatchNorm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale,
+                            ffi::Buffer<ffi::F32> bias, ffi::AnyBuffer residual,
+                            ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::Buffer<ffi::F32>> moments,
+                            float epsilon, bool relu) {
+  const std::string what = "BatchNorm";
+  Channels ch;
+  if (auto e = CheckBatchNorm(what, x, {&*y}, {scale.dimensions(), bias.dimensions()}, &ch); e.failure()) return e;
+  bool add_residual;
+  if (auto e = Optional(what, "residual", residual, x, ch, &add_residual); e.failure()) return e;
+  const auto md = moments->dimensions();
+  if (md.size() != 2 || md[0] != 2 || md[1] != ch.c)
+    return ffi::Error::InvalidArgument(what + ": moments [2, C] expected");
+  const int64_t c = ch.c;
+  float* pmoments = moments->typed_data();
+  if (ch.m == 0) {
+    std::fill(pmoments, pmoments + 2 * c, 0.0f);
+    return ffi::Error::Success();
+  }
+  const RowTiles tiles(ch.m, PoolThreads(pool));
+  ChannelSums sums(tiles, c);
+  std::vector<float> slope(c);
+  ForElementType(x.element_type(), [&](auto zero) {
+    using T = decltype(zero);
+    const T* px = In<T>(x);
+    RunTiles(pool, tiles.total, [=, &tiles, &sums](int t) {
+      sums.Accumulate(tiles, t, [=](int64_t r, int rows, float* sum, float* squares) {
+        for (int64_t i = r; i < r + rows; ++i) {
+          const T* row = px + i * c;
+#pragma omp simd
+          for (int64_t j = 0; j < c; ++j) {
+            const float v = Load(row, j);
+            sum[j] += v;
+            squares[j] += v * v;
+          }
+        }
+      });
+    });
+    const std::vector<double> totals = sums.Totals();
+    const float *pscale = scale.typed_data(), *pbias = bias.typed_data();
+    for (int64_t j = 0; j < c; ++j) {
+      const double mean = totals[j] / ch.m;
+      const double var = std::max(0.0, totals[c + j] / ch.m - mean * mean);
+      pmoments[j] = static_cast<float>(mean);
+      pmoments[c + j] = static_cast<float>(var);
+      slope[j] = pscale[j] / std::sqrt(static_cast<float>(var) + epsilon);
+    }
+    // (x - mean) a + bias, not x a + (bias - mean a): with a large a (a channel of near-constant
+    // x) the latter cancels two large terms.
+    const float *a = slope.data(), *b = pbias, *pmean = pmoments;
+    const T* pr = add_residual ? In<T>(residual) : nullptr;
+    T* py = Out<T>(y);
+    RunTiles(pool, tiles.total, [=, &tiles](int t) {
+      tiles.ForBlocks(t, 1, [=](int64_t i, int) {
+        const T* row = px + i * c;
+        T* out = py + i * c;
+        if (pr != nullptr) {
+          const T* res = pr + i * c;
+#pragma omp simd
+          for (int64_t j = 0; j < c; ++j) {
+            const float v = (Load(row, j) - pmean[j]) * a[j] + b[j] + Load(res, j);
+            Store(out, j, relu ? std::max(v, 0.0f) : v);
+          }
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < c; ++j) {
+            const float v = (Load(row, j) - pmean[j]) * a[j] + b[j];
+            Store(out, j, relu ? std::max(v, 0.0f) : v);
+          }
+        }
+      });
+    });
+  });
+  return ffi::Error::Success();
+}
+
+// The backward of BatchNorm for the cotangent dy of its output y: dx (x's dtype), dresidual (the
+// cotangent of the residual: dy through the ReLU, in dresidual's dtype; [0] when there was none),
+// dscale and dbias [C] float32. x, scale and the moments as BatchNorm took and gave them; y is
+// read for the ReLU's mask only (any [M, C] array without ``relu``).
+static ffi::Error BatchNormGrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale,
+                                ffi::Buffer<ffi::F32> moments, ffi::AnyBuffer y, ffi::AnyBuffer dy,
+                                ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> dresidual,
+                                ffi::Result<ffi::Buffer<ffi::F32>> dscale,
+                                ffi::Result<ffi::Buffer<ffi::F32>> dbias, float epsilon, bool relu) {
+  const std::string what = "BatchNorm gradient";
+  Channels ch;
+  if (auto e = CheckBatchNorm(what, x, {&y, &dy, &*dx}, {scale.dimensions(), dscale->dimensions(),
+                                                        dbias->dimensions()}, &ch); e.failure()) return e;
+  bool to_residual;
+  if (auto e = Optional(what, "dresidual", *dresidual, x, ch, &to_residual); e.failure()) return e;
+  const auto md = moments.dimensions();
+  if (md.size() != 2 || md[0] != 2 || md[1] != ch.c)
+    return ffi::Error::InvalidArgument(what + ": moments [2, C] expected");
+  const int64_t c = ch.c;
+  float *pdscale = dscale->typed_data(), *pdbias = dbias->typed_data();
+  if (ch.m == 0) {
+    std::fill(pdscale, pdscale + c, 0.0f);
+    std::fill(pdbias, pdbias + c, 0.0f);
+    return ffi::Error::Success();
+  }
+  const float *pmean = moments.typed_data(), *pvar = pmean + c, *pscale = scale.typed_data();
+  std::vector<float> rstd(c), slope(c), centred_slope(c), shift(c);
+  for (int64_t j = 0; j < c; ++j) rstd[j] = 1.0f / std::sqrt(pvar[j] + epsilon);
+  const RowTiles tiles(ch.m, PoolThreads(pool));
+  ChannelSums sums(tiles, c);
+  ForElementType(x.element_type(), [&](auto zero) {
+    using T = decltype(zero);
+    const T *px = In<T>(x), *pg = In<T>(dy), *py = In<T>(y);
+    // The cotangent through the ReLU: dy where y > 0.
+    const auto through_relu = [relu](float g, float out) { return relu && !(out > 0.0f) ? 0.0f : g; };
+    RunTiles(pool, tiles.total, [=, &tiles, &sums](int t) {
+      sums.Accumulate(tiles, t, [=](int64_t r, int rows, float* sum_g, float* sum_g_centred) {
+        for (int64_t i = r; i < r + rows; ++i) {
+          const T *row = px + i * c, *g = pg + i * c, *out = py + i * c;
+#pragma omp simd
+          for (int64_t j = 0; j < c; ++j) {
+            const float g_j = through_relu(Load(g, j), Load(out, j));
+            sum_g[j] += g_j;
+            sum_g_centred[j] += g_j * (Load(row, j) - pmean[j]);
+          }
+        }
+      });
+    });
+    // dx = a (g - mean(g) - x_hat mean(g x_hat)), a = scale rstd, x_hat = (x - mean) rstd.
+    const std::vector<double> totals = sums.Totals();
+    for (int64_t j = 0; j < c; ++j) {
+      pdbias[j] = static_cast<float>(totals[j]);
+      pdscale[j] = static_cast<float>(totals[c + j]) * rstd[j];
+      slope[j] = pscale[j] * rstd[j];
+      centred_slope[j] = -slope[j] * rstd[j] * pdscale[j] / ch.m;
+      shift[j] = -slope[j] * pdbias[j] / ch.m;
+    }
+    const float *a = slope.data(), *b = centred_slope.data(), *d = shift.data();
+    T* pdx = Out<T>(dx);
+    T* pdr = to_residual ? Out<T>(dresidual) : nullptr;
+    RunTiles(pool, tiles.total, [=, &tiles](int t) {
+      tiles.ForBlocks(t, 1, [=](int64_t i, int) {
+        const T *row = px + i * c, *g = pg + i * c, *out = py + i * c;
+        T* to = pdx + i * c;
+        if (pdr != nullptr) {
+          T* res = pdr + i * c;
+#pragma omp simd
+          for (int64_t j = 0; j < c; ++j) {
+            const float g_j = through_relu(Load(g, j), Load(out, j));
+            Store(res, j, g_j);
+            Store(to, j, g_j * a[j] + (Load(row, j) - pmean[j]) * b[j] + d[j]);
+          }
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < c; ++j) {
+            const float g_j = through_relu(Load(g, j), Load(out, j));
+            Store(to, j, g_j * a[j] + (Load(row, j) - pmean[j]) * b[j] + d[j]);
+          }
+        }
+      });
+    });
+  });
+  return ffi::Error::Success();
+}
+
 // What the GEMM and convolution handlers take: XLA's pool, two operands and a float32 output.
 static auto TwoOperandBinding() {
   return ffi::Ffi::Bind()
@@ -996,6 +1230,33 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxLayerNormGrad, LayerNormGrad,
                                   .Ret<ffi::AnyBuffer>()  // dx
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dscale
                                   .Ret<ffi::Buffer<ffi::F32>>());  // dbias
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxBatchNorm, BatchNorm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
+                                  .Arg<ffi::AnyBuffer>()  // residual, or [0]
+                                  .Ret<ffi::AnyBuffer>()  // y
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // moments
+                                  .Attr<float>("epsilon")
+                                  .Attr<bool>("relu"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxBatchNormGrad, BatchNormGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // moments
+                                  .Arg<ffi::AnyBuffer>()  // y
+                                  .Arg<ffi::AnyBuffer>()  // dy
+                                  .Ret<ffi::AnyBuffer>()  // dx
+                                  .Ret<ffi::AnyBuffer>()  // dresidual, or [0]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dscale
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dbias
+                                  .Attr<float>("epsilon")
+                                  .Attr<bool>("relu"));
 
 // What both attention handlers take first: XLA's pool, q, k, v and the mask.
 static auto AttentionInputsBinding() {
