@@ -90,6 +90,66 @@ int PoolThreads(ffi::ThreadPool& pool) {
   return static_cast<int>(std::max<int64_t>(1, pool.num_threads()));
 }
 
+// f(T{}) with T the C++ type of a bf16 (uint16_t, its bits) or f32 buffer.
+template <typename F>
+void ForElementType(ffi::DataType type, F f) {
+  if (type == ffi::DataType::BF16) {
+    f(uint16_t{});
+  } else {
+    f(float{});
+  }
+}
+
+// Grows-only per-thread buffers (XLA's pool threads live as long as the process).
+float* Scratch(int slot, size_t floats) {
+  thread_local std::vector<float> buffers[4];
+  std::vector<float>& buffer = buffers[slot];
+  if (buffer.size() < floats) buffer.resize(floats);
+  return buffer.data();
+}
+
+// op(B) matrices [K, N] packed by MKL for GEMMs of up to `rows` rows, in this thread's scratch
+// slot 2, so that GEMMs which share a B (a convolution's kernel taps, over each block of rows) pack
+// it once.
+template <typename T>
+class PackedBs {
+ public:
+  // count matrices at b + i * k * n, op(B) = B [K, N] (ldb) or, with transpose_b, B^T of [N, K].
+  PackedBs(int count, int transpose_b, int n, int k, const T* b, int ldb, int rows) : n_(n), k_(k) {
+    if (count == 0) return;
+    constexpr bool bf16 = std::is_same_v<T, uint16_t>;
+    bytes_ = (bf16 ? pack_size_bf16 : pack_size_f32)(kBMatrix, rows, n, k);
+    bytes_ = (bytes_ + 63) / 64 * 64;
+    base_ = reinterpret_cast<char*>(Scratch(2, (count * bytes_ + sizeof(float) - 1) / sizeof(float)));
+    for (int i = 0; i < count; ++i) {
+      const T* bi = b + static_cast<int64_t>(i) * k * n;
+      if constexpr (bf16) {
+        pack_bf16(kRowMajor, kBMatrix, transpose_b, rows, n, k, bi, ldb, base_ + i * bytes_);
+      } else {
+        pack_f32(kRowMajor, kBMatrix, transpose_b, rows, n, k, 1.0f, bi, ldb, base_ + i * bytes_);
+      }
+    }
+  }
+  // c [rows, N] = beta c + op(a) @ op(B_i): op(a) = a [rows, K] (lda K), or with transpose_a a^T
+  // of a [K, rows] with leading dimension lda.
+  void Compute(int64_t i, int rows, const T* a, float beta, float* c, bool transpose_a = false,
+               int lda = 0) const {
+    const void* packed = base_ + i * bytes_;
+    const int ta = transpose_a ? kTrans : kNoTrans;
+    lda = lda > 0 ? lda : k_;
+    if constexpr (std::is_same_v<T, uint16_t>) {
+      compute_bf16(kRowMajor, ta, kPacked, rows, n_, k_, 1.0f, a, lda, packed, n_, beta, c, n_);
+    } else {
+      compute_f32(kRowMajor, ta, kPacked, rows, n_, k_, a, lda, packed, n_, beta, c, n_);
+    }
+  }
+
+ private:
+  int n_, k_;
+  size_t bytes_ = 0;
+  char* base_ = nullptr;
+};
+
 }  // namespace
 
 extern "C" void radjax_mkl_init(void* bf16, void* f32, void* bf16_pack_size, void* bf16_pack,
@@ -227,16 +287,22 @@ static ffi::Error Conv(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   const int tb = transpose_w ? kTrans : kNoTrans;
   const int block = RowBlock(n * 4 + c * width);
   const RowTiles tiles(computed, PoolThreads(pool));
-  RunTiles(pool, tiles.total, [=](int t) {
-    tiles.ForBlocks(t, block, [=](int64_t r, int rows) {
-      for (int64_t i = 0; i < kh; ++i) {
-        for (int64_t j = 0; j < kw; ++j) {
-          const int64_t tap = flip ? (kh - 1 - i) * kw + (kw - 1 - j) : i * kw + j;
-          gemm(kRowMajor, kNoTrans, tb, rows, n, c, 1.0f, px + (r + grid.Shift(i, j)) * c * width,
-               c, pw + tap * c * n * width, transpose_w ? c : n, i + j == 0 ? 0.0f : 1.0f,
-               po + r * n, n);
+  ForElementType(x.element_type(), [&](auto zero) {
+    using T = decltype(zero);
+    const T* xs = reinterpret_cast<const T*>(px);
+    const T* ws = reinterpret_cast<const T*>(pw);
+    // Every tap's kernel packed once, on the calling thread, for every tile's GEMMs.
+    const PackedBs<T> taps(static_cast<int>(kh * kw), tb, static_cast<int>(n), static_cast<int>(c), ws,
+                           transpose_w ? static_cast<int>(c) : static_cast<int>(n), block);
+    RunTiles(pool, tiles.total, [=, &tiles, &taps](int t) {
+      tiles.ForBlocks(t, block, [&](int64_t r, int rows) {
+        for (int64_t i = 0; i < kh; ++i) {
+          for (int64_t j = 0; j < kw; ++j) {
+            const int64_t tap = flip ? (kh - 1 - i) * kw + (kw - 1 - j) : i * kw + j;
+            taps.Compute(tap, rows, xs + (r + grid.Shift(i, j)) * c, i + j == 0 ? 0.0f : 1.0f, po + r * n);
+          }
         }
-      }
+      });
     });
   });
   return ffi::Error::Success();
@@ -266,15 +332,23 @@ static ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::An
   const RowTiles tiles(computed, PoolThreads(pool));
   std::vector<float> scratch(static_cast<size_t>(tiles.total - 1) * size, 0.0f);
   float* ps = scratch.data();
-  RunTiles(pool, tiles.total, [=](int t) {
-    float* acc = t == 0 ? po : ps + (t - 1) * size;
-    tiles.ForBlocks(t, block, [=](int64_t r, int rows) {
-      for (int64_t i = 0; i < kh; ++i) {
-        for (int64_t j = 0; j < kw; ++j) {
-          gemm(kRowMajor, kTrans, kNoTrans, c, n, rows, 1.0f, px + (r + grid.Shift(i, j)) * c * width,
-               c, pg + r * n * width, n, 1.0f, acc + (i * kw + j) * c * n, n);
+  ForElementType(x.element_type(), [&](auto zero) {
+    using T = decltype(zero);
+    const T* xs = reinterpret_cast<const T*>(px);
+    const T* gs = reinterpret_cast<const T*>(pg);
+    RunTiles(pool, tiles.total, [=, &tiles](int t) {
+      float* acc = t == 0 ? po : ps + (t - 1) * size;
+      tiles.ForBlocks(t, block, [&](int64_t r, int rows) {
+        // The block's cotangent rows are every tap's B: packed once for the kh kw GEMMs.
+        const PackedBs<T> g_rows(1, kNoTrans, static_cast<int>(n), rows, gs + r * n, static_cast<int>(n),
+                                 static_cast<int>(c));
+        for (int64_t i = 0; i < kh; ++i) {
+          for (int64_t j = 0; j < kw; ++j) {
+            g_rows.Compute(0, static_cast<int>(c), xs + (r + grid.Shift(i, j)) * c, 1.0f,
+                           acc + (i * kw + j) * c * n, /*transpose_a=*/true, static_cast<int>(c));
+          }
         }
-      }
+      });
     });
   });
   for (int t = 1; t < tiles.total; ++t) {
@@ -357,14 +431,6 @@ struct AttentionShape {
   // Query rows per block: the block's float32 logits within 256 KiB.
   int64_t RowBlock() const { return std::clamp<int64_t>((int64_t{1} << 16) / std::max<int64_t>(1, s), 16, 1024); }
 };
-
-// Grows-only per-thread buffers (XLA's pool threads live as long as the process).
-float* Scratch(int slot, size_t floats) {
-  thread_local std::vector<float> buffers[4];
-  std::vector<float>& buffer = buffers[slot];
-  if (buffer.size() < floats) buffer.resize(floats);
-  return buffer.data();
-}
 
 // Logits of query rows [t0, t0 + rows) of (b, n): scale q k^T into x [rows, S], masked entries
 // set to float's lowest (as XLA's path does, so a row with no key allowed is uniform).
@@ -527,16 +593,6 @@ ffi::Error CheckAttention(const char* what, ffi::AnyBuffer q, ffi::AnyBuffer k, 
   return ffi::Error::Success();
 }
 
-// f(T{}) with T the C++ type of a bf16 (uint16_t, its bits) or f32 buffer.
-template <typename F>
-void ForElementType(ffi::DataType type, F f) {
-  if (type == ffi::DataType::BF16) {
-    f(uint16_t{});
-  } else {
-    f(float{});
-  }
-}
-
 template <typename T>
 const T* In(const ffi::AnyBuffer& b) { return static_cast<const T*>(b.untyped_data()); }
 
@@ -597,30 +653,6 @@ namespace {
 
 constexpr int64_t kBiasRowBlock = 256;
 
-// op(B) [K, N] packed for GEMMs of up to kBiasRowBlock rows, in this thread's scratch.
-template <typename T>
-const void* PackB(int transpose_b, int n, int k, const T* b, int ldb) {
-  constexpr bool bf16 = std::is_same_v<T, uint16_t>;
-  const size_t bytes = (bf16 ? pack_size_bf16 : pack_size_f32)(kBMatrix, kBiasRowBlock, n, k);
-  void* packed = Scratch(1, (bytes + sizeof(float) - 1) / sizeof(float));
-  if constexpr (bf16) {
-    pack_bf16(kRowMajor, kBMatrix, transpose_b, kBiasRowBlock, n, k, b, ldb, packed);
-  } else {
-    pack_f32(kRowMajor, kBMatrix, transpose_b, kBiasRowBlock, n, k, 1.0f, b, ldb, packed);
-  }
-  return packed;
-}
-
-// c [rows, N] = a [rows, K] @ the packed B.
-template <typename T>
-void ComputePacked(int rows, int n, int k, const T* a, const void* packed, float* c) {
-  if constexpr (std::is_same_v<T, uint16_t>) {
-    compute_bf16(kRowMajor, kNoTrans, kPacked, rows, n, k, 1.0f, a, k, packed, n, 0.0f, c, n);
-  } else {
-    compute_f32(kRowMajor, kNoTrans, kPacked, rows, n, k, a, k, packed, n, 0.0f, c, n);
-  }
-}
-
 // The shapes of a row-blocked GEMM, checked against its outputs' [M, N].
 struct RowGemm {
   int m, n, k, transpose_b, ldb;
@@ -658,14 +690,15 @@ ffi::Error CheckVector(const std::string& what, const char* expected, ffi::Span<
 template <typename T, typename Finish>
 void ForProductBlocks(ffi::ThreadPool& pool, const RowTiles& tiles, const RowGemm& g, const T* a,
                       const T* b, Finish finish) {
-  RunTiles(pool, tiles.total, [=, &tiles](int t) {
+  // op(B) packed once, on the calling thread, for every tile.
+  const PackedBs<T> packed(g.k > 0 ? 1 : 0, g.transpose_b, g.n, g.k, b, g.ldb, kBiasRowBlock);
+  RunTiles(pool, tiles.total, [=, &tiles, &packed](int t) {
     float* c = Scratch(0, kBiasRowBlock * g.n);
-    const void* packed = g.k > 0 ? PackB(g.transpose_b, g.n, g.k, b, g.ldb) : nullptr;
     tiles.ForBlocks(t, kBiasRowBlock, [&](int64_t r, int rows) {
       if (g.k == 0) {
         std::fill(c, c + static_cast<int64_t>(rows) * g.n, 0.0f);
       } else {
-        ComputePacked(rows, g.n, g.k, a + r * g.k, packed, c);
+        packed.Compute(0, rows, a + r * g.k, 0.0f, c);
       }
       finish(t, r, rows, c);
     });
