@@ -22,6 +22,8 @@
 #include <type_traits>
 #include <vector>
 
+#include <immintrin.h>
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -456,17 +458,31 @@ void MaskedLogits(GemmFn gemm, const AttentionShape& a, const T* q, const T* k, 
   }
 }
 
-// max(x[0, s)) (float's lowest for none). GCC leaves a max reduction scalar, a chain of 4-cycle
-// maxss, even under omp simd: 16 independent lanes make it vector code.
+// max(x[0, s)) (float's lowest for none), NaNs skipped. GCC leaves a max reduction scalar even
+// under omp simd (and at -mprefer-vector-width=512 also the 16-lane form of it), so AVX-512 gets
+// its intrinsics: MAXPS returns its second operand when either is NaN, the running maximum here.
 inline float RowMax(const float* x, int64_t s) {
-  constexpr int kLanes = 16;
-  float lanes[kLanes];
-  std::fill(lanes, lanes + kLanes, -std::numeric_limits<float>::max());
+  constexpr float kLowest = -std::numeric_limits<float>::max();
+#ifdef __AVX512F__
+  // Two running maxima, so that consecutive MAXPS do not wait on each other.
+  __m512 lanes = _mm512_set1_ps(kLowest), other = lanes;
   int64_t j = 0;
-  for (; j + kLanes <= s; j += kLanes)
-    for (int l = 0; l < kLanes; ++l) lanes[l] = x[j + l] > lanes[l] ? x[j + l] : lanes[l];
-  for (; j < s; ++j) lanes[0] = x[j] > lanes[0] ? x[j] : lanes[0];
-  return *std::max_element(lanes, lanes + kLanes);
+  for (; j + 32 <= s; j += 32) {
+    lanes = _mm512_max_ps(_mm512_loadu_ps(x + j), lanes);
+    other = _mm512_max_ps(_mm512_loadu_ps(x + j + 16), other);
+  }
+  lanes = _mm512_max_ps(other, lanes);
+  for (; j + 16 <= s; j += 16) lanes = _mm512_max_ps(_mm512_loadu_ps(x + j), lanes);
+  if (j < s) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (s - j)) - 1);
+    lanes = _mm512_mask_max_ps(lanes, tail, _mm512_maskz_loadu_ps(tail, x + j), lanes);
+  }
+  return _mm512_reduce_max_ps(lanes);
+#else
+  float max = kLowest;
+  for (int64_t j = 0; j < s; ++j) max = x[j] > max ? x[j] : max;
+  return max;
+#endif
 }
 
 // p = exp(x - max) / sum for one row of s logits, in T; returns (max, 1 / sum) for the backward.
