@@ -30,7 +30,10 @@ def _reference(a, b, transpose_a, transpose_b):
 
 
 # (M, K, N): tiles split rows (M >= N) or columns, sizes off the 64 grid, one tile, empty sums.
-SHAPES = [(200, 96, 70), (33, 50, 300), (1, 7, 1), (130, 1, 129), (64, 0, 5), (0, 3, 4)]
+# (M, K, N). K >= 2 max(M, N) (a weight gradient's form) splits K over the threads, the others
+# split M or N; K = 7 is one K part, K = 700 and 1000 two.
+SHAPES = [(200, 96, 70), (33, 50, 300), (1, 7, 1), (130, 1, 129), (64, 0, 5), (0, 3, 4),
+          (24, 700, 40), (5, 1000, 3)]
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])

@@ -187,11 +187,38 @@ static ffi::Error Gemm(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
     return ffi::Error::Success();
   }
 
+  const int threads = PoolThreads(pool);
+  if (threads > 1 && k >= 2 * std::max(m, n)) {
+    // K dominant (a weight gradient x^T g over many rows): each thread sums its own range of K,
+    // packing only its share of both operands (split by M or N, each would pack all of the
+    // other); then the partial products are added, split over the threads too. RN50 bf16 step
+    // +5-9 %; its [12544, 256]^T [12544, 64] alone 386 -> 583 GFLOP/s.
+    const int kstep = ((k + threads - 1) / threads + 63) / 64 * 64;
+    const int parts = (k + kstep - 1) / kstep;
+    const int64_t size_c = static_cast<int64_t>(m) * n;
+    float* partial = Scratch(3, (parts - 1) * size_c);
+    RunTiles(pool, parts, [=](int t) {
+      const int lo = t * kstep, size = std::min(kstep, k - lo);
+      const char* pa_t = pa + static_cast<int64_t>(lo) * (transpose_a ? lda : 1) * width;
+      const char* pb_t = pb + static_cast<int64_t>(lo) * (transpose_b ? 1 : ldb) * width;
+      gemm(kRowMajor, ta, tb, m, n, size, 1.0f, pa_t, lda, pb_t, ldb, 0.0f,
+           t == 0 ? pc : partial + (t - 1) * size_c, n);
+    });
+    const int64_t per_tile = (size_c + threads - 1) / threads;
+    RunTiles(pool, threads, [=](int t) {
+      const int64_t lo = t * per_tile, hi = std::min(size_c, lo + per_tile);
+      for (int p = 1; p < parts; ++p) {
+        const float* from = partial + (p - 1) * size_c;
+#pragma omp simd
+        for (int64_t e = lo; e < hi; ++e) pc[e] += from[e];
+      }
+    });
+    return ffi::Error::Success();
+  }
   // Split the output's larger dimension into one tile per thread, in multiples of 64 (finer
   // tiles measured slower: MKL packs the whole other operand for each).
   const bool by_rows = m >= n;
   const int extent = by_rows ? m : n;
-  const int threads = PoolThreads(pool);
   const int step = std::max(64, ((extent + threads - 1) / threads + 63) / 64 * 64);
   RunTiles(pool, (extent + step - 1) / step, [=](int t) {
     const int lo = t * step, size = std::min(step, extent - lo);
