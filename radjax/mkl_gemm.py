@@ -297,9 +297,9 @@ def batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, residual: jax.Ar
   call = jax.ffi.ffi_call(BATCH_NORM_TARGET, (jax.ShapeDtypeStruct(x.shape, x.dtype),
                                               jax.ShapeDtypeStruct((2, x.shape[1]), jnp.float32)),
                           vmap_method="sequential")
-  none = jnp.zeros((0,), x.dtype)
+  no_residual = jnp.zeros((0,), x.dtype)  # the handler's "none"
   return call(x, scale.astype(jnp.float32), bias.astype(jnp.float32),
-              none if residual is None else residual, epsilon=np.float32(epsilon), relu=relu)
+              no_residual if residual is None else residual, epsilon=np.float32(epsilon), relu=relu)
 
 
 def batch_norm_grad(x: jax.Array, scale: jax.Array, moments: jax.Array, y: jax.Array, dy: jax.Array,

@@ -728,8 +728,8 @@ def add_relu(y: jax.Array, residual: jax.Array | None, relu: bool) -> jax.Array:
 
 
 class BatchNorm(nnx.BatchNorm):
-  """nnx.BatchNorm (same variables, same results) whose training-mode call over the last axis
-  goes through :func:`batch_norm_train` and its hand-written backward, or on CPU with MKL's
+  """nnx.BatchNorm (same variables, same results up to rounding) whose training-mode call over the
+  last axis goes through :func:`batch_norm_train` and its hand-written backward, or on CPU with MKL's
   handler library through :func:`_batch_norm_native`. ``residual`` (added to the normalised
   output) and ``relu`` (then max(., 0)) are part of the call so that the native path applies them
   in the same pass. Running-average mode, masks, ``axis_name`` and other axes take nnx.BatchNorm's
