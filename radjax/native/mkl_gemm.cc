@@ -5,9 +5,9 @@
 // rows of the padded input (RadjaxMklConv, RadjaxMklConvWeightGrad), and softmax attention fused
 // per (batch, head) (RadjaxMklAttention, RadjaxMklAttentionGrad); besides, LayerNorm in one pass
 // per row each way (RadjaxLayerNorm, RadjaxLayerNormGrad) and training-mode BatchNorm with its
-// residual add and ReLU in two passes each way (RadjaxBatchNorm, RadjaxBatchNormGrad). radjax/mkl_gemm.py loads MKL
-// (sequential threading layer) and passes its GEMMs to radjax_mkl_init. Work is split into tiles
-// run on XLA's intra-op pool.
+// residual add and ReLU in two passes each way (RadjaxBatchNorm, RadjaxBatchNormGrad).
+// radjax/mkl_gemm.py loads MKL (sequential threading layer) and passes its GEMMs to
+// radjax_mkl_init. Work is split into tiles run on XLA's intra-op pool.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
