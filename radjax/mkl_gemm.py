@@ -209,7 +209,7 @@ def _check_row_gemm(name: str, a: jax.Array, b: jax.Array, transpose_b: bool, ot
 def gemm_bias(a: jax.Array, b: jax.Array, bias: jax.Array, *, transpose_b: bool = False) -> jax.Array:
   """a @ op(b) + bias through MKL, accumulated in float32 and rounded to a's dtype in the handler:
   a [M, K], b [K, N] (or [N, K] with ``transpose_b``), both bfloat16 or both float32, bias [N]
-  (cast to float32) -> [M, N] in a's dtype. B is packed once per thread and the product stays in
+  (cast to float32) -> [M, N] in a's dtype. B is packed once per call and the product stays in
   cache until rounded, so only the result reaches memory. Requires :func:`register`."""
   n = _check_row_gemm("gemm_bias", a, b, transpose_b, "bias", bias, rows=False)
   call = jax.ffi.ffi_call(BIAS_TARGET, jax.ShapeDtypeStruct((a.shape[0], n), a.dtype),

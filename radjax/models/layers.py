@@ -195,7 +195,7 @@ def _weight_grad(x: jax.Array, g: jax.Array, materialise_x: bool = False) -> jax
 
 
 # Rows from which a dense layer's product (forward, and dx in the backward) goes through
-# mkl_gemm.gemm_bias: rows split over the threads, B packed once per thread, the bias added and
+# mkl_gemm.gemm_bias: rows split over the threads, B packed once per call, the bias added and
 # the result rounded in cache, so XLA neither writes nor reads a float32 [M, N] (ViT-B/16 bf16
 # step +11-14 %; BUILD_NOTES.md, "Rounded in cache"). Below it a thread's share is small and the
 # plain GEMM, which may split columns instead, is kept.

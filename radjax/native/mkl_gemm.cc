@@ -92,6 +92,21 @@ int PoolThreads(ffi::ThreadPool& pool) {
   return static_cast<int>(std::max<int64_t>(1, pool.num_threads()));
 }
 
+// out[e] += parts[p * size + e] for p in [0, count), each element summed in that order, the
+// elements split over XLA's pool: what tiles that each computed a whole partial result add up.
+void AddParts(ffi::ThreadPool& pool, float* out, const float* parts, int count, int64_t size) {
+  if (count == 0 || size == 0) return;
+  const int64_t per_tile = (size + PoolThreads(pool) - 1) / PoolThreads(pool);
+  RunTiles(pool, static_cast<int>((size + per_tile - 1) / per_tile), [=](int t) {
+    const int64_t lo = t * per_tile, hi = std::min(size, lo + per_tile);
+    for (int p = 0; p < count; ++p) {
+      const float* from = parts + p * size;
+#pragma omp simd
+      for (int64_t e = lo; e < hi; ++e) out[e] += from[e];
+    }
+  });
+}
+
 // f(T{}) with T the C++ type of a bf16 (uint16_t, its bits) or f32 buffer.
 template <typename F>
 void ForElementType(ffi::DataType type, F f) {
@@ -204,15 +219,7 @@ static ffi::Error Gemm(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
       gemm(kRowMajor, ta, tb, m, n, size, 1.0f, pa_t, lda, pb_t, ldb, 0.0f,
            t == 0 ? pc : partial + (t - 1) * size_c, n);
     });
-    const int64_t per_tile = (size_c + threads - 1) / threads;
-    RunTiles(pool, threads, [=](int t) {
-      const int64_t lo = t * per_tile, hi = std::min(size_c, lo + per_tile);
-      for (int p = 1; p < parts; ++p) {
-        const float* from = partial + (p - 1) * size_c;
-#pragma omp simd
-        for (int64_t e = lo; e < hi; ++e) pc[e] += from[e];
-      }
-    });
+    AddParts(pool, pc, partial, parts - 1, size_c);
     return ffi::Error::Success();
   }
   // Split the output's larger dimension into one tile per thread, in multiples of 64 (finer
@@ -380,10 +387,7 @@ static ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::An
       });
     });
   });
-  for (int t = 1; t < tiles.total; ++t) {
-    const float* part = ps + (t - 1) * size;
-    for (int64_t e = 0; e < size; ++e) po[e] += part[e];
-  }
+  AddParts(pool, po, ps, tiles.total - 1, size);
   return ffi::Error::Success();
 }
 
@@ -1042,10 +1046,11 @@ struct Channels {
   int64_t m, c;
 };
 
-// x [M, C] bf16 or f32, the arrays like_x [M, C] in its dtype, the vectors [C].
+// x [M, C] bf16 or f32, the arrays like_x [M, C] in its dtype, the vectors [C], moments [2, C].
 ffi::Error CheckBatchNorm(const std::string& what, const ffi::AnyBuffer& x,
                           std::initializer_list<const ffi::AnyBuffer*> like_x,
-                          std::initializer_list<ffi::Span<const int64_t>> vectors, Channels* ch) {
+                          std::initializer_list<ffi::Span<const int64_t>> vectors,
+                          ffi::Span<const int64_t> moments, Channels* ch) {
   const auto xd = x.dimensions();
   if ((x.element_type() != ffi::DataType::BF16 && x.element_type() != ffi::DataType::F32) || xd.size() != 2)
     return ffi::Error::InvalidArgument(what + ": x [M, C] bf16 or f32 expected");
@@ -1057,6 +1062,8 @@ ffi::Error CheckBatchNorm(const std::string& what, const ffi::AnyBuffer& x,
   for (const auto& v : vectors)
     if (v.size() != 1 || v[0] != xd[1])
       return ffi::Error::InvalidArgument(what + ": per-channel vectors [C] expected");
+  if (moments.size() != 2 || moments[0] != 2 || moments[1] != xd[1])
+    return ffi::Error::InvalidArgument(what + ": moments [2, C] expected");
   *ch = {xd[0], xd[1]};
   return ffi::Error::Success();
 }
@@ -1081,12 +1088,10 @@ static ffi::Error BatchNorm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<
                             float epsilon, bool relu) {
   const std::string what = "BatchNorm";
   Channels ch;
-  if (auto e = CheckBatchNorm(what, x, {&*y}, {scale.dimensions(), bias.dimensions()}, &ch); e.failure()) return e;
+  if (auto e = CheckBatchNorm(what, x, {&*y}, {scale.dimensions(), bias.dimensions()},
+                              moments->dimensions(), &ch); e.failure()) return e;
   bool add_residual;
   if (auto e = Optional(what, "residual", residual, x, ch, &add_residual); e.failure()) return e;
-  const auto md = moments->dimensions();
-  if (md.size() != 2 || md[0] != 2 || md[1] != ch.c)
-    return ffi::Error::InvalidArgument(what + ": moments [2, C] expected");
   const int64_t c = ch.c;
   float* pmoments = moments->typed_data();
   if (ch.m == 0) {
@@ -1151,7 +1156,7 @@ static ffi::Error BatchNorm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<
 }
 
 // The backward of BatchNorm for the cotangent dy of its output y: dx (x's dtype), dresidual (the
-// cotangent of the residual: dy through the ReLU, in dresidual's dtype; [0] when there was none),
+// cotangent of the residual: dy through the ReLU, in x's dtype; [0] when there was none),
 // dscale and dbias [C] float32. x, scale and the moments as BatchNorm took and gave them; y is
 // read for the ReLU's mask only (any [M, C] array without ``relu``).
 static ffi::Error BatchNormGrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale,
@@ -1162,12 +1167,9 @@ static ffi::Error BatchNormGrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buf
   const std::string what = "BatchNorm gradient";
   Channels ch;
   if (auto e = CheckBatchNorm(what, x, {&y, &dy, &*dx}, {scale.dimensions(), dscale->dimensions(),
-                                                        dbias->dimensions()}, &ch); e.failure()) return e;
+                              dbias->dimensions()}, moments.dimensions(), &ch); e.failure()) return e;
   bool to_residual;
   if (auto e = Optional(what, "dresidual", *dresidual, x, ch, &to_residual); e.failure()) return e;
-  const auto md = moments.dimensions();
-  if (md.size() != 2 || md[0] != 2 || md[1] != ch.c)
-    return ffi::Error::InvalidArgument(what + ": moments [2, C] expected");
   const int64_t c = ch.c;
   float *pdscale = dscale->typed_data(), *pdbias = dbias->typed_data();
   if (ch.m == 0) {
