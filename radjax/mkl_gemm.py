@@ -148,7 +148,18 @@ def register() -> str | None:
                          (ATTENTION_TARGET, "RadjaxMklAttention"),
                          (ATTENTION_GRAD_TARGET, "RadjaxMklAttentionGrad")):
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handler, symbol)), platform="cpu")
+  global _handler
+  _handler = handler
   return None
+
+
+_handler = None
+
+
+def amx_permitted() -> bool:
+  """Whether the fused attention's bfloat16 GEMMs can run on AMX tiles here: the handler was built
+  for a CPU with AMX and Linux granted this process its tile state (after :func:`register`)."""
+  return _handler is not None and bool(_handler.radjax_amx_permitted())
 
 
 def unavailable_reason() -> str | None:
@@ -370,11 +381,13 @@ def _attention_operands(q, k, v, mask):
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *, causal: bool,
-              scale: float) -> tuple[jax.Array, jax.Array]:
+              scale: float, amx: bool = True) -> tuple[jax.Array, jax.Array]:
   """Softmax attention through MKL, fused per (batch, head): q [B, T, N, H], k and v [B, S, N, H]
   (bfloat16 or float32), mask bool broadcastable to [B, N, T, S] (True = attend) or None, causal:
   key j attends to query i when j <= i + S - T. Logits are ``scale`` q k^T in float32, softmax in
-  float32, its probabilities rounded to q's dtype for the product with v.
+  float32, its probabilities rounded to q's dtype for the product with v. With ``amx`` the
+  handler's own AMX tile GEMMs replace MKL's where :func:`amx_permitted` and the operands are
+  bfloat16 with H a multiple of 32 (the same float32 sums of bfloat16 products); False compares.
 
   Returns o [B, T, N, H] in q's dtype and stats [B, N, T, 2] float32 (each row's max logit and
   1 / sum of exponentials), which :func:`attention_grad` takes."""
@@ -383,15 +396,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
   call = jax.ffi.ffi_call(ATTENTION_TARGET, (jax.ShapeDtypeStruct(q.shape, q.dtype),
                                              jax.ShapeDtypeStruct((b, n, t, 2), jnp.float32)),
                           vmap_method="sequential")
-  return call(q, k, v, mask, causal=bool(causal), scale=np.float32(scale))
+  return call(q, k, v, mask, causal=bool(causal), scale=np.float32(scale), amx=bool(amx))
 
 
 def attention_grad(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, o: jax.Array,
-                   stats: jax.Array, d_o: jax.Array, *, causal: bool,
-                   scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+                   stats: jax.Array, d_o: jax.Array, *, causal: bool, scale: float,
+                   amx: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(dq, dk, dv) of :func:`attention` for the cotangent d_o [B, T, N, H] of its output o, given
-  the same q, k, v, mask, causal and scale and its stats; each in q's dtype. The probabilities are
-  recomputed (one more q k^T), not stored."""
+  the same q, k, v, mask, causal, scale and amx and its stats; each in q's dtype. The
+  probabilities are recomputed (one more q k^T), not stored."""
   mask = _attention_operands(q, k, v, mask)
   if o.shape != q.shape or d_o.shape != q.shape or o.dtype != q.dtype or d_o.dtype != q.dtype:
     raise ValueError(f"mkl_gemm.attention_grad: o and d_o like q {q.dtype}{list(q.shape)}, got "
@@ -400,7 +413,7 @@ def attention_grad(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | N
                           tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)),
                           vmap_method="sequential")
   return call(q, k, v, mask, o, stats.astype(jnp.float32), d_o, causal=bool(causal),
-              scale=np.float32(scale))
+              scale=np.float32(scale), amx=bool(amx))
 
 
 # A compiled GEMM call in HLO text: its (first) output's dims and, among the operand layouts, a's dims.

@@ -274,16 +274,21 @@ def _numpy_attention(q, k, v, mask, causal, scale, d_o):
 
 # (B, T, S, N, H, causal, mask shape): self and cross attention, causal with T < S and T > S,
 # masks per key, per (query, key), per head and a scalar, more pairs than threads, and 600 x 300
-# logits that take several row blocks.
+# logits that take several row blocks. Head sizes that are multiples of 32 take the AMX tiles in
+# bfloat16 (where this CPU has them), with T and S off the tiles' multiples of 16 and 32.
 ATTENTION_CASES = [(2, 5, 7, 3, 4, False, None), (2, 7, 7, 3, 8, True, None),
                    (3, 9, 6, 2, 5, False, (3, 1, 1, 6)), (2, 6, 4, 2, 3, True, (6, 4)),
-                   (2, 4, 5, 3, 2, False, (1, 3, 1, 1)), (1, 600, 300, 1, 8, True, (1, 1, 600, 300))]
+                   (2, 4, 5, 3, 2, False, (1, 3, 1, 1)), (1, 600, 300, 1, 8, True, (1, 1, 600, 300)),
+                   (2, 197, 197, 3, 64, False, None), (1, 600, 300, 1, 32, True, (1, 1, 600, 300)),
+                   (2, 33, 17, 2, 96, True, (2, 1, 1, 17)), (2, 6, 4, 2, 64, True, (6, 4))]
 
 
+@pytest.mark.parametrize("amx", [True, False])
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 3e-2)])
-def test_attention_and_its_gradients_match_numpy(dtype, tol):
-  """The fused attention and its gradients against NumPy on the same (rounded) inputs; one mask
-  leaves a query with no key, which is uniform over all keys as in XLA's path."""
+def test_attention_and_its_gradients_match_numpy(dtype, tol, amx):
+  """The fused attention and its gradients against NumPy on the same (rounded) inputs, on AMX
+  tiles where they take the case and through MKL's GEMMs; one mask leaves a query with no key,
+  which is uniform over all keys as in XLA's path."""
   rng = np.random.default_rng(2)
   for b, t, s, n, h, causal, mask_shape in ATTENTION_CASES:
     q, d_o = (jnp.asarray(rng.standard_normal((b, t, n, h)) * 2, dtype) for _ in range(2))
@@ -293,14 +298,25 @@ def test_attention_and_its_gradients_match_numpy(dtype, tol):
       mask[1] = False
     mask = None if mask is None else jnp.asarray(mask)
     scale = h ** -0.5
-    o, stats = jax.jit(lambda q, k, v, m: mkl_gemm.attention(q, k, v, m, causal=causal, scale=scale))(q, k, v, mask)
+    options = dict(causal=causal, scale=scale, amx=amx)
+    o, stats = jax.jit(lambda q, k, v, m: mkl_gemm.attention(q, k, v, m, **options))(q, k, v, mask)
     assert o.dtype == q.dtype and stats.shape == (b, n, t, 2)
-    grads = jax.jit(lambda *args: mkl_gemm.attention_grad(*args, causal=causal, scale=scale))(
+    grads = jax.jit(lambda *args: mkl_gemm.attention_grad(*args, **options))(
         q, k, v, mask, o, stats, d_o)
     for got, want in zip((o, *grads), _numpy_attention(q, k, v, mask, causal, scale, d_o)):
       assert got.dtype == q.dtype and got.shape == want.shape
       np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0,
                                  atol=tol * np.abs(want).max(), err_msg=str((b, t, s, n, h, causal, mask_shape)))
+
+
+def test_attention_takes_amx_tiles_where_the_cpu_has_them():
+  """A CPU with AMX (and a kernel that grants it) gets the tiles; the flag is read, not assumed."""
+  assert mkl_gemm.register() is None
+  flags = open("/proc/cpuinfo").read().split()
+  if "amx_bf16" not in flags:
+    assert not mkl_gemm.amx_permitted()
+  elif not mkl_gemm.amx_permitted():
+    pytest.skip("this kernel did not grant the AMX tile state")
 
 
 def test_attention_refuses_what_it_cannot_attend():

@@ -24,6 +24,12 @@
 
 #include <immintrin.h>
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define RADJAX_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -51,6 +57,7 @@ PackBf16Fn pack_bf16 = nullptr;
 PackF32Fn pack_f32 = nullptr;
 ComputeBf16Fn compute_bf16 = nullptr;
 ComputeF32Fn compute_f32 = nullptr;
+bool amx_permitted = false;  // Linux granted this process the AMX tile state (radjax_mkl_init)
 
 // The tiles of one call, claimed by the calling thread and by tasks on XLA's intra-op pool. The
 // caller never waits for a tile nobody has claimed (it claims it itself), so no thread blocks on
@@ -119,11 +126,17 @@ void ForElementType(ffi::DataType type, F f) {
 
 // Grows-only per-thread buffers (XLA's pool threads live as long as the process).
 float* Scratch(int slot, size_t floats) {
-  thread_local std::vector<float> buffers[4];
+  thread_local std::vector<float> buffers[11];
   std::vector<float>& buffer = buffers[slot];
   if (buffer.size() < floats) buffer.resize(floats);
   return buffer.data();
 }
+
+uint16_t* ScratchBf16(int slot, size_t count) {
+  return reinterpret_cast<uint16_t*>(Scratch(slot, (count + 1) / 2));
+}
+
+inline int64_t RoundUp(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
 
 // op(B) matrices [K, N] packed by MKL for GEMMs of up to `rows` rows, in this thread's scratch
 // slot 2, so that GEMMs which share a B (a convolution's kernel taps, over each block of rows) pack
@@ -180,7 +193,15 @@ extern "C" void radjax_mkl_init(void* bf16, void* f32, void* bf16_pack_size, voi
   pack_size_f32 = reinterpret_cast<PackSizeFn>(f32_pack_size);
   pack_f32 = reinterpret_cast<PackF32Fn>(f32_pack);
   compute_f32 = reinterpret_cast<ComputeF32Fn>(f32_compute);
+#ifdef RADJAX_AMX
+  // Linux leaves the AMX tile state off until a process asks for it; refused by an older kernel.
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtileData = 18;
+  amx_permitted = syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtileData) == 0;
+#endif
 }
+
+// Whether the fused attention can take AMX tiles here (built for a CPU with them, and granted).
+extern "C" int radjax_amx_permitted() { return amx_permitted; }
 
 static ffi::Error Gemm(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
                        ffi::Result<ffi::Buffer<ffi::F32>> out, bool transpose_a, bool transpose_b) {
@@ -457,6 +478,7 @@ struct AttentionShape {
   int64_t batch, t, s, heads, h;
   bool causal;
   float scale;
+  bool amx;  // bf16 GEMMs on AMX tiles (AmxGemm) instead of MKL's
   int64_t Ld() const { return heads * h; }  // q, k, v rows are all heads' wide
   int64_t QOffset(int64_t b, int64_t n) const { return b * t * heads * h + n * h; }
   int64_t KOffset(int64_t b, int64_t n) const { return b * s * heads * h + n * h; }
@@ -465,28 +487,38 @@ struct AttentionShape {
   int64_t RowBlock() const { return std::clamp<int64_t>((int64_t{1} << 16) / std::max<int64_t>(1, s), 16, 1024); }
 };
 
-// Logits of query rows [t0, t0 + rows) of (b, n): scale q k^T into x [rows, S], masked entries
-// set to float's lowest (as XLA's path does, so a row with no key allowed is uniform).
+// Logits of query rows [t0, t0 + rows) of (b, n), x [rows, S] (ld floats apart) holding q k^T
+// times `multiplier`: scaled by it here and masked, masked entries set to float's lowest (as XLA's
+// path does, so a row with no key allowed is uniform).
+void ScaleAndMask(const AttentionShape& a, const Mask& mask, int64_t b, int64_t n, int64_t t0,
+                  int64_t rows, float multiplier, float* x, int64_t ld) {
+  constexpr float kLowest = -std::numeric_limits<float>::max();
+  for (int64_t i = 0; i < rows; ++i) {
+    float* row = x + i * ld;
+    const int64_t t = t0 + i;
+    const bool* m = mask.data + b * mask.b + n * mask.n + t * mask.t;
+    if (mask.s != 0) {
+#pragma omp simd
+      for (int64_t j = 0; j < a.s; ++j) row[j] = m[j] ? row[j] * multiplier : kLowest;
+    } else if (!m[0]) {
+      std::fill(row, row + a.s, kLowest);
+    } else if (multiplier != 1.0f) {
+#pragma omp simd
+      for (int64_t j = 0; j < a.s; ++j) row[j] *= multiplier;
+    }
+    if (a.causal)  // key j may attend to query t when j <= t + S - T (jnp.tril's offset)
+      std::fill(row + std::clamp<int64_t>(t + a.s - a.t + 1, 0, a.s), row + a.s, kLowest);
+  }
+}
+
+// The same through MKL: scale q k^T into x [rows, S], then masked.
 template <typename T>
 void MaskedLogits(GemmFn gemm, const AttentionShape& a, const T* q, const T* k, const Mask& mask,
                   int64_t b, int64_t n, int64_t t0, int64_t rows, float* x) {
   const int64_t ld = a.Ld();
   gemm(kRowMajor, kNoTrans, kTrans, rows, a.s, a.h, a.scale, q + a.QOffset(b, n) + t0 * ld, ld,
        k + a.KOffset(b, n), ld, 0.0f, x, a.s);
-  constexpr float kLowest = -std::numeric_limits<float>::max();
-  for (int64_t i = 0; i < rows; ++i) {
-    float* row = x + i * a.s;
-    const int64_t t = t0 + i;
-    const bool* m = mask.data + b * mask.b + n * mask.n + t * mask.t;
-    if (mask.s != 0) {
-#pragma omp simd
-      for (int64_t j = 0; j < a.s; ++j) row[j] = m[j] ? row[j] : kLowest;
-    } else if (!m[0]) {
-      std::fill(row, row + a.s, kLowest);
-    }
-    if (a.causal)  // key j may attend to query t when j <= t + S - T (jnp.tril's offset)
-      std::fill(row + std::clamp<int64_t>(t + a.s - a.t + 1, 0, a.s), row + a.s, kLowest);
-  }
+  ScaleAndMask(a, mask, b, n, t0, rows, 1.0f, x, a.s);
 }
 
 // max(x[0, s)) (float's lowest for none), NaNs skipped. GCC leaves a max reduction scalar even
@@ -516,10 +548,60 @@ inline float RowMax(const float* x, int64_t s) {
 #endif
 }
 
+#ifdef __AVX512F__
+// ExpNonPositive on 16 lanes, the same float operations (GCC contracts the scalar form's products
+// and sums into the same FMAs). GCC vectorises the scalar form too, but as a fully masked loop
+// with a serial sum at the end: a third of the forward's softmax time.
+inline __m512 ExpNonPositive16(__m512 x) {
+  const __m512 round = _mm512_set1_ps(12582912.0f);
+  const __m512 shifted = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), round);
+  const __m512i n = _mm512_sub_epi32(_mm512_castps_si512(shifted), _mm512_set1_epi32(0x4B400000));
+  const __m512 nf = _mm512_sub_ps(shifted, round);
+  const __m512 r = _mm512_fmadd_ps(nf, _mm512_set1_ps(2.12194440e-4f),
+                                   _mm512_fnmadd_ps(nf, _mm512_set1_ps(0.693359375f), x));
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n, _mm512_set1_epi32(127)), 23));
+  const __mmask16 underflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
+  return _mm512_mask_blend_ps(underflow, _mm512_mul_ps(p, scale), _mm512_setzero_ps());
+}
+
+// The first min(16, count) lanes.
+inline __mmask16 FirstLanes(int64_t count) {
+  return count >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << count) - 1);
+}
+
+// Store's rounding on 16 lanes, storing those in `lanes`.
+inline void Store16(float* p, __mmask16 lanes, __m512 v) { _mm512_mask_storeu_ps(p, lanes, v); }
+inline void Store16(uint16_t* p, __mmask16 lanes, __m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)));
+  _mm256_mask_storeu_epi16(p, lanes, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(u, bias), 16)));
+}
+#endif
+
 // p = exp(x - max) / sum for one row of s logits, in T; returns (max, 1 / sum) for the backward.
 template <typename T>
 void SoftmaxRow(float* x, int64_t s, T* p, float* stats) {
   const float max = RowMax(x, s);
+#ifdef __AVX512F__
+  const __m512 lane_max = _mm512_set1_ps(max);
+  __m512 sums = _mm512_setzero_ps();
+  for (int64_t j = 0; j < s; j += 16) {
+    const __mmask16 lanes = FirstLanes(s - j);
+    const __m512 e = ExpNonPositive16(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, x + j), lane_max));
+    _mm512_mask_storeu_ps(x + j, lanes, e);  // in place of the logit
+    sums = _mm512_mask_add_ps(sums, lanes, sums, e);
+  }
+  const float inv_sum = 1.0f / _mm512_reduce_add_ps(sums);
+  const __m512 lane_inv_sum = _mm512_set1_ps(inv_sum);
+  for (int64_t j = 0; j < s; j += 16) {
+    const __mmask16 lanes = FirstLanes(s - j);
+    Store16(p + j, lanes, _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, x + j), lane_inv_sum));
+  }
+#else
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < s; ++j) {
@@ -529,6 +611,7 @@ void SoftmaxRow(float* x, int64_t s, T* p, float* stats) {
   const float inv_sum = 1.0f / sum;
 #pragma omp simd
   for (int64_t j = 0; j < s; ++j) Store(p, j, x[j] * inv_sum);
+#endif
   stats[0] = max;
   stats[1] = inv_sum;
 }
@@ -537,16 +620,26 @@ void SoftmaxRow(float* x, int64_t s, T* p, float* stats) {
 template <typename T>
 void ProbabilitiesRow(const float* x, int64_t s, const float* stats, T* p) {
   const float max = stats[0], inv_sum = stats[1];
+#ifdef __AVX512F__
+  const __m512 lane_max = _mm512_set1_ps(max), lane_inv_sum = _mm512_set1_ps(inv_sum);
+  for (int64_t j = 0; j < s; j += 16) {
+    const __mmask16 lanes = FirstLanes(s - j);
+    const __m512 e = ExpNonPositive16(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, x + j), lane_max));
+    Store16(p + j, lanes, _mm512_mul_ps(e, lane_inv_sum));
+  }
+#else
 #pragma omp simd
   for (int64_t j = 0; j < s; ++j) Store(p, j, ExpNonPositive(x[j] - max) * inv_sum);
+#endif
 }
 
-// rows x cols float32 (dense) -> T rows ld apart.
+// multiplier times rows x cols float32 (dense) -> T rows ld apart.
 template <typename T>
-void StoreRows(const float* from, int64_t rows, int64_t cols, T* to, int64_t ld) {
+void StoreRows(const float* from, int64_t rows, int64_t cols, T* to, int64_t ld,
+               float multiplier = 1.0f) {
   for (int64_t i = 0; i < rows; ++i) {
 #pragma omp simd
-    for (int64_t j = 0; j < cols; ++j) Store(to + i * ld, j, from[i * cols + j]);
+    for (int64_t j = 0; j < cols; ++j) Store(to + i * ld, j, multiplier * from[i * cols + j]);
   }
 }
 
@@ -615,6 +708,273 @@ void AttentionGradPair(GemmFn gemm, const AttentionShape& a, const T* q, const T
   StoreRows(dv_acc, a.s, a.h, dv + ko, ld);
 }
 
+// AMX tiles for the attention's bf16 GEMMs. Per (batch, head) of a ViT-B/16 these are [197, 64]
+// by [64, 197] and back: MKL spends longer packing such small operands than multiplying them.
+// Here q, dO and the probabilities are read in place (or copied once, contiguous), k and v are
+// packed once per (batch, head), and the products land in the scratch the softmax reads.
+#ifdef RADJAX_AMX
+
+// All eight tiles 16 rows x 64 bytes: a [16, 32] bf16 operand or a [16, 16] float32 accumulator.
+// Loaded per (batch, head): MKL's own AMX kernels configure the tiles their way on the same threads.
+void ConfigureTiles() {
+  alignas(64) uint8_t config[64] = {};
+  config[0] = 1;  // palette 1
+  for (int tile = 0; tile < 8; ++tile) {
+    config[16 + 2 * tile] = 64;  // bytes per row
+    config[48 + tile] = 16;      // rows
+  }
+  _tile_loadconfig(config);
+}
+
+using Bf16Pair = uint32_t __attribute__((may_alias));  // two adjacent bf16, read as one
+
+// AmxGemm's B operands, packed: B [K, N] (K a multiple of 32, N of 16) in blocks of 16 columns,
+// each [K / 2, 16, 2] (rows 2i and 2i + 1 interleaved, as TDPBF16PS reads them), one after another.
+
+// r[i][j] = r[j][i] for 16 vectors of 16 32-bit lanes.
+inline void Transpose16x16(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_i32x4(u[8 * i + j], u[8 * i + 4 + j], 0x88);
+      t[8 * i + 4 + j] = _mm512_shuffle_i32x4(u[8 * i + j], u[8 * i + 4 + j], 0xdd);
+    }
+  }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0x88);
+    r[8 + j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0xdd);
+  }
+}
+
+// out[c * ld_out + r] = in[r * ld_in + c] for a 16 x 16 block of bf16 pairs; rows of `in` from
+// `rows` on read as zeros.
+void TransposeBlock(const Bf16Pair* in, int64_t ld_in, int64_t rows, Bf16Pair* out, int64_t ld_out) {
+  __m512i r[16];
+  for (int i = 0; i < 16; ++i) r[i] = i < rows ? _mm512_loadu_si512(in + i * ld_in) : _mm512_setzero_si512();
+  Transpose16x16(r);
+  for (int i = 0; i < 16; ++i) _mm512_storeu_si512(out + i * ld_out, r[i]);
+}
+
+// B = x^T for x [rows, depth] (rows ld apart, ld even, depth a multiple of 32): N = rows rounded
+// up to 16, zeros past rows.
+void PackTransposed(const uint16_t* x, int64_t rows, int64_t ld, int64_t depth, uint16_t* out) {
+  const int64_t pairs = depth / 2;
+  const Bf16Pair* in = reinterpret_cast<const Bf16Pair*>(x);
+  Bf16Pair* packed = reinterpret_cast<Bf16Pair*>(out);
+  for (int64_t j = 0; j * 16 < rows; ++j)
+    for (int64_t i = 0; i < pairs; i += 16)
+      TransposeBlock(in + j * 8 * ld + i, ld / 2, rows - j * 16, packed + (j * pairs + i) * 16, 16);
+}
+
+// B = x for x [rows, cols] (rows ld apart, cols a multiple of 16): K = depth (a multiple of 32,
+// at least rows), zeros past rows.
+void PackRowPairs(const uint16_t* x, int64_t rows, int64_t ld, int64_t cols, int64_t depth,
+                  uint16_t* out) {
+  alignas(64) static constexpr uint16_t kInterleave[32] = {
+      0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i interleave = _mm512_load_si512(kInterleave);
+  const int64_t pairs = depth / 2;
+  for (int64_t i = 0; i < pairs; ++i) {
+    const uint16_t* even = x + 2 * i * ld;
+    for (int64_t j = 0; j < cols; j += 16) {
+      const __m256i upper = 2 * i + 1 < rows ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(even + ld + j))
+                                             : _mm256_setzero_si256();
+      const __m256i lower = 2 * i < rows ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(even + j))
+                                         : _mm256_setzero_si256();
+      const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(lower), upper, 1);
+      _mm512_storeu_si512(out + ((j / 16) * pairs + i) * 32, _mm512_permutexvar_epi16(interleave, both));
+    }
+  }
+}
+
+// An A operand x^T [cols, depth] from x's packed row pairs (PackRowPairs(x, .., cols, depth)).
+void TransposePacked(const uint16_t* pairs_of_x, int64_t cols, int64_t depth, uint16_t* out) {
+  const int64_t pairs = depth / 2;
+  const Bf16Pair* in = reinterpret_cast<const Bf16Pair*>(pairs_of_x);
+  Bf16Pair* transposed = reinterpret_cast<Bf16Pair*>(out);
+  for (int64_t j = 0; j < cols / 16; ++j)
+    for (int64_t i = 0; i < pairs; i += 16)
+      TransposeBlock(in + (j * pairs + i) * 16, 16, 16, transposed + j * 16 * pairs + i, pairs);
+}
+
+// An A operand [rows_out, cols]: x's rows (ld apart) copied contiguous, zero rows past rows.
+void CopyRows(const uint16_t* x, int64_t rows, int64_t ld, int64_t cols, int64_t rows_out, uint16_t* out) {
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(out + r * cols, x + r * ld, cols * sizeof(uint16_t));
+  std::fill(out + rows * cols, out + rows_out * cols, 0);
+}
+
+// One MR x NR block of 16 x 16 tiles of AmxGemm: tiles 0-3 accumulate, 4-5 hold A, 6-7 B, so each
+// operand tile loaded serves two products when MR = NR = 2.
+template <int MR, int NR>
+void AmxBlock(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t b_block, int64_t k_steps,
+              float* c, int64_t ldc, bool accumulate) {
+  const int64_t a_stride = lda * 2, c_stride = ldc * 4;
+  float* const c_low = c + 16 * ldc;
+  if (accumulate) {
+    _tile_loadd(0, c, c_stride);
+    if constexpr (NR == 2) _tile_loadd(1, c + 16, c_stride);
+    if constexpr (MR == 2) _tile_loadd(2, c_low, c_stride);
+    if constexpr (MR == 2 && NR == 2) _tile_loadd(3, c_low + 16, c_stride);
+  } else {
+    _tile_zero(0);
+    if constexpr (NR == 2) _tile_zero(1);
+    if constexpr (MR == 2) _tile_zero(2);
+    if constexpr (MR == 2 && NR == 2) _tile_zero(3);
+  }
+  for (int64_t kk = 0; kk < k_steps; ++kk) {
+    _tile_loadd(4, a + kk * 32, a_stride);
+    _tile_loadd(6, b + kk * 512, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (NR == 2) {
+      _tile_loadd(7, b + b_block + kk * 512, 64);
+      _tile_dpbf16ps(1, 4, 7);
+    }
+    if constexpr (MR == 2) {
+      _tile_loadd(5, a + 16 * lda + kk * 32, a_stride);
+      _tile_dpbf16ps(2, 5, 6);
+    }
+    if constexpr (MR == 2 && NR == 2) _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c, c_stride);
+  if constexpr (NR == 2) _tile_stored(1, c + 16, c_stride);
+  if constexpr (MR == 2) _tile_stored(2, c_low, c_stride);
+  if constexpr (MR == 2 && NR == 2) _tile_stored(3, c_low + 16, c_stride);
+}
+
+// c [16 mt, 16 nt] (rows ldc floats apart) = a b, or c + a b when accumulating: a [16 mt, 32 k_steps]
+// bf16 (rows lda apart), b packed [32 k_steps, 16 nt]. Float32 sums of bf16 products, as MKL's.
+void AmxGemm(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t k_steps, int64_t mt,
+             int64_t nt, float* c, int64_t ldc, bool accumulate) {
+  const int64_t b_block = k_steps * 512;
+  for (int64_t i = 0; i < mt; i += 2) {
+    const uint16_t* ai = a + i * 16 * lda;
+    for (int64_t j = 0; j < nt; j += 2) {
+      const uint16_t* bj = b + j * b_block;
+      float* cij = c + i * 16 * ldc + j * 16;
+      if (i + 1 < mt && j + 1 < nt) {
+        AmxBlock<2, 2>(ai, lda, bj, b_block, k_steps, cij, ldc, accumulate);
+      } else if (i + 1 < mt) {
+        AmxBlock<2, 1>(ai, lda, bj, b_block, k_steps, cij, ldc, accumulate);
+      } else if (j + 1 < nt) {
+        AmxBlock<1, 2>(ai, lda, bj, b_block, k_steps, cij, ldc, accumulate);
+      } else {
+        AmxBlock<1, 1>(ai, lda, bj, b_block, k_steps, cij, ldc, accumulate);
+      }
+    }
+  }
+}
+
+// AttentionPair on AMX tiles (bf16, H a multiple of 32): logits and outputs padded to multiples
+// of 16 rows and keys, the probabilities to 32 keys (zeros), as the tiles take them.
+void AmxAttentionPair(const AttentionShape& a, const uint16_t* q, const uint16_t* k,
+                      const uint16_t* v, const Mask& mask, int64_t b, int64_t n, uint16_t* o,
+                      float* stats) {
+  const int64_t ld = a.Ld(), h = a.h, block = RoundUp(a.RowBlock(), 16);
+  const int64_t s16 = RoundUp(a.s, 16), s32 = RoundUp(a.s, 32);
+  float* x = Scratch(0, block * s16);
+  uint16_t* p = ScratchBf16(1, block * s32);
+  float* out = Scratch(2, block * h);
+  uint16_t* k_packed = ScratchBf16(4, s16 * h);
+  uint16_t* v_packed = ScratchBf16(5, s32 * h);
+  uint16_t* q_rows = ScratchBf16(6, block * h);
+  const int64_t qo = a.QOffset(b, n), ko = a.KOffset(b, n);
+  PackTransposed(k + ko, a.s, ld, h, k_packed);
+  PackRowPairs(v + ko, a.s, ld, h, s32, v_packed);
+  ConfigureTiles();
+  for (int64_t t0 = 0; t0 < a.t; t0 += block) {
+    const int64_t rows = std::min(block, a.t - t0), rows16 = RoundUp(rows, 16);
+    CopyRows(q + qo + t0 * ld, rows, ld, h, rows16, q_rows);
+    AmxGemm(q_rows, h, k_packed, h / 32, rows16 / 16, s16 / 16, x, s16, false);
+    ScaleAndMask(a, mask, b, n, t0, rows, a.scale, x, s16);
+    for (int64_t i = 0; i < rows; ++i) {
+      SoftmaxRow(x + i * s16, a.s, p + i * s32, stats + a.StatsOffset(b, n, t0 + i));
+      std::fill(p + i * s32 + a.s, p + (i + 1) * s32, 0);
+    }
+    AmxGemm(p, s32, v_packed, s32 / 32, rows16 / 16, h / 16, out, h, false);
+    StoreRows(out, rows, h, o + qo + t0 * ld, ld);
+  }
+  _tile_release();
+}
+
+// AttentionGradPair on AMX tiles. dv = p^T dO and dk = dS^T q take p^T and dS^T from their
+// packed row pairs (the same 32-bit pairs, transposed) and dO and q as packed row pairs.
+void AmxAttentionGradPair(const AttentionShape& a, const uint16_t* q, const uint16_t* k,
+                          const uint16_t* v, const Mask& mask, const uint16_t* o,
+                          const float* stats, const uint16_t* d_o, int64_t b, int64_t n,
+                          uint16_t* dq, uint16_t* dk, uint16_t* dv) {
+  const int64_t ld = a.Ld(), h = a.h, block = RoundUp(a.RowBlock(), 32);
+  const int64_t s16 = RoundUp(a.s, 16), s32 = RoundUp(a.s, 32);
+  float* x = Scratch(0, block * s16);  // logits, then dp
+  uint16_t* p = ScratchBf16(1, block * s32);  // then dS
+  float* out = Scratch(2, block * h);
+  float* dkv = Scratch(3, 2 * s16 * h);  // dk, dv accumulated over the row blocks
+  float *dk_acc = dkv, *dv_acc = dkv + s16 * h;
+  uint16_t* k_transposed = ScratchBf16(4, s16 * h);
+  uint16_t* v_transposed = ScratchBf16(5, s16 * h);
+  uint16_t* k_pairs = ScratchBf16(6, s32 * h);
+  uint16_t* rows_copy = ScratchBf16(7, block * h);  // q's or dO's rows, contiguous
+  uint16_t* p_pairs = ScratchBf16(8, block * s16);  // p's, then dS's, row pairs
+  uint16_t* p_transposed = ScratchBf16(9, s16 * block);  // p^T, then dS^T
+  uint16_t* rows_pairs = ScratchBf16(10, block * h);  // dO's, then q's, row pairs
+  const int64_t qo = a.QOffset(b, n), ko = a.KOffset(b, n);
+  PackTransposed(k + ko, a.s, ld, h, k_transposed);
+  PackTransposed(v + ko, a.s, ld, h, v_transposed);
+  PackRowPairs(k + ko, a.s, ld, h, s32, k_pairs);
+  ConfigureTiles();
+  for (int64_t t0 = 0; t0 < a.t; t0 += block) {
+    const int64_t rows = std::min(block, a.t - t0), rows16 = RoundUp(rows, 16), rows32 = RoundUp(rows, 32);
+    const bool accumulate = t0 > 0;
+    const uint16_t *q_block = q + qo + t0 * ld, *do_block = d_o + qo + t0 * ld;
+    CopyRows(q_block, rows, ld, h, rows16, rows_copy);
+    AmxGemm(rows_copy, h, k_transposed, h / 32, rows16 / 16, s16 / 16, x, s16, false);
+    ScaleAndMask(a, mask, b, n, t0, rows, a.scale, x, s16);
+    for (int64_t i = 0; i < rows; ++i) {
+      ProbabilitiesRow(x + i * s16, a.s, stats + a.StatsOffset(b, n, t0 + i), p + i * s32);
+      std::fill(p + i * s32 + a.s, p + (i + 1) * s32, 0);
+    }
+    // dv += p^T dO
+    PackRowPairs(p, rows, s32, s16, rows32, p_pairs);
+    TransposePacked(p_pairs, s16, rows32, p_transposed);
+    PackRowPairs(do_block, rows, ld, h, rows32, rows_pairs);
+    AmxGemm(p_transposed, rows32, rows_pairs, rows32 / 32, s16 / 16, h / 16, dv_acc, h, accumulate);
+    // dp = dO v^T (into x); dS = p (dp - rowsum(dO o)), in place of p.
+    CopyRows(do_block, rows, ld, h, rows16, rows_copy);
+    AmxGemm(rows_copy, h, v_transposed, h / 32, rows16 / 16, s16 / 16, x, s16, false);
+    for (int64_t i = 0; i < rows; ++i) {
+      const uint16_t *do_row = do_block + i * ld, *o_row = o + qo + (t0 + i) * ld;
+      float delta = 0.0f;
+#pragma omp simd reduction(+ : delta)
+      for (int64_t j = 0; j < h; ++j) delta += Load(do_row, j) * Load(o_row, j);
+      const float* dp = x + i * s16;
+      uint16_t* ds = p + i * s32;
+#pragma omp simd
+      for (int64_t j = 0; j < a.s; ++j) Store(ds, j, Load(ds, j) * (dp[j] - delta));
+    }
+    // dq = scale dS k; dk += dS^T q (scaled at the end).
+    AmxGemm(p, s32, k_pairs, s32 / 32, rows16 / 16, h / 16, out, h, false);
+    StoreRows(out, rows, h, dq + qo + t0 * ld, ld, a.scale);
+    PackRowPairs(p, rows, s32, s16, rows32, p_pairs);
+    TransposePacked(p_pairs, s16, rows32, p_transposed);
+    PackRowPairs(q_block, rows, ld, h, rows32, rows_pairs);
+    AmxGemm(p_transposed, rows32, rows_pairs, rows32 / 32, s16 / 16, h / 16, dk_acc, h, accumulate);
+  }
+  _tile_release();
+  StoreRows(dk_acc, a.s, h, dk + ko, ld, a.scale);
+  StoreRows(dv_acc, a.s, h, dv + ko, ld);
+}
+#endif  // RADJAX_AMX
+
 // The (batch, head) pairs [0, pairs) spread over the pool; body(b, n) for each.
 template <typename Body>
 void ForPairs(ffi::ThreadPool& pool, const AttentionShape& a, Body body) {
@@ -623,7 +983,7 @@ void ForPairs(ffi::ThreadPool& pool, const AttentionShape& a, Body body) {
 }
 
 ffi::Error CheckAttention(const char* what, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                          ffi::Span<const int64_t> mask, bool causal, float scale,
+                          ffi::Span<const int64_t> mask, bool causal, float scale, bool amx,
                           AttentionShape* shape) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (GemmFor(q.element_type(), k.element_type()) == nullptr || v.element_type() != q.element_type())
@@ -636,7 +996,8 @@ ffi::Error CheckAttention(const char* what, ffi::AnyBuffer q, ffi::AnyBuffer k, 
   if (!fits) return ffi::Error::InvalidArgument(std::string(what) + ": q [B, T, N, H], k and v [B, S, N, H], mask broadcastable to [B, N, T, S]");
   if (qd[1] == 0 || kd[1] == 0 || qd[3] == 0)
     return ffi::Error::InvalidArgument(std::string(what) + ": no queries, keys or head dims");
-  *shape = {qd[0], qd[1], kd[1], qd[2], qd[3], causal, scale};
+  *shape = {qd[0], qd[1], kd[1], qd[2], qd[3], causal, scale,
+            amx && amx_permitted && q.element_type() == ffi::DataType::BF16 && qd[3] % 32 == 0};
   return ffi::Error::Success();
 }
 
@@ -652,12 +1013,21 @@ T* Out(ffi::Result<ffi::AnyBuffer>& b) { return static_cast<T*>(b->untyped_data(
 // 1 / sum of exponentials, for AttentionGrad.
 static ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
                            ffi::AnyBuffer v, ffi::Buffer<ffi::PRED> mask, ffi::Result<ffi::AnyBuffer> o,
-                           ffi::Result<ffi::Buffer<ffi::F32>> stats, bool causal, float scale) {
+                           ffi::Result<ffi::Buffer<ffi::F32>> stats, bool causal, float scale,
+                           bool amx) {
   AttentionShape a;
-  if (auto e = CheckAttention("MKL attention", q, k, v, mask.dimensions(), causal, scale, &a); e.failure()) return e;
+  if (auto e = CheckAttention("MKL attention", q, k, v, mask.dimensions(), causal, scale, amx, &a); e.failure()) return e;
   const GemmFn gemm = GemmFor(q.element_type(), k.element_type());
   const Mask m = Mask::Of(mask.typed_data(), mask.dimensions());
   float* st = stats->typed_data();
+#ifdef RADJAX_AMX
+  if (a.amx) {
+    const uint16_t *pq = In<uint16_t>(q), *pk = In<uint16_t>(k), *pv = In<uint16_t>(v);
+    uint16_t* po = Out<uint16_t>(o);
+    ForPairs(pool, a, [=](int64_t b, int64_t n) { AmxAttentionPair(a, pq, pk, pv, m, b, n, po, st); });
+    return ffi::Error::Success();
+  }
+#endif
   ForElementType(q.element_type(), [&](auto zero) {
     using T = decltype(zero);
     const T *pq = In<T>(q), *pk = In<T>(k), *pv = In<T>(v);
@@ -672,14 +1042,25 @@ static ffi::Error AttentionGrad(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::Any
                                ffi::AnyBuffer v, ffi::Buffer<ffi::PRED> mask, ffi::AnyBuffer o,
                                ffi::Buffer<ffi::F32> stats, ffi::AnyBuffer d_o,
                                ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
-                               ffi::Result<ffi::AnyBuffer> dv, bool causal, float scale) {
+                               ffi::Result<ffi::AnyBuffer> dv, bool causal, float scale, bool amx) {
   AttentionShape a;
-  if (auto e = CheckAttention("MKL attention gradient", q, k, v, mask.dimensions(), causal, scale, &a); e.failure()) return e;
+  if (auto e = CheckAttention("MKL attention gradient", q, k, v, mask.dimensions(), causal, scale, amx, &a); e.failure()) return e;
   if (o.element_type() != q.element_type() || d_o.element_type() != q.element_type())
     return ffi::Error::InvalidArgument("MKL attention gradient: o and its cotangent in q's dtype");
   const GemmFn gemm = GemmFor(q.element_type(), k.element_type());
   const Mask m = Mask::Of(mask.typed_data(), mask.dimensions());
   const float* st = stats.typed_data();
+#ifdef RADJAX_AMX
+  if (a.amx) {
+    const uint16_t *pq = In<uint16_t>(q), *pk = In<uint16_t>(k), *pv = In<uint16_t>(v);
+    const uint16_t *po = In<uint16_t>(o), *pdo = In<uint16_t>(d_o);
+    uint16_t *pdq = Out<uint16_t>(dq), *pdk = Out<uint16_t>(dk), *pdv = Out<uint16_t>(dv);
+    ForPairs(pool, a, [=](int64_t b, int64_t n) {
+      AmxAttentionGradPair(a, pq, pk, pv, m, po, st, pdo, b, n, pdq, pdk, pdv);
+    });
+    return ffi::Error::Success();
+  }
+#endif
   ForElementType(q.element_type(), [&](auto zero) {
     using T = decltype(zero);
     const T *pq = In<T>(q), *pk = In<T>(k), *pv = In<T>(v), *po = In<T>(o), *pdo = In<T>(d_o);
@@ -1351,7 +1732,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxMklAttention, Attention,
                                   .Ret<ffi::AnyBuffer>()  // o
                                   .Ret<ffi::Buffer<ffi::F32>>()  // stats
                                   .Attr<bool>("causal")
-                                  .Attr<float>("scale"));
+                                  .Attr<float>("scale")
+                                  .Attr<bool>("amx"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxMklAttentionGrad, AttentionGrad,
                               AttentionInputsBinding()
@@ -1362,4 +1744,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RadjaxMklAttentionGrad, AttentionGrad,
                                   .Ret<ffi::AnyBuffer>()  // dk
                                   .Ret<ffi::AnyBuffer>()  // dv
                                   .Attr<bool>("causal")
-                                  .Attr<float>("scale"));
+                                  .Attr<float>("scale")
+                                  .Attr<bool>("amx"));
