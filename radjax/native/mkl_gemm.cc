@@ -126,7 +126,7 @@ void ForElementType(ffi::DataType type, F f) {
 
 // Grows-only per-thread buffers (XLA's pool threads live as long as the process).
 float* Scratch(int slot, size_t floats) {
-  thread_local std::vector<float> buffers[11];
+  thread_local std::vector<float> buffers[10];
   std::vector<float>& buffer = buffers[slot];
   if (buffer.size() < floats) buffer.resize(floats);
   return buffer.data();
@@ -575,11 +575,12 @@ inline __mmask16 FirstLanes(int64_t count) {
 
 // Store's rounding on 16 lanes, storing those in `lanes`.
 inline void Store16(float* p, __mmask16 lanes, __m512 v) { _mm512_mask_storeu_ps(p, lanes, v); }
-inline void Store16(uint16_t* p, __mmask16 lanes, __m512 v) {
+inline __m256i Bf16x16(__m512 v) {
   const __m512i u = _mm512_castps_si512(v);
   const __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)));
-  _mm256_mask_storeu_epi16(p, lanes, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(u, bias), 16)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(u, bias), 16));
 }
+inline void Store16(uint16_t* p, __mmask16 lanes, __m512 v) { _mm256_mask_storeu_epi16(p, lanes, Bf16x16(v)); }
 #endif
 
 // p = exp(x - max) / sum for one row of s logits, in T; returns (max, 1 / sum) for the backward.
@@ -776,42 +777,71 @@ void PackTransposed(const uint16_t* x, int64_t rows, int64_t ld, int64_t depth, 
       TransposeBlock(in + j * 8 * ld + i, ld / 2, rows - j * 16, packed + (j * pairs + i) * 16, 16);
 }
 
+alignas(64) constexpr uint16_t kInterleave[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                  8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+
+// Columns [j, j + 16) of x's rows 2i and 2i + 1 (zeros from row `rows` on), interleaved.
+inline __m512i RowPair(const uint16_t* x, int64_t rows, int64_t ld, int64_t i, int64_t j) {
+  const auto row = [&](int64_t r) {
+    return r < rows ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + r * ld + j)) : _mm256_setzero_si256();
+  };
+  const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(row(2 * i)), row(2 * i + 1), 1);
+  return _mm512_permutexvar_epi16(_mm512_load_si512(kInterleave), both);
+}
+
 // B = x for x [rows, cols] (rows ld apart, cols a multiple of 16): K = depth (a multiple of 32,
 // at least rows), zeros past rows.
 void PackRowPairs(const uint16_t* x, int64_t rows, int64_t ld, int64_t cols, int64_t depth,
                   uint16_t* out) {
-  alignas(64) static constexpr uint16_t kInterleave[32] = {
-      0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  const __m512i interleave = _mm512_load_si512(kInterleave);
   const int64_t pairs = depth / 2;
-  for (int64_t i = 0; i < pairs; ++i) {
-    const uint16_t* even = x + 2 * i * ld;
-    for (int64_t j = 0; j < cols; j += 16) {
-      const __m256i upper = 2 * i + 1 < rows ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(even + ld + j))
-                                             : _mm256_setzero_si256();
-      const __m256i lower = 2 * i < rows ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(even + j))
-                                         : _mm256_setzero_si256();
-      const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(lower), upper, 1);
-      _mm512_storeu_si512(out + ((j / 16) * pairs + i) * 32, _mm512_permutexvar_epi16(interleave, both));
-    }
-  }
+  for (int64_t i = 0; i < pairs; ++i)
+    for (int64_t j = 0; j < cols; j += 16)
+      _mm512_storeu_si512(out + ((j / 16) * pairs + i) * 32, RowPair(x, rows, ld, i, j));
 }
 
-// An A operand x^T [cols, depth] from x's packed row pairs (PackRowPairs(x, .., cols, depth)).
-void TransposePacked(const uint16_t* pairs_of_x, int64_t cols, int64_t depth, uint16_t* out) {
+// An A operand x^T [cols, depth] for x [rows, cols] (rows ld apart, cols a multiple of 16, depth
+// of 32), zero columns past rows: row pairs interleaved, then transposed 16 x 16 pairs at a time.
+void TransposeRows(const uint16_t* x, int64_t rows, int64_t ld, int64_t cols, int64_t depth,
+                   uint16_t* out) {
   const int64_t pairs = depth / 2;
-  const Bf16Pair* in = reinterpret_cast<const Bf16Pair*>(pairs_of_x);
   Bf16Pair* transposed = reinterpret_cast<Bf16Pair*>(out);
-  for (int64_t j = 0; j < cols / 16; ++j)
-    for (int64_t i = 0; i < pairs; i += 16)
-      TransposeBlock(in + (j * pairs + i) * 16, 16, 16, transposed + j * 16 * pairs + i, pairs);
+  __m512i r[16];
+  for (int64_t i0 = 0; i0 < pairs; i0 += 16) {
+    for (int64_t j = 0; j < cols; j += 16) {
+      for (int i = 0; i < 16; ++i) r[i] = RowPair(x, rows, ld, i0 + i, j);
+      Transpose16x16(r);
+      for (int c = 0; c < 16; ++c) _mm512_storeu_si512(transposed + (j + c) * pairs + i0, r[c]);
+    }
+  }
 }
 
 // An A operand [rows_out, cols]: x's rows (ld apart) copied contiguous, zero rows past rows.
 void CopyRows(const uint16_t* x, int64_t rows, int64_t ld, int64_t cols, int64_t rows_out, uint16_t* out) {
   for (int64_t r = 0; r < rows; ++r) std::memcpy(out + r * cols, x + r * ld, cols * sizeof(uint16_t));
   std::fill(out + rows * cols, out + rows_out * cols, 0);
+}
+
+// StoreRows for bf16 rows of a multiple of 32: whole cache lines, written past the cache where
+// aligned. The next op reads them, not this core, and a plain store would first read each line
+// of the freshly allocated output in.
+void StreamRows(const float* from, int64_t rows, int64_t cols, uint16_t* to, int64_t ld,
+                float multiplier = 1.0f) {
+  const __m512 factor = _mm512_set1_ps(multiplier);
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < cols; j += 32) {
+      const float* f = from + i * cols + j;
+      const __m256i low = Bf16x16(_mm512_mul_ps(factor, _mm512_loadu_ps(f)));
+      const __m256i high = Bf16x16(_mm512_mul_ps(factor, _mm512_loadu_ps(f + 16)));
+      const __m512i line = _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
+      uint16_t* t = to + i * ld + j;
+      if (reinterpret_cast<uintptr_t>(t) % 64 == 0) {
+        _mm512_stream_si512(reinterpret_cast<__m512i*>(t), line);
+      } else {
+        _mm512_storeu_si512(t, line);
+      }
+    }
+  }
+  _mm_sfence();  // the streamed lines visible before the pool reports this work done
 }
 
 // One MR x NR block of 16 x 16 tiles of AmxGemm: tiles 0-3 accumulate, 4-5 hold A, 6-7 B, so each
@@ -902,13 +932,13 @@ void AmxAttentionPair(const AttentionShape& a, const uint16_t* q, const uint16_t
       std::fill(p + i * s32 + a.s, p + (i + 1) * s32, 0);
     }
     AmxGemm(p, s32, v_packed, s32 / 32, rows16 / 16, h / 16, out, h, false);
-    StoreRows(out, rows, h, o + qo + t0 * ld, ld);
+    StreamRows(out, rows, h, o + qo + t0 * ld, ld);
   }
   _tile_release();
 }
 
-// AttentionGradPair on AMX tiles. dv = p^T dO and dk = dS^T q take p^T and dS^T from their
-// packed row pairs (the same 32-bit pairs, transposed) and dO and q as packed row pairs.
+// AttentionGradPair on AMX tiles: dv = p^T dO and dk = dS^T q with p^T and dS^T as A operands,
+// dO and q as packed row pairs.
 void AmxAttentionGradPair(const AttentionShape& a, const uint16_t* q, const uint16_t* k,
                           const uint16_t* v, const Mask& mask, const uint16_t* o,
                           const float* stats, const uint16_t* d_o, int64_t b, int64_t n,
@@ -924,9 +954,8 @@ void AmxAttentionGradPair(const AttentionShape& a, const uint16_t* q, const uint
   uint16_t* v_transposed = ScratchBf16(5, s16 * h);
   uint16_t* k_pairs = ScratchBf16(6, s32 * h);
   uint16_t* rows_copy = ScratchBf16(7, block * h);  // q's or dO's rows, contiguous
-  uint16_t* p_pairs = ScratchBf16(8, block * s16);  // p's, then dS's, row pairs
-  uint16_t* p_transposed = ScratchBf16(9, s16 * block);  // p^T, then dS^T
-  uint16_t* rows_pairs = ScratchBf16(10, block * h);  // dO's, then q's, row pairs
+  uint16_t* p_transposed = ScratchBf16(8, s16 * block);  // p^T, then dS^T
+  uint16_t* rows_pairs = ScratchBf16(9, block * h);  // dO's, then q's, row pairs
   const int64_t qo = a.QOffset(b, n), ko = a.KOffset(b, n);
   PackTransposed(k + ko, a.s, ld, h, k_transposed);
   PackTransposed(v + ko, a.s, ld, h, v_transposed);
@@ -944,8 +973,7 @@ void AmxAttentionGradPair(const AttentionShape& a, const uint16_t* q, const uint
       std::fill(p + i * s32 + a.s, p + (i + 1) * s32, 0);
     }
     // dv += p^T dO
-    PackRowPairs(p, rows, s32, s16, rows32, p_pairs);
-    TransposePacked(p_pairs, s16, rows32, p_transposed);
+    TransposeRows(p, rows, s32, s16, rows32, p_transposed);
     PackRowPairs(do_block, rows, ld, h, rows32, rows_pairs);
     AmxGemm(p_transposed, rows32, rows_pairs, rows32 / 32, s16 / 16, h / 16, dv_acc, h, accumulate);
     // dp = dO v^T (into x); dS = p (dp - rowsum(dO o)), in place of p.
@@ -963,15 +991,14 @@ void AmxAttentionGradPair(const AttentionShape& a, const uint16_t* q, const uint
     }
     // dq = scale dS k; dk += dS^T q (scaled at the end).
     AmxGemm(p, s32, k_pairs, s32 / 32, rows16 / 16, h / 16, out, h, false);
-    StoreRows(out, rows, h, dq + qo + t0 * ld, ld, a.scale);
-    PackRowPairs(p, rows, s32, s16, rows32, p_pairs);
-    TransposePacked(p_pairs, s16, rows32, p_transposed);
+    StreamRows(out, rows, h, dq + qo + t0 * ld, ld, a.scale);
+    TransposeRows(p, rows, s32, s16, rows32, p_transposed);
     PackRowPairs(q_block, rows, ld, h, rows32, rows_pairs);
     AmxGemm(p_transposed, rows32, rows_pairs, rows32 / 32, s16 / 16, h / 16, dk_acc, h, accumulate);
   }
   _tile_release();
-  StoreRows(dk_acc, a.s, h, dk + ko, ld, a.scale);
-  StoreRows(dv_acc, a.s, h, dv + ko, ld);
+  StreamRows(dk_acc, a.s, h, dk + ko, ld, a.scale);
+  StreamRows(dv_acc, a.s, h, dv + ko, ld);
 }
 #endif  // RADJAX_AMX
 
