@@ -549,28 +549,30 @@ inline float RowMax(const float* x, int64_t s) {
 }
 
 #ifdef __AVX512F__
-// ExpNonPositive on 16 lanes, the same float operations (GCC contracts the scalar form's products
-// and sums into the same FMAs). GCC vectorises the scalar form too, but as a fully masked loop
-// with a serial sum at the end: a third of the forward's softmax time.
+// ExpNonPositive on 16 lanes, the same float operations and results (2^n by VSCALEFPS; GCC
+// contracts the scalar form's products and sums into the same FMAs). GCC vectorises the scalar
+// form too, but as a fully masked loop with a serial sum at the end.
 inline __m512 ExpNonPositive16(__m512 x) {
   const __m512 round = _mm512_set1_ps(12582912.0f);
-  const __m512 shifted = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), round);
-  const __m512i n = _mm512_sub_epi32(_mm512_castps_si512(shifted), _mm512_set1_epi32(0x4B400000));
-  const __m512 nf = _mm512_sub_ps(shifted, round);
+  const __m512 nf = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), round), round);
   const __m512 r = _mm512_fmadd_ps(nf, _mm512_set1_ps(2.12194440e-4f),
                                    _mm512_fnmadd_ps(nf, _mm512_set1_ps(0.693359375f), x));
   __m512 p = _mm512_set1_ps(1.9875691500e-4f);
   for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
   p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
-  const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n, _mm512_set1_epi32(127)), 23));
   const __mmask16 underflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
-  return _mm512_mask_blend_ps(underflow, _mm512_mul_ps(p, scale), _mm512_setzero_ps());
+  return _mm512_maskz_scalef_ps(static_cast<__mmask16>(~underflow), p, nf);
 }
 
 // The first min(16, count) lanes.
 inline __mmask16 FirstLanes(int64_t count) {
   return count >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << count) - 1);
+}
+
+inline __m512 Load16(const float* p, __mmask16 lanes) { return _mm512_maskz_loadu_ps(lanes, p); }
+inline __m512 Load16(const uint16_t* p, __mmask16 lanes) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, p)), 16));
 }
 
 // Store's rounding on 16 lanes, storing those in `lanes`.
@@ -580,7 +582,16 @@ inline __m256i Bf16x16(__m512 v) {
   const __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)));
   return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(u, bias), 16));
 }
-inline void Store16(uint16_t* p, __mmask16 lanes, __m512 v) { _mm256_mask_storeu_epi16(p, lanes, Bf16x16(v)); }
+// Probabilities (and dS) round with AVX512-BF16's conversion where the CPU has it: the same
+// round-to-nearest-even, but it flushes float32 denormals to zero, which only a probability
+// below 1.2e-38 is.
+inline void Store16(uint16_t* p, __mmask16 lanes, __m512 v) {
+#ifdef __AVX512BF16__
+  _mm256_mask_storeu_epi16(p, lanes, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+#else
+  _mm256_mask_storeu_epi16(p, lanes, Bf16x16(v));
+#endif
+}
 #endif
 
 // p = exp(x - max) / sum for one row of s logits, in T; returns (max, 1 / sum) for the backward.
@@ -631,6 +642,25 @@ void ProbabilitiesRow(const float* x, int64_t s, const float* stats, T* p) {
 #else
 #pragma omp simd
   for (int64_t j = 0; j < s; ++j) Store(p, j, ExpNonPositive(x[j] - max) * inv_sum);
+#endif
+}
+
+// dS = p (dp - delta) for one row of s scores, in place of p (T), delta = sum(dO o) over the
+// row's h outputs.
+template <typename T>
+void ScoresGradRow(const T* do_row, const T* o_row, int64_t h, const float* dp, int64_t s, T* p) {
+  float delta = 0.0f;
+#pragma omp simd reduction(+ : delta)
+  for (int64_t j = 0; j < h; ++j) delta += Load(do_row, j) * Load(o_row, j);
+#ifdef __AVX512F__
+  const __m512 lane_delta = _mm512_set1_ps(delta);
+  for (int64_t j = 0; j < s; j += 16) {
+    const __mmask16 lanes = FirstLanes(s - j);
+    Store16(p + j, lanes, _mm512_mul_ps(Load16(p + j, lanes), _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, dp + j), lane_delta)));
+  }
+#else
+#pragma omp simd
+  for (int64_t j = 0; j < s; ++j) Store(p, j, Load(p, j) * (dp[j] - delta));
 #endif
 }
 
@@ -688,17 +718,8 @@ void AttentionGradPair(GemmFn gemm, const AttentionShape& a, const T* q, const T
          dv_acc, a.h);
     gemm(kRowMajor, kNoTrans, kTrans, rows, a.s, a.h, 1.0f, d_o + qo + t0 * ld, ld, v + ko, ld, 0.0f,
          x, a.s);
-    for (int64_t i = 0; i < rows; ++i) {
-      const T* do_row = d_o + qo + (t0 + i) * ld;
-      const T* o_row = o + qo + (t0 + i) * ld;
-      float delta = 0.0f;
-#pragma omp simd reduction(+ : delta)
-      for (int64_t j = 0; j < a.h; ++j) delta += Load(do_row, j) * Load(o_row, j);
-      const float* dp = x + i * a.s;
-      T* ds = p + i * a.s;
-#pragma omp simd
-      for (int64_t j = 0; j < a.s; ++j) Store(ds, j, Load(ds, j) * (dp[j] - delta));
-    }
+    for (int64_t i = 0; i < rows; ++i)
+      ScoresGradRow(d_o + qo + (t0 + i) * ld, o + qo + (t0 + i) * ld, a.h, x + i * a.s, a.s, p + i * a.s);
     // dq = scale dS k; dk += scale dS^T q.
     gemm(kRowMajor, kNoTrans, kNoTrans, rows, a.h, a.s, a.scale, p, a.s, k + ko, ld, 0.0f, out, a.h);
     StoreRows(out, rows, a.h, dq + qo + t0 * ld, ld);
@@ -979,16 +1000,8 @@ void AmxAttentionGradPair(const AttentionShape& a, const uint16_t* q, const uint
     // dp = dO v^T (into x); dS = p (dp - rowsum(dO o)), in place of p.
     CopyRows(do_block, rows, ld, h, rows16, rows_copy);
     AmxGemm(rows_copy, h, v_transposed, h / 32, rows16 / 16, s16 / 16, x, s16, false);
-    for (int64_t i = 0; i < rows; ++i) {
-      const uint16_t *do_row = do_block + i * ld, *o_row = o + qo + (t0 + i) * ld;
-      float delta = 0.0f;
-#pragma omp simd reduction(+ : delta)
-      for (int64_t j = 0; j < h; ++j) delta += Load(do_row, j) * Load(o_row, j);
-      const float* dp = x + i * s16;
-      uint16_t* ds = p + i * s32;
-#pragma omp simd
-      for (int64_t j = 0; j < a.s; ++j) Store(ds, j, Load(ds, j) * (dp[j] - delta));
-    }
+    for (int64_t i = 0; i < rows; ++i)
+      ScoresGradRow(do_block + i * ld, o + qo + (t0 + i) * ld, h, x + i * s16, a.s, p + i * s32);
     // dq = scale dS k; dk += dS^T q (scaled at the end).
     AmxGemm(p, s32, k_pairs, s32 / 32, rows16 / 16, h / 16, out, h, false);
     StreamRows(out, rows, h, dq + qo + t0 * ld, ld, a.scale);
