@@ -2,7 +2,8 @@
 matmul convolutions (:func:`gemm`, :func:`gemm_bias`; an erf-GELU MLP's :func:`gemm_bias_gelu` and
 :func:`gemm_gelu_grad`), stride-1 convolutions as shifted GEMMs (:func:`conv`,
 :func:`conv_kernel_grad`) and softmax attention fused per (batch, head) (:func:`attention`,
-:func:`attention_grad`). The same handler library also holds LayerNorm (:func:`layer_norm`,
+:func:`attention_grad`; on a CPU with AMX its bf16 GEMMs run on the tiles from the handler
+itself, :func:`amx_permitted`). The same handler library also holds LayerNorm (:func:`layer_norm`,
 :func:`layer_norm_grad`) and training-mode BatchNorm with its residual add and ReLU
 (:func:`batch_norm`, :func:`batch_norm_grad`), which need no MKL but come with it.
 

@@ -3,7 +3,8 @@
 // dtype in cache (RadjaxMklGemmBias), with the erf GELU or its derivative applied there too
 // (RadjaxMklGemmBiasGelu, RadjaxMklGemmGeluGrad), stride-1 convolutions as GEMMs over shifted
 // rows of the padded input (RadjaxMklConv, RadjaxMklConvWeightGrad), and softmax attention fused
-// per (batch, head) (RadjaxMklAttention, RadjaxMklAttentionGrad); besides, LayerNorm in one pass
+// per (batch, head) (RadjaxMklAttention, RadjaxMklAttentionGrad; its bf16 GEMMs on the AMX tiles
+// directly where the CPU has them, AmxGemm); besides, LayerNorm in one pass
 // per row each way (RadjaxLayerNorm, RadjaxLayerNormGrad) and training-mode BatchNorm with its
 // residual add and ReLU in two passes each way (RadjaxBatchNorm, RadjaxBatchNormGrad).
 // radjax/mkl_gemm.py loads MKL (sequential threading layer) and passes its GEMMs to
@@ -511,7 +512,8 @@ float ScaleAndMask(const AttentionShape& a, const Mask& mask, int64_t b, int64_t
     }
     if (a.causal)  // key j may attend to query t when j <= t + S - T (jnp.tril's offset)
       std::fill(row + std::clamp<int64_t>(t + a.s - a.t + 1, 0, a.s), row + a.s, kLowest);
-  }  return 1.0f;
+  }
+  return 1.0f;
 }
 
 // The same through MKL: scale q k^T into x [rows, S], then masked.
@@ -759,9 +761,6 @@ void ConfigureTiles() {
 
 using Bf16Pair = uint32_t __attribute__((may_alias));  // two adjacent bf16, read as one
 
-// AmxGemm's B operands, packed: B [K, N] (K a multiple of 32, N of 16) in blocks of 16 columns,
-// each [K / 2, 16, 2] (rows 2i and 2i + 1 interleaved, as TDPBF16PS reads them), one after another.
-
 // r[i][j] = r[j][i] for 16 vectors of 16 32-bit lanes.
 inline void Transpose16x16(__m512i r[16]) {
   __m512i t[16], u[16];
@@ -795,6 +794,9 @@ void TransposeBlock(const Bf16Pair* in, int64_t ld_in, int64_t rows, Bf16Pair* o
   Transpose16x16(r);
   for (int i = 0; i < 16; ++i) _mm512_storeu_si512(out + i * ld_out, r[i]);
 }
+
+// AmxGemm's B operands, packed: B [K, N] (K a multiple of 32, N of 16) in blocks of 16 columns,
+// each [K / 2, 16, 2] (rows 2i and 2i + 1 interleaved, as TDPBF16PS reads them), one after another.
 
 // B = x^T for x [rows, depth] (rows ld apart, ld even, depth a multiple of 32): N = rows rounded
 // up to 16, zeros past rows.
