@@ -312,8 +312,7 @@ def test_attention_and_its_gradients_match_numpy(dtype, tol, amx):
 def test_attention_takes_amx_tiles_where_the_cpu_has_them():
   """A CPU with AMX (and a kernel that grants it) gets the tiles; the flag is read, not assumed."""
   assert mkl_gemm.register() is None
-  flags = open("/proc/cpuinfo").read().split()
-  if "amx_bf16" not in flags:
+  if "amx_bf16" not in hostcpu.host_cpu()["matmul_isa"]:
     assert not mkl_gemm.amx_permitted()
   elif not mkl_gemm.amx_permitted():
     pytest.skip("this kernel did not grant the AMX tile state")

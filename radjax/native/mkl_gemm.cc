@@ -675,13 +675,12 @@ void ScoresGradRow(const T* do_row, const T* o_row, int64_t h, const float* dp, 
 #endif
 }
 
-// multiplier times rows x cols float32 (dense) -> T rows ld apart.
+// rows x cols float32 (dense) -> T rows ld apart.
 template <typename T>
-void StoreRows(const float* from, int64_t rows, int64_t cols, T* to, int64_t ld,
-               float multiplier = 1.0f) {
+void StoreRows(const float* from, int64_t rows, int64_t cols, T* to, int64_t ld) {
   for (int64_t i = 0; i < rows; ++i) {
 #pragma omp simd
-    for (int64_t j = 0; j < cols; ++j) Store(to + i * ld, j, multiplier * from[i * cols + j]);
+    for (int64_t j = 0; j < cols; ++j) Store(to + i * ld, j, from[i * cols + j]);
   }
 }
 
