@@ -1,5 +1,6 @@
 """glibc malloc settings for radjax's own processes: every ``radjax`` command re-executes itself
-once with them in ``$GLIBC_TUNABLES`` (glibc reads tunables only when a process starts).
+once with them in ``$GLIBC_TUNABLES`` (glibc reads tunables only when a process starts) and a thin
+malloc layer for big blocks in ``$LD_PRELOAD``.
 
 Why: XLA:CPU allocates every buffer of a step afresh and frees it when done. glibc serves blocks
 above its mmap threshold (at most 32 MiB) with a new ``mmap`` and returns them with ``munmap``, so
@@ -10,20 +11,31 @@ where the kernel's THP mode is ``madvise``). Measured on the 2-core Intel Xeon (
 (BUILD_NOTES.md, "Host memory"): minor faults 729 k -> 1.8 k per step, 2-15 % more examples/s
 (the gain varied with the box's state), peak RSS +0.1 GiB. What they do not catch: a block above
 64 MiB allocated on one of XLA's worker threads comes from that thread's glibc arena, which maps it
-directly whatever ``mmap_max`` says; on a Zen 3 box the step's 2.9 GB temporary buffer is such a
-block, so it is still faulted in (as 2 MiB pages) and zeroed each step (BUILD_NOTES.md, "A fifth
-machine"). ``glibc.malloc.arena_max=1`` would keep it but made that step slower.
+directly whatever ``mmap_max`` says, and XLA:CPU allocates a step's temporary buffer there (1.3 GB
+for ViT-B/16 CLIP bf16 at batch 16), so it is faulted in and zeroed again each step.
+``glibc.malloc.arena_max=1`` would keep it but made that step slower and larger. For those blocks
+the re-executed process also preloads ``native/big_blocks.c`` (``$LD_PRELOAD``, compiled with the
+C compiler on first use into ~/.cache/radjax/native), which maps each block of 64 MiB or more once
+and keeps it for the next request of about its size (that file says how it bounds what it keeps):
+ViT-B/16 CLIP bf16 step 953 -> 2 faults, +0-11 %; RN50 +5-10 % (BUILD_NOTES.md, stop 51). No
+compiler, no preload; the tunables still apply.
 
-Appended to ``$GLIBC_TUNABLES`` for the names it does not already set; ``RADJAX_MALLOC_DEFAULTS=0``
-disables them. Linux with glibc >= 2.35 only (``glibc.malloc.hugetlb``); elsewhere nothing happens.
-The cost: freed memory stays with the process, so its resident size stays at its peak.
+Appended to ``$GLIBC_TUNABLES`` for the names it does not already set, the library to
+``$LD_PRELOAD``; ``RADJAX_MALLOC_DEFAULTS=0`` disables both. Linux with glibc >= 2.35 only
+(``glibc.malloc.hugetlb``); elsewhere nothing happens. The cost: freed memory stays with the
+process, so its resident size stays at its peak. Child processes inherit both variables
+(``bench compare`` runs open_clip with the same settings).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
+import shutil
+import subprocess
 import sys
+import tempfile
 
 MALLOC_DEFAULTS: dict[str, str] = {
     "glibc.malloc.hugetlb": "1",  # madvise(MADV_HUGEPAGE) on what malloc maps
@@ -51,15 +63,67 @@ def _glibc_supports_hugetlb() -> bool:
     return False
 
 
+_BIG_BLOCKS_SOURCE = os.path.join(os.path.dirname(__file__), "native", "big_blocks.c")
+_C_FLAGS = ("-O2", "-shared", "-fPIC", "-std=gnu11", "-pthread", "-w")
+
+
+def big_blocks_library(out_dir: str | None = None) -> str | None:
+  """The path of ``native/big_blocks.c`` compiled into a shared library (built once, named by a
+  hash of the source, compiler and flags), or None where there is no C compiler or it fails."""
+  from radjax import compile_cache  # pylint: disable=import-outside-toplevel
+  compiler = os.environ.get("CC", "cc")
+  with open(_BIG_BLOCKS_SOURCE, "rb") as f:
+    source = f.read()
+  key = hashlib.sha256(source + "\n".join((compiler, *_C_FLAGS)).encode()).hexdigest()[:16]
+  out_dir = out_dir or os.path.join(compile_cache.user_cache_dir(), "native")
+  path = os.path.join(out_dir, f"big_blocks-{key}.so")
+  if os.path.exists(path):
+    return path
+  if shutil.which(compiler) is None:
+    return None
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+    # Built under a temporary name and renamed: processes building at once each get a whole file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    try:
+      done = subprocess.run([compiler, *_C_FLAGS, _BIG_BLOCKS_SOURCE, "-o", tmp],
+                            capture_output=True, check=False)
+      if done.returncode != 0:
+        return None
+      os.replace(tmp, path)
+    finally:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+  except OSError:
+    return None
+  return path
+
+
+def big_blocks_loaded() -> bool:
+  """Whether this process runs with ``native/big_blocks.c`` preloaded."""
+  import ctypes  # pylint: disable=import-outside-toplevel
+  return hasattr(ctypes.CDLL(None), "radjax_big_blocks_loaded")
+
+
+def merged_preload(current: str, library: str | None) -> str:
+  """``current`` (a ``$LD_PRELOAD`` value) with ``library`` appended unless it names it already."""
+  entries = current.replace(" ", ":").split(":")
+  if library is None or library in entries:
+    return current
+  return f"{current}:{library}" if current else library
+
+
 def reexec_with_malloc_defaults() -> None:
   """Replaces this process by the same command with :data:`MALLOC_DEFAULTS` in
-  ``$GLIBC_TUNABLES``, unless it already has them (then it returns, so it runs at most once)."""
+  ``$GLIBC_TUNABLES`` and :func:`big_blocks_library` in ``$LD_PRELOAD``, unless it already has
+  them (then it returns, so it runs at most once)."""
   if os.environ.get("RADJAX_MALLOC_DEFAULTS", "1") == "0" or not _glibc_supports_hugetlb():
     return
-  current = os.environ.get("GLIBC_TUNABLES", "")
-  wanted = merged_tunables(current, MALLOC_DEFAULTS)
-  if wanted == current:
+  env = {"GLIBC_TUNABLES": merged_tunables(os.environ.get("GLIBC_TUNABLES", ""), MALLOC_DEFAULTS),
+         "LD_PRELOAD": merged_preload(os.environ.get("LD_PRELOAD", ""), big_blocks_library())}
+  if all(os.environ.get(k, "") == v for k, v in env.items()):
     return
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, list(sys.orig_argv), {**os.environ, "GLIBC_TUNABLES": wanted})
+  os.execve(sys.executable, list(sys.orig_argv), {**os.environ, **{k: v for k, v in env.items() if v}})

@@ -19,6 +19,8 @@ import os
 import sys
 from typing import Any
 
+from radjax import host_malloc
+
 
 def _config(args: Any, extra: list[str]):
   from radjax.config import load_config, parse_overrides  # pylint: disable=import-outside-toplevel
@@ -33,6 +35,7 @@ def main_step(args: Any, extra: list[str]) -> int:
                     profile_dir=args.profile)
   result["xla_flags"] = os.environ.get("XLA_FLAGS", "")
   result["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")
+  result["big_blocks_kept"] = host_malloc.big_blocks_loaded()
   if args.json:
     print(json.dumps(result, sort_keys=True))
   else:

@@ -385,7 +385,9 @@ def format_result(r: dict[str, Any]) -> str:
                  f"peak {_si(r['measured_matmul_flops_per_s'], 'FLOP/s')}")
   lines += [
       f"  memory          host peak RSS {_gib(r['host_peak_rss_bytes'])}; device peak "
-      f"{_gib(r['device_peak_bytes'])}; host minor page faults {r['host_minor_faults_per_step']:,.0f}/step",
+      f"{_gib(r['device_peak_bytes'])}; host minor page faults {r['host_minor_faults_per_step']:,.0f}/step"
+      + ("; freed blocks of 64 MiB or more kept for reuse (radjax/native/big_blocks.c)"
+         if r.get("big_blocks_kept") else ""),
       f"  host CPU        {format_cpu(r['host_cpu'])}: {r['host_cores_busy']:.2f} of "
       f"{r['host_cores']} cores busy in the timed steps"
       + (f"; matmuls {r['cpu_matmuls']}" if r.get("cpu_matmuls") else ""),
