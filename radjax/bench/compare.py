@@ -165,6 +165,7 @@ def main(args: Any, extra: list[str]) -> int:
       "radjax_cpu_matmuls": last_ours.get("cpu_matmuls"),
       # Both sides inherit this process's environment, so the same malloc settings.
       "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+      "ld_preload": os.environ.get("LD_PRELOAD", ""),
   }
   if args.json:
     print(json.dumps(summary, sort_keys=True))
@@ -186,5 +187,6 @@ def main(args: Any, extra: list[str]) -> int:
     print(f"  host CPU {format_cpu(summary['host_cpu'])}")
   if summary["radjax_cpu_matmuls"]:
     print(f"  radjax's matmuls: {summary['radjax_cpu_matmuls']}")
-  print(f"  both ran with GLIBC_TUNABLES={summary['glibc_tunables'] or '(unset)'}")
+  print(f"  both ran with GLIBC_TUNABLES={summary['glibc_tunables'] or '(unset)'} and "
+        f"LD_PRELOAD={summary['ld_preload'] or '(unset)'}")
   return 0
