@@ -29,13 +29,9 @@ process, so its resident size stays at its peak. Child processes inherit both va
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
-import shutil
-import subprocess
 import sys
-import tempfile
 
 MALLOC_DEFAULTS: dict[str, str] = {
     "glibc.malloc.hugetlb": "1",  # madvise(MADV_HUGEPAGE) on what malloc maps
@@ -68,36 +64,15 @@ _C_FLAGS = ("-O2", "-shared", "-fPIC", "-std=gnu11", "-pthread", "-w")
 
 
 def big_blocks_library(out_dir: str | None = None) -> str | None:
-  """The path of ``native/big_blocks.c`` compiled into a shared library (built once, named by a
-  hash of the source, compiler and flags), or None where there is no C compiler or it fails."""
-  from radjax import compile_cache  # pylint: disable=import-outside-toplevel
-  compiler = os.environ.get("CC", "cc")
-  with open(_BIG_BLOCKS_SOURCE, "rb") as f:
-    source = f.read()
-  key = hashlib.sha256(source + "\n".join((compiler, *_C_FLAGS)).encode()).hexdigest()[:16]
-  out_dir = out_dir or os.path.join(compile_cache.user_cache_dir(), "native")
-  path = os.path.join(out_dir, f"big_blocks-{key}.so")
-  if os.path.exists(path):
-    return path
-  if shutil.which(compiler) is None:
-    return None
+  """The path of ``native/big_blocks.c`` compiled into a shared library (built once:
+  :func:`radjax.native_build.shared_library`), or None where there is no C compiler or it fails."""
+  from radjax import compile_cache, native_build  # pylint: disable=import-outside-toplevel
   try:
-    os.makedirs(out_dir, exist_ok=True)
-    # Built under a temporary name and renamed: processes building at once each get a whole file.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-    os.close(fd)
-    try:
-      done = subprocess.run([compiler, *_C_FLAGS, _BIG_BLOCKS_SOURCE, "-o", tmp],
-                            capture_output=True, check=False)
-      if done.returncode != 0:
-        return None
-      os.replace(tmp, path)
-    finally:
-      if os.path.exists(tmp):
-        os.remove(tmp)
-  except OSError:
+    return native_build.shared_library(
+        _BIG_BLOCKS_SOURCE, os.environ.get("CC", "cc"), _C_FLAGS,
+        out_dir or os.path.join(compile_cache.user_cache_dir(), "native"))
+  except (RuntimeError, OSError):
     return None
-  return path
 
 
 def big_blocks_loaded() -> bool:

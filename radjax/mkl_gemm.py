@@ -33,21 +33,17 @@ from __future__ import annotations
 import ctypes
 import functools
 import glob
-import hashlib
 import math
 import os
 import platform
 import re
-import shutil
-import subprocess
 import sys
-import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from radjax import compile_cache, hostcpu
+from radjax import compile_cache, hostcpu, native_build
 
 TARGET = "radjax_mkl_gemm"
 BIAS_TARGET = "radjax_mkl_gemm_bias"
@@ -81,37 +77,16 @@ _CXX_FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-sim
 
 
 def build_handler(out_dir: str | None = None) -> str:
-  """Compiles ``native/mkl_gemm.cc`` into a shared library (once: the file name carries a hash of
-  the source, jaxlib's version, the compiler and its flags) and returns its path. Raises RuntimeError with
-  the compiler's message when it cannot be built."""
+  """Compiles ``native/mkl_gemm.cc`` into a shared library (once per source, jaxlib version,
+  compiler, flags and CPU: :func:`radjax.native_build.shared_library`) and returns its path. Raises
+  RuntimeError with the compiler's message when it cannot be built."""
   import jaxlib  # pylint: disable=import-outside-toplevel
-  compiler = os.environ.get("CXX", "g++")
-  with open(_SOURCE, "rb") as f:
-    source = f.read()
   # Built for this CPU (-march=native: the softmax loops of the fused attention vectorise), so the
-  # key names its instruction set too: a cache shared by different machines gets one per CPU.
-  identity = (jaxlib.__version__, compiler, *_CXX_FLAGS, hostcpu.instruction_set_key())
-  key = hashlib.sha256(source + "\n".join(identity).encode()).hexdigest()[:16]
-  out_dir = out_dir or os.path.join(compile_cache.user_cache_dir(), "native")
-  path = os.path.join(out_dir, f"mkl_gemm-{key}.so")
-  if os.path.exists(path):
-    return path
-  if shutil.which(compiler) is None:
-    raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set $CXX)")
-  os.makedirs(out_dir, exist_ok=True)
-  # Built under a temporary name and renamed: processes building at once each get a whole file.
-  fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-  os.close(fd)
-  cmd = [compiler, *_CXX_FLAGS, "-I", jax.ffi.include_dir(), _SOURCE, "-o", tmp]
-  try:
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-      raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr.strip()[-2000:]}")
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-  return path
+  # name carries its instruction set too: a cache shared by different machines gets one per CPU.
+  return native_build.shared_library(
+      _SOURCE, os.environ.get("CXX", "g++"), (*_CXX_FLAGS, "-I", jax.ffi.include_dir()),
+      out_dir or os.path.join(compile_cache.user_cache_dir(), "native"),
+      identity=(jaxlib.__version__, hostcpu.instruction_set_key()))
 
 
 @functools.cache

@@ -648,7 +648,7 @@ def test_default_is_intel_only(monkeypatch):
 
 def test_build_reports_a_compiler_error(tmp_path, monkeypatch):
   monkeypatch.setenv("CXX", "radjax-no-such-compiler")
-  with pytest.raises(RuntimeError, match="no C\\+\\+ compiler 'radjax-no-such-compiler'"):
+  with pytest.raises(RuntimeError, match="no compiler 'radjax-no-such-compiler'"):
     mkl_gemm.build_handler(str(tmp_path))
   monkeypatch.setenv("CXX", "false")  # a "compiler" that fails
   with pytest.raises(RuntimeError, match="failed"):
