@@ -20,11 +20,11 @@ and keeps it for the next request of about its size (that file says how it bound
 ViT-B/16 CLIP bf16 step 953 -> 2 faults, +0-11 %; RN50 +5-10 % (BUILD_NOTES.md, stop 51). No
 compiler, no preload; the tunables still apply.
 
-Appended to ``$GLIBC_TUNABLES`` for the names it does not already set, the library to
-``$LD_PRELOAD``; ``RADJAX_MALLOC_DEFAULTS=0`` disables both. Linux with glibc >= 2.35 only
-(``glibc.malloc.hugetlb``); elsewhere nothing happens. The cost: freed memory stays with the
-process, so its resident size stays at its peak. Child processes inherit both variables
-(``bench compare`` runs open_clip with the same settings).
+Appended to ``$GLIBC_TUNABLES`` for the names it does not already set, the library put in
+``$LD_PRELOAD`` unless the user set one; ``RADJAX_MALLOC_DEFAULTS=0`` disables both. Linux with
+glibc >= 2.35 only (``glibc.malloc.hugetlb``); elsewhere nothing happens. The cost: freed memory
+stays with the process, so its resident size stays at its peak. Child processes inherit both
+variables (``bench compare`` runs open_clip with the same settings).
 """
 
 from __future__ import annotations
@@ -82,11 +82,9 @@ def big_blocks_loaded() -> bool:
 
 
 def merged_preload(current: str, library: str | None) -> str:
-  """``current`` (a ``$LD_PRELOAD`` value) with ``library`` appended unless it names it already."""
-  entries = current.replace(" ", ":").split(":")
-  if library is None or library in entries:
-    return current
-  return f"{current}:{library}" if current else library
+  """The ``$LD_PRELOAD`` to run with: ``library``, unless ``current`` (the user's) is set, which
+  stays as it is (an allocator preloaded there would shadow the layer's malloc anyway)."""
+  return current or library or ""
 
 
 def reexec_with_malloc_defaults() -> None:

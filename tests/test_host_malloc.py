@@ -25,11 +25,11 @@ def test_merged_tunables_appends_only_names_not_set():
   assert merged_tunables(merged, MALLOC_DEFAULTS) == merged  # applying twice changes nothing
 
 
-def test_merged_preload_appends_the_library_once():
+def test_merged_preload_leaves_the_users_own_alone():
   assert merged_preload("", "/c/big.so") == "/c/big.so"
-  assert merged_preload("/x/asan.so", "/c/big.so") == "/x/asan.so:/c/big.so"
-  assert merged_preload("/x/asan.so /c/big.so", "/c/big.so") == "/x/asan.so /c/big.so"
-  assert merged_preload("/x/asan.so", None) == "/x/asan.so"  # no compiler: left as it was
+  assert merged_preload("/c/big.so", "/c/big.so") == "/c/big.so"
+  assert merged_preload("/x/tcmalloc.so", "/c/big.so") == "/x/tcmalloc.so"
+  assert merged_preload("", None) == ""  # no compiler: no preload
 
 
 # The child touches a block, frees it, allocates and touches one again, and prints the minor page
