@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+from typing import Callable
 
 MALLOC_DEFAULTS: dict[str, str] = {
     "glibc.malloc.hugetlb": "1",  # madvise(MADV_HUGEPAGE) on what malloc maps
@@ -81,10 +82,11 @@ def big_blocks_loaded() -> bool:
   return hasattr(ctypes.CDLL(None), "radjax_big_blocks_loaded")
 
 
-def merged_preload(current: str, library: str | None) -> str:
-  """The ``$LD_PRELOAD`` to run with: ``library``, unless ``current`` (the user's) is set, which
-  stays as it is (an allocator preloaded there would shadow the layer's malloc anyway)."""
-  return current or library or ""
+def merged_preload(current: str, library: Callable[[], str | None]) -> str:
+  """The ``$LD_PRELOAD`` to run with: ``current`` (the user's, or the one an earlier re-execution
+  set) as it is where set, without building anything (an allocator preloaded there would shadow
+  the layer's malloc anyway); else ``library()``, or "" where it gives none."""
+  return current or library() or ""
 
 
 def reexec_with_malloc_defaults() -> None:
@@ -94,7 +96,7 @@ def reexec_with_malloc_defaults() -> None:
   if os.environ.get("RADJAX_MALLOC_DEFAULTS", "1") == "0" or not _glibc_supports_hugetlb():
     return
   env = {"GLIBC_TUNABLES": merged_tunables(os.environ.get("GLIBC_TUNABLES", ""), MALLOC_DEFAULTS),
-         "LD_PRELOAD": merged_preload(os.environ.get("LD_PRELOAD", ""), big_blocks_library())}
+         "LD_PRELOAD": merged_preload(os.environ.get("LD_PRELOAD", ""), big_blocks_library)}
   if all(os.environ.get(k, "") == v for k, v in env.items()):
     return
   sys.stdout.flush()

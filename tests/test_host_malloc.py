@@ -26,10 +26,12 @@ def test_merged_tunables_appends_only_names_not_set():
 
 
 def test_merged_preload_leaves_the_users_own_alone():
-  assert merged_preload("", "/c/big.so") == "/c/big.so"
-  assert merged_preload("/c/big.so", "/c/big.so") == "/c/big.so"
-  assert merged_preload("/x/tcmalloc.so", "/c/big.so") == "/x/tcmalloc.so"
-  assert merged_preload("", None) == ""  # no compiler: no preload
+  ours = lambda: "/c/big.so"
+  unbuilt = lambda: pytest.fail("the layer was built although a preload was set already")
+  assert merged_preload("", ours) == "/c/big.so"
+  assert merged_preload("/c/big.so", unbuilt) == "/c/big.so"
+  assert merged_preload("/x/tcmalloc.so", unbuilt) == "/x/tcmalloc.so"
+  assert merged_preload("", lambda: None) == ""  # no compiler: no preload
 
 
 # The child touches a block, frees it, allocates and touches one again, and prints the minor page

@@ -75,9 +75,10 @@ static void* MapBlock(int i, size_t want) {
   return p;
 }
 
-// A block of at least size bytes, page-aligned, or NULL (then glibc serves the request).
+// For a request of kBig bytes or more, a block of at least size bytes, page-aligned; else, or
+// when it cannot map one, NULL (then glibc serves the request).
 static void* BigAlloc(size_t size) {
-  if (size > SIZE_MAX - kGranule) return NULL;
+  if (size < kBig || size > SIZE_MAX - kGranule) return NULL;
   const size_t want = (size + kGranule - 1) / kGranule * kGranule;
   struct timespec deadline;
   clock_gettime(CLOCK_REALTIME, &deadline);
@@ -127,19 +128,13 @@ static void Release(int i) {
 }
 
 static void* AlignedAlloc(size_t alignment, size_t size) {
-  if (size >= kBig && alignment <= kPage) {
-    void* p = BigAlloc(size);
-    if (p) return p;
-  }
-  return __libc_memalign(alignment, size);
+  void* p = alignment <= kPage ? BigAlloc(size) : NULL;
+  return p ? p : __libc_memalign(alignment, size);
 }
 
 void* malloc(size_t size) {
-  if (size >= kBig) {
-    void* p = BigAlloc(size);
-    if (p) return p;
-  }
-  return __libc_malloc(size);
+  void* p = BigAlloc(size);
+  return p ? p : __libc_malloc(size);
 }
 
 void free(void* p) {
